@@ -1,0 +1,25 @@
+# Sourced by the README commands: create or reuse ./.venv and install shmkv with what it needs.
+# A fresh machine needs only python3 (>= 3.11) with venv.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SHMKV_VENV:-$ROOT/.venv}"
+PY="${SHMKV_PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3.12 python3.13 python3; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PY="$cand"; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "shmkv needs Python >= 3.11 (set SHMKV_PYTHON)" >&2; exit 2; }
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.shmkv-installed-${SHMKV_EXTRAS:-dev}"
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[${SHMKV_EXTRAS:-dev}]"
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+cd "$ROOT"

@@ -1,0 +1,70 @@
+"""Layer 1: KV events as plain data (`behavior.md` §6). No I/O, no encoding.
+
+Every event carries what both wire codecs need: event id, DP rank, storage tier, and for stores
+the parent hash, the sequence and local hash of each block and, when known, its token ids.
+Events of one scheduler pass are grouped into an `EventBatch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shmkv.ids import LocalHash, SeqHash
+
+
+class StorageTier(StrEnum):
+    """Where a block lives. Values are Dynamo's `storage_tier` names."""
+
+    DEVICE = "device"
+    """G1, vLLM medium `GPU`."""
+    HOST_PINNED = "host_pinned"
+    """G2, vLLM medium `CPU_TIER1`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockStored:
+    """A chain of newly cached full blocks; block i's parent is block i-1, block 0's is `parent_hash`."""
+
+    event_id: int
+    dp_rank: int
+    tier: StorageTier
+    parent_hash: SeqHash | None
+    block_hashes: Sequence[SeqHash]
+    """Sequence hashes, one per block, in chain order."""
+    tokens_hashes: Sequence[LocalHash]
+    """Local hashes, one per block."""
+    token_ids: Sequence[Sequence[int]] | None
+    """One token list per block (each exactly block_size long), or None when unknown."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockRemoved:
+    """Blocks no longer held in `tier`."""
+
+    event_id: int
+    dp_rank: int
+    tier: StorageTier
+    block_hashes: Sequence[SeqHash]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AllBlocksCleared:
+    """Everything this rank announced, in every tier, is gone (restart or reset)."""
+
+    event_id: int
+    dp_rank: int
+
+
+KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventBatch:
+    """The events of one scheduler pass of one rank, in order."""
+
+    ts_s: float
+    """Wall-clock epoch seconds (vLLM's `ts`)."""
+    dp_rank: int
+    events: Sequence[KvEvent]

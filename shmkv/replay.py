@@ -1,0 +1,315 @@
+"""Layer 1: offline replay of N ranks in one process on a virtual clock (behavior.md §13).
+
+The driver releases requests (open loop: at their timestamps; closed loop: at most
+`replay_concurrency` sessions in flight, the next one released when a slot frees; later turns
+of a session: `delay_ms` after the previous turn completes), routes each to a rank, and always
+runs the pass of the rank that can start earliest. A rank's KV events become visible to the
+router at the end of the pass that produced them.
+
+Pure: no clock, no I/O. Wall time, files, sockets and progress bars belong to the caller,
+which can observe every pass through `on_pass` and every event batch through `on_events`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from shmkv.config import EngineConfig
+from shmkv.errors import ConfigError
+from shmkv.events import KvEvent, StorageTier
+from shmkv.hashing import sequence_hashes
+from shmkv.indexer import KvIndex
+from shmkv.offload_local import LocalG2Engine, OffloadConfig
+from shmkv.report import MetricsCollector
+from shmkv.scheduler import PassResult, RankScheduler
+from shmkv.workload import RequestSpec, Session
+
+ROUTER_MODES: Final = ("round_robin", "kv")
+HOST_TIER_CREDIT: Final = 0.75
+"""How much a host-tier (G2) prefix block is worth to the KV router, relative to a device hit."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayOptions:
+    engine: EngineConfig
+    data_parallel_size: int = 1
+    router_mode: str = "round_robin"
+    replay_concurrency: int | None = None
+    enable_events: bool = False
+    """Record KV events on every rank (forced on by the kv router)."""
+    emit_token_ids: bool = False
+    max_sim_time_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.router_mode not in ROUTER_MODES:
+            raise ConfigError(
+                f"router_mode must be one of {', '.join(ROUTER_MODES)}, got {self.router_mode!r}"
+            )
+        if self.replay_concurrency is not None and self.replay_concurrency < 1:
+            raise ConfigError(f"replay_concurrency must be >= 1, got {self.replay_concurrency}")
+        if self.max_sim_time_ms is not None and not self.max_sim_time_ms > 0:
+            raise ConfigError(f"max_sim_time_ms must be > 0, got {self.max_sim_time_ms}")
+
+
+@dataclass(slots=True)
+class ReplayOutcome:
+    collector: MetricsCollector
+    ranks: list[RankScheduler]
+    g2_engines: list[LocalG2Engine | None]
+    num_passes: int = 0
+    num_preemptions: int = 0
+    num_rejected: int = 0
+    num_incomplete: int = 0
+    final_time_ms: float = 0.0
+    per_rank_requests: list[int] = field(default_factory=list)
+
+    def state_dump(self) -> dict[str, object]:
+        """What every rank holds at the end: the ground truth for a router's index."""
+        ranks: dict[str, dict[str, list[int]]] = {}
+        for rank, scheduler in enumerate(self.ranks):
+            engine = self.g2_engines[rank]
+            ranks[str(rank)] = {
+                StorageTier.DEVICE.value: sorted(scheduler.manager.registered_seq_hashes()),
+                StorageTier.HOST_PINNED.value: sorted(engine.held_seq_hashes()) if engine else [],
+            }
+        return {"block_size": self.ranks[0].block_size, "ranks": ranks}
+
+
+EventsHook = Callable[[int, float, list[KvEvent]], None]
+"""(rank, pass end in simulated ms, events) for every pass that produced events."""
+PassHook = Callable[[int, PassResult], None]
+
+
+class _Rank:
+    __slots__ = ("clock_ms", "index", "num_routed", "scheduler", "stalled")
+
+    def __init__(self, index: int, scheduler: RankScheduler) -> None:
+        self.index = index
+        self.scheduler = scheduler
+        self.clock_ms = 0.0
+        self.stalled = False
+        self.num_routed = 0
+
+
+class Replay:
+    """One offline replay. Build it, then call `run()` once."""
+
+    def __init__(
+        self,
+        sessions: Sequence[Session],
+        options: ReplayOptions,
+        *,
+        on_events: EventsHook | None = None,
+        on_pass: PassHook | None = None,
+    ) -> None:
+        self.options = options
+        engine = options.engine
+        want_events = options.enable_events or options.router_mode == "kv" or on_events is not None
+        self._g2: list[LocalG2Engine | None] = []
+        ranks: list[_Rank] = []
+        for index in range(options.data_parallel_size):
+            offload = None
+            if engine.has_g2:
+                offload = LocalG2Engine(
+                    OffloadConfig(
+                        num_g2_blocks=engine.num_g2_blocks,
+                        block_size_bytes=engine.block_size_bytes,
+                        bandwidth_g1_to_g2_gbps=engine.bandwidth_g1_to_g2_gbps,
+                        bandwidth_g2_to_g1_gbps=engine.bandwidth_g2_to_g1_gbps,
+                        offload_batch_size=engine.offload_batch_size,
+                    )
+                )
+            self._g2.append(offload)
+            scheduler = RankScheduler(
+                engine,
+                index,
+                offload,
+                enable_events=want_events,
+                emit_token_ids=options.emit_token_ids,
+            )
+            ranks.append(_Rank(index, scheduler))
+        self._ranks = ranks
+        self._sessions = sorted(sessions, key=lambda s: (s.first_arrival_ms, s.session_id))
+        self._on_events = on_events
+        self._on_pass = on_pass
+        self._index = KvIndex(len(ranks)) if options.router_mode == "kv" else None
+        self._pending_events: deque[tuple[float, int, list[KvEvent]]] = deque()
+        self.collector = MetricsCollector()
+        self._arrivals: list[tuple[float, int, RequestSpec]] = []
+        self._arrival_seq = 0
+        self._next_turn: dict[int, tuple[Session, int]] = {}
+        self._request_session: dict[int, Session] = {}
+        self._request_rank: dict[int, _Rank] = {}
+        self._rr_next = 0
+        self.num_requests_total = sum(len(s.turns) for s in sessions)
+
+    # ── arrivals ──────────────────────────────────────────────────────────────────────────
+
+    def _push_arrival(self, time_ms: float, spec: RequestSpec) -> None:
+        heapq.heappush(self._arrivals, (time_ms, self._arrival_seq, spec))
+        self._arrival_seq += 1
+
+    def _start_session(self, session: Session, time_ms: float) -> None:
+        if not session.turns:
+            return
+        self._push_arrival(time_ms, session.turns[0])
+        self._next_turn[session.session_id] = (session, 1)
+
+    def _route(self, spec: RequestSpec) -> _Rank:
+        ranks = self._ranks
+        if self._index is None or len(ranks) == 1:
+            rank = ranks[self._rr_next % len(ranks)]
+            self._rr_next += 1
+            return rank
+        bs = self.options.engine.block_size
+        hashes = (
+            sequence_hashes(spec.tokens, bs) if self.options.engine.enable_prefix_caching else []
+        )
+        num_blocks = -(-len(spec.tokens) // bs)
+        best: _Rank | None = None
+        best_cost = math.inf
+        for rank in ranks:
+            device, host = self._index.overlap_blocks(rank.index, hashes)
+            manager = rank.scheduler.manager
+            load = manager.num_active_blocks() + rank.scheduler.num_waiting * num_blocks
+            cost = (num_blocks - device - HOST_TIER_CREDIT * host) + load
+            if cost < best_cost:
+                best, best_cost = rank, cost
+        assert best is not None
+        return best
+
+    def _dispatch(self, time_ms: float, spec: RequestSpec) -> None:
+        self._flush_events(time_ms)
+        rank = self._route(spec)
+        rank.num_routed += 1
+        scheduler = rank.scheduler
+        if not scheduler.has_work() or rank.stalled:
+            rank.clock_ms = max(rank.clock_ms, time_ms)
+            rank.stalled = False
+        self.collector.on_arrival(
+            spec.request_id,
+            time_ms,
+            len(spec.tokens),
+            max_output_tokens=spec.max_output_tokens,
+            session_id=spec.session_id,
+            turn_index=spec.turn_index,
+        )
+        scheduler.submit(spec.request_id, spec.tokens, spec.max_output_tokens, time_ms)
+        self._request_rank[spec.request_id] = rank
+        self._request_session[spec.request_id] = self._next_turn[spec.session_id][0]
+
+    def _flush_events(self, time_ms: float) -> None:
+        pending = self._pending_events
+        index = self._index
+        while pending and pending[0][0] <= time_ms:
+            _end, rank, events = pending.popleft()
+            if index is not None:
+                index.apply(rank, events)
+
+    # ── the loop ──────────────────────────────────────────────────────────────────────────
+
+    def run(self) -> ReplayOutcome:
+        options = self.options
+        sessions = deque(self._sessions)
+        concurrency = options.replay_concurrency
+        if concurrency is None:
+            for session in sessions:
+                self._start_session(session, session.first_arrival_ms)
+            sessions.clear()
+        else:
+            for _ in range(min(concurrency, len(sessions))):
+                self._start_session(sessions.popleft(), 0.0)
+        outcome = ReplayOutcome(self.collector, [r.scheduler for r in self._ranks], self._g2)
+        collector = self.collector
+        max_time = options.max_sim_time_ms if options.max_sim_time_ms is not None else math.inf
+        arrivals = self._arrivals
+        ranks = self._ranks
+        while True:
+            best: _Rank | None = None
+            for rank in ranks:
+                if rank.stalled or not rank.scheduler.has_work():
+                    continue
+                if best is None or rank.clock_ms < best.clock_ms:
+                    best = rank
+            next_arrival = arrivals[0][0] if arrivals else math.inf
+            if best is None and not arrivals:
+                break
+            if best is None or next_arrival <= best.clock_ms:
+                if next_arrival > max_time:
+                    break
+                time_ms, _seq, spec = heapq.heappop(arrivals)
+                self._dispatch(time_ms, spec)
+                continue
+            if best.clock_ms > max_time:
+                break
+            scheduler = best.scheduler
+            result = scheduler.step(best.clock_ms)
+            outcome.num_passes += 1
+            if not result.did_work and result.end_ms <= result.start_ms:
+                best.stalled = True  # nothing can move until the next arrival
+                continue
+            best.clock_ms = result.end_ms
+            end = result.end_ms
+            for request_id, reused in result.admissions:
+                collector.on_admission(request_id, result.start_ms, reused)
+            for request_id in result.first_tokens:
+                collector.on_first_token(request_id, end)
+            for request_id in result.second_tokens:
+                collector.on_second_token(request_id, end)
+            if result.num_decode_tokens:
+                collector.on_decode_tokens(end - result.prev_end_ms, result.num_decode_tokens)
+            for _request_id, gap in result.token_gaps:
+                collector.on_decode_tokens(gap, 1)
+            for request_id in result.preemptions:
+                collector.on_preemption(request_id, result.start_ms)
+            outcome.num_preemptions += len(result.preemptions)
+            for request_id in result.rejections:
+                outcome.num_rejected += 1
+                self._release_next(request_id, end, sessions, rejected=True)
+            for request_id, num_output in result.completions:
+                collector.on_completion(request_id, end, num_output)
+                self._release_next(request_id, end, sessions, rejected=False)
+            if result.events:
+                self._pending_events.append((end, best.index, result.events))
+                if self._on_events is not None:
+                    self._on_events(best.index, end, result.events)
+            if self._on_pass is not None:
+                self._on_pass(best.index, result)
+        self._flush_events(math.inf)
+        outcome.final_time_ms = max((r.clock_ms for r in ranks), default=0.0)
+        outcome.num_incomplete = sum(r.scheduler.num_requests for r in ranks) + len(arrivals)
+        outcome.per_rank_requests = [r.num_routed for r in ranks]
+        return outcome
+
+    def _release_next(
+        self, request_id: int, time_ms: float, sessions: deque[Session], *, rejected: bool
+    ) -> None:
+        """A request ended: release its session's next turn, or (closed loop) a new session."""
+        session = self._request_session.pop(request_id)
+        del self._request_rank[request_id]
+        _session, next_index = self._next_turn[session.session_id]
+        if not rejected and next_index < len(session.turns):
+            turn = session.turns[next_index]
+            self._next_turn[session.session_id] = (session, next_index + 1)
+            self._push_arrival(time_ms + turn.delay_ms, turn)
+            return
+        del self._next_turn[session.session_id]
+        if self.options.replay_concurrency is not None and sessions:
+            self._start_session(sessions.popleft(), time_ms)
+
+
+def run_replay(
+    sessions: Sequence[Session],
+    options: ReplayOptions,
+    *,
+    on_events: EventsHook | None = None,
+    on_pass: PassHook | None = None,
+) -> ReplayOutcome:
+    return Replay(sessions, options, on_events=on_events, on_pass=on_pass).run()

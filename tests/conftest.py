@@ -1,0 +1,73 @@
+"""Shared fixtures. Every test is checked for leaked shared-memory segments and child processes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=100,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, max_examples=50)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "shmkv_"
+
+
+def _project_segments() -> set[str]:
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIX)}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a /dev/shm segment or a child process behind."""
+    before_segments = _project_segments()
+    me = psutil.Process()
+    before_children = {p.pid for p in me.children(recursive=True)}
+    yield
+    leaked_segments = _project_segments() - before_segments
+    leaked_children = [
+        p
+        for p in me.children(recursive=True)
+        if p.pid not in before_children and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    for proc in leaked_children:
+        proc.kill()
+    for name in leaked_segments:
+        (SHM_DIR / name).unlink(missing_ok=True)
+    assert not leaked_segments, f"leaked shared-memory segments: {sorted(leaked_segments)}"
+    assert not leaked_children, f"leaked child processes: {[p.pid for p in leaked_children]}"
+
+
+@pytest.fixture
+def zmq_context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    """A private ZMQ context that fails the test if any socket is left open."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield ctx
+    open_sockets = [s for s in list(ctx._sockets) if not s.closed]
+    for sock in open_sockets:
+        sock.close(linger=0)
+    ctx.term()
+    assert not open_sockets, f"{len(open_sockets)} ZMQ socket(s) left open"
+
+
+@pytest.fixture
+def fleet_id() -> str:
+    """A unique short id for segment and endpoint names (xdist-safe)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
+    return f"t{worker[-2:]}{uuid.uuid4().hex[:8]}"
