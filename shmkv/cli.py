@@ -473,7 +473,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     num_requests = sum(len(s.turns) for s in sessions)
     on_events, close_events = _event_publishing(args, engine)
-    progress = _progress(args, num_requests)
+    progress = progress_bar(args, num_requests, "replay")
     on_pass = None
     if progress is not None:
 
@@ -509,11 +509,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         write_atomic(args.dump_state, json.dumps(outcome.state_dump()) + "\n")
     if not args.quiet:
         print(format_summary_table(report))
-    print(json.dumps({k: report[k] for k in _HEADLINE if k in report}))
+    print(json.dumps({k: report[k] for k in HEADLINE if k in report}))
     return EXIT_OK
 
 
-_HEADLINE = (
+HEADLINE = (
     "completed_requests",
     "duration_ms",
     "wall_time_ms",
@@ -525,13 +525,13 @@ _HEADLINE = (
 )
 
 
-def _progress(args: argparse.Namespace, total: int) -> Callable[[int], None] | None:
+def progress_bar(args: argparse.Namespace, total: int, desc: str) -> Callable[[int], None] | None:
     enabled = args.progress if args.progress is not None else sys.stderr.isatty()
     if not enabled or args.quiet:
         return None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="req", desc="replay", leave=False, file=sys.stderr)
+    bar = tqdm(total=total, unit="req", desc=desc, leave=False, file=sys.stderr)
 
     def advance(count: int) -> None:
         if count < 0:

@@ -23,7 +23,7 @@ class StorageTier(StrEnum):
     """G2, vLLM medium `CPU_TIER1`."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class BlockStored:
     """A chain of newly cached full blocks; block i's parent is block i-1, block 0's is `parent_hash`."""
 
@@ -39,7 +39,7 @@ class BlockStored:
     """One token list per block (each exactly block_size long), or None when unknown."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class BlockRemoved:
     """Blocks no longer held in `tier`."""
 
@@ -49,7 +49,7 @@ class BlockRemoved:
     block_hashes: Sequence[SeqHash]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class AllBlocksCleared:
     """Everything this rank announced, in every tier, is gone (restart or reset)."""
 
@@ -60,7 +60,7 @@ class AllBlocksCleared:
 KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class EventBatch:
     """The events of one scheduler pass of one rank, in order."""
 

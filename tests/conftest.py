@@ -27,20 +27,31 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "shmkv_"
 
 
-def _project_segments() -> set[str]:
+def worker_tag() -> str:
+    """A short tag unique to this pytest process (xdist worker), e.g. `tw0`."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
+    return f"t{worker[-2:]}"
+
+
+def _project_segments(prefix: str) -> set[str]:
     if not SHM_DIR.is_dir():
         return set()
-    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIX)}
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix)}
 
 
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
-    """Fail a test that leaves a /dev/shm segment or a child process behind."""
-    before_segments = _project_segments()
+    """Fail a test that leaves a /dev/shm segment or a child process behind.
+
+    Segments are attributed by prefix: tests name fleets with the `fleet_id` fixture, whose
+    ids start with this worker's tag, so parallel workers never blame each other.
+    """
+    prefix = SHM_PREFIX + worker_tag()
+    before_segments = _project_segments(prefix)
     me = psutil.Process()
     before_children = {p.pid for p in me.children(recursive=True)}
     yield
-    leaked_segments = _project_segments() - before_segments
+    leaked_segments = _project_segments(prefix) - before_segments
     leaked_children = [
         p
         for p in me.children(recursive=True)
@@ -69,5 +80,16 @@ def zmq_context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 @pytest.fixture
 def fleet_id() -> str:
     """A unique short id for segment and endpoint names (xdist-safe)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
-    return f"t{worker[-2:]}{uuid.uuid4().hex[:8]}"
+    return f"{worker_tag()}{uuid.uuid4().hex[:8]}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the whole run (the xdist controller, or a plain run): no test segment is left."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    left = _project_segments(SHM_PREFIX + "t")
+    for name in left:
+        (SHM_DIR / name).unlink(missing_ok=True)
+    if left and exitstatus == 0:
+        session.exitstatus = 1
+        print(f"\nleaked shared-memory segments after the run: {sorted(left)}")

@@ -54,7 +54,7 @@ _PARENT: Final = 3  # -1 for a root or a placeholder ghost
 _CHILDREN: Final = 4
 _NONE: Final = -1
 _COMPACT_SLACK: Final = 64
-"""The heap is rebuilt once it holds more than twice the live leaves plus this many entries."""
+"""Extra heap entries tolerated on top of twice the heap size after the last rebuild."""
 
 
 def encode_key(position: int, fragment: int) -> int:
@@ -96,12 +96,13 @@ class NodeView(NamedTuple):
 class LineageBackend:
     """Leaf-first eviction by insertion tick over the lineage forest of inactive blocks."""
 
-    __slots__ = ("_departed", "_heap", "_leaves", "_nodes", "_tick")
+    __slots__ = ("_departed", "_heap", "_heap_limit", "_leaves", "_nodes", "_tick")
 
     def __init__(self) -> None:
         self._nodes: dict[int, list[int]] = {}
         self._leaves: dict[int, list[int]] = {}  # tick -> real childless node: the leaf queue
         self._heap: list[int] = []  # ticks; may also hold stale and duplicate entries
+        self._heap_limit = _COMPACT_SLACK  # `remove` rebuilds the heap once it is longer
         self._tick = 0  # the next insertion tick = number of successful inserts so far
         self._departed = 0  # removes + evictions so far; len = _tick - _departed
 
@@ -175,7 +176,7 @@ class LineageBackend:
                 heappush(self._heap, tick)
                 leaves[tick] = node
                 break
-        if len(self._heap) > 2 * len(leaves) + _COMPACT_SLACK:
+        if len(self._heap) > self._heap_limit:
             self._compact()
         return True
 
@@ -211,12 +212,14 @@ class LineageBackend:
     def _compact(self) -> None:
         """Rebuild the heap from the live leaves, dropping stale and duplicate entries.
 
-        Stale entries come from leaves that gained a child or were reactivated; evictions pop
-        them, so only `remove` checks. Between checks the heap grows by at most one entry per
-        insert, so it stays O(inactive blocks) and the rebuild is amortized O(1) per operation.
+        Stale entries come from leaves that gained a child or were reactivated. Evictions pop
+        them anyway, so only `remove` checks, against a limit of twice the heap size after the
+        last rebuild (plus slack): every rebuild is paid for by as many pushes since the last
+        one, and the heap stays within twice the peak number of leaves (plus slack).
         """
         self._heap = list(self._leaves)
         heapify(self._heap)
+        self._heap_limit = 2 * len(self._heap) + _COMPACT_SLACK
 
     # ------------------------------------------------------------------ queries
 

@@ -439,6 +439,17 @@ def test_tinylfu_reset_after_ten_times_capacity_increments() -> None:
     assert (tracker.size, tracker.estimate(plh), tracker.estimate(other)) == (8, 7, 2)
 
 
+def test_tinylfu_slot_memo_overflow_is_transparent() -> None:
+    tracker = TinyLfuTracker(16)  # memo of 4096 PLHs, dropped when full
+    for plh in range(5_000):
+        tracker.touch(plh)
+    for plh in (0, 4_095, 4_096, 4_999):
+        data = plh.to_bytes(16, "little")
+        hashes = [xxhash.xxh3_64_intdigest(data, seed=seed) for seed in SEEDS]
+        assert tracker.slots(plh) == [(h % 4, h & 15) for h in hashes]
+        assert tracker.estimate(plh) == min(_counter(tracker, *slot) for slot in tracker.slots(plh))
+
+
 # ---------------------------------------------------------------------- MultiLRU
 
 

@@ -32,6 +32,7 @@ LAYER_OF_MODULE: dict[str, int] = {
     "stats": 1,
     "replay": 1,
     "indexer": 1,
+    "driver": 1,
     # 2 process boundary
     "shm": 2,
     "g2": 2,
