@@ -39,6 +39,17 @@ def _project_segments(prefix: str) -> set[str]:
     return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix)}
 
 
+def _is_leak(proc: psutil.Process) -> bool:
+    """A live child that is not multiprocessing's shared resource tracker (it outlives tests
+    by design and is reused by later ones)."""
+    try:
+        if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not any("resource_tracker" in part for part in proc.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
     """Fail a test that leaves a /dev/shm segment or a child process behind.
@@ -53,9 +64,7 @@ def _no_leaks() -> Iterator[None]:
     yield
     leaked_segments = _project_segments(prefix) - before_segments
     leaked_children = [
-        p
-        for p in me.children(recursive=True)
-        if p.pid not in before_children and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        p for p in me.children(recursive=True) if p.pid not in before_children and _is_leak(p)
     ]
     for proc in leaked_children:
         proc.kill()

@@ -43,6 +43,7 @@ LAYER_OF_MODULE: dict[str, int] = {
     "metrics": 2,
     "procutil": 2,
     "coordinator_core": 2,
+    "g2_client": 2,
     # 3 composition
     "engine": 3,
     "coordinator": 3,
@@ -55,6 +56,7 @@ LAYER_OF_MODULE: dict[str, int] = {
     "rank": 3,
     "progress": 3,
     "checker": 3,
+    "cleanup_cli": 3,
 }
 
 # third-party / stdlib modules a layer may not import

@@ -1,0 +1,1170 @@
+"""Layer 2: the shared G2 pool: lock-free rank reads and pins, and the coordinator's directory.
+
+Two views of one `shmkv.shm.G2Segment`:
+
+* `G2RankView` (rank r): finds the longest READY prefix of a list of sequence hashes through the
+  shared index, pins it in its own row `pins[r]`, reads the pinned blocks, unpins. No lock, no
+  RPC; it writes nothing but `pins[r, :]` (and, by convention, `rank_next_seq[r]`).
+* `G2Directory` (coordinator): the single writer of everything else: reserve, commit, abort,
+  evict (fenced), index maintenance, dead-rank cleanup, invariant checks.
+
+Slot life cycle (gen is bumped on every return to FREE, so (slot, gen) names one content)::
+
+    FREE --reserve--> RESERVED --commit--> READY --evict (no pins)--> FREE, gen+1
+      ^                  |                   |  ^
+      +-----abort--------+ (gen+1)           v  | pins seen: back off
+                                          EVICTING
+
+Pin protocol (Dekker handshake, shm.md §0.4)::
+
+    rank r                                   coordinator
+    g = gen[s]; state[s]==READY,              state[s] = EVICTING
+      seq_hash[s]==h                          full_fence()
+    pins[r, s] += 1                           if pins[:, s].any(): state[s] = READY (back off)
+    full_fence()                              else: unindex; gen[s] += 1; state[s] = FREE
+    state[s]==READY and gen[s]==g ? keep : pins[r, s] -= 1
+
+Both sides store, fence, then load the other side's cell, so at least one of them sees the
+other: either the coordinator sees the pin and backs off, or the rank sees EVICTING (or a later
+state whose gen differs, because gen is stored before state and loaded after it) and undoes.
+On x86 (TSO) loads keep their order and stores keep theirs; the fence orders a store before a
+later load, which is the one reordering TSO allows.
+
+Shared index: `index_slot[T]`, T = 2*S, open addressing with linear probing, home = hash mod T,
+-1 empty, -2 tombstone. Only the coordinator writes it. Readers probe until a cell whose slot
+holds their hash (`seq_hash[slot] == h`) or an empty cell; whatever they find is validated by
+state, hash and gen, so a concurrent insert, delete or rebuild can cost a miss, never a wrong
+block. Deleting turns a cell into a tombstone, or into empty (together with the tombstones
+before it) when the next cell is empty; when empty cells fall below a quarter of T the
+coordinator rebuilds the table (vectorized) and copies it in.
+
+Eviction policy keys are PLHs (`shmkv.hashing.make_plh(seq_hash, parent, position)`), so the
+project's Lineage backend can be plugged in unchanged; the directory keeps `plh -> slot`. Two
+blocks with one PLH are duplicates (the second commit is rejected, as G2 rejects duplicates).
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from types import TracebackType
+from typing import Final, Protocol, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from shmkv.errors import ClosedError, ConfigError, InvariantError
+from shmkv.hashing import make_plh
+from shmkv.ids import U64_MASK, BlockId, DpRank, LocalHash, Plh, SeqHash
+from shmkv.shm import (
+    EVICTING,
+    FLAG_HAS_PARENT,
+    FREE,
+    INDEX_EMPTY,
+    INDEX_TOMBSTONE,
+    NO_OWNER,
+    PIN_MAX,
+    READY,
+    RESERVED,
+    STATE_NAMES,
+    G2Segment,
+)
+
+VECTOR_MIN_BLOCKS: Final = 96
+"""`pin_prefix` takes the numpy path from this run length on (measured crossover ~64-128)."""
+
+_READY_I8: Final = np.int8(READY)
+_WINDOW: Final = 8
+"""Index cells the numpy path gathers per key (home and the next 7); the rest probe on."""
+_MAX_VECTOR_ROWS: Final = 1024
+_REBUILD_EMPTY_FRACTION: Final = 4
+"""Rebuild the index when fewer than T / 4 cells are empty."""
+
+_FENCE_LOCK = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier: an uncontended `threading.Lock` acquire + release.
+
+    The acquire is an atomic read-modify-write (a locked instruction on x86, a full barrier),
+    which is what vLLM's `memory_fence()` relies on. On weakly ordered CPUs (ARM) an
+    acquire/release pair is not guaranteed to order an earlier plain store before a later plain
+    load; a sequentially consistent fence (e.g. `atomicshm.fence`, shm.md Part B c) is the
+    safe replacement there. Kept behind this one function so it can be swapped in one place.
+    """
+    _FENCE_LOCK.acquire()
+    _FENCE_LOCK.release()
+
+
+class G2EvictionPolicy(Protocol):
+    """What the directory needs from an eviction backend (a subset of `EvictionBackend`)."""
+
+    def insert(self, plh: Plh) -> None: ...
+
+    def remove(self, plh: Plh) -> bool: ...
+
+    def evict(self) -> Plh | None: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedRun:
+    """A contiguous prefix of G2 blocks pinned by one rank; hand it back to `unpin` once."""
+
+    run_id: int
+    rank: DpRank
+    slots: list[BlockId]
+    gens: list[int]
+    seq_hashes: list[SeqHash]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class G2BlockMeta:
+    """Metadata of one READY G2 slot, as a rank reads it while the slot is pinned."""
+
+    slot: BlockId
+    seq_hash: SeqHash
+    parent_hash: SeqHash | None
+    local_hash: LocalHash
+    position: int
+    owner: DpRank
+    """The rank that stored the block."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadRankCleanup:
+    """What `G2Directory.remove_dead_rank` reclaimed."""
+
+    rank: DpRank
+    pins_released: int
+    """Sum of the dead rank's pin row before it was zeroed."""
+    slots_pinned: int
+    """Number of distinct slots the dead rank had pinned."""
+    slots_aborted: int
+    """RESERVED slots it owned, returned to FREE."""
+    epoch: int
+    """The rank's epoch after the bump (`rank_epoch[rank]`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class G2DirectoryStats:
+    """Counters of one `G2Directory` since it was made."""
+
+    num_free: int
+    num_reserved: int
+    num_ready: int
+    num_commits: int
+    num_duplicates: int
+    """Commits rejected because the sequence hash (or PLH) was already READY."""
+    num_aborts: int
+    num_evictions: int
+    num_evict_backoffs: int
+    """Eviction attempts abandoned because a rank held a pin."""
+    num_index_rebuilds: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared reading logic (both sides).
+
+
+class _IndexReader:
+    """Lock-free lookups over the shared index; the base of both views."""
+
+    def __init__(self, segment: G2Segment) -> None:
+        if segment.closed:
+            raise ClosedError(f"segment {segment.name} is closed")
+        self._segment = segment
+        self._capacity = segment.capacity
+        self._index_size = segment.index_size
+        self._index_size_u64 = np.uint64(segment.index_size)
+        self._index_size_intp = np.intp(segment.index_size)
+        self._window_offsets = np.arange(_WINDOW, dtype=np.intp)
+        self._rows = np.arange(_MAX_VECTOR_ROWS, dtype=np.intp)
+        self._state_mv = segment.cells("state")
+        self._gen_mv = segment.cells("gen")
+        self._seq_hash_mv = segment.cells("seq_hash")
+        self._index_mv = segment.cells("index_slot")
+        self._state_np: npt.NDArray[np.int8] = segment.state
+        self._gen_np: npt.NDArray[np.int64] = segment.gen
+        self._seq_hash_np: npt.NDArray[np.uint64] = segment.seq_hash
+        self._index_np: npt.NDArray[np.int32] = segment.index_slot
+        self._closed = False
+
+    @property
+    def segment(self) -> G2Segment:
+        return self._segment
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _drop_views(self) -> None:
+        self._closed = True
+        for attr in [a for a in vars(self) if a.endswith(("_mv", "_np"))]:
+            delattr(self, attr)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{type(self).__name__} over {self._segment.name} is closed")
+
+    def _probe(self, key: SeqHash, start: int) -> int:
+        """The slot whose seq_hash is `key`, probing from cell `start`; -1 if absent."""
+        index = self._index_mv
+        seq_hash = self._seq_hash_mv
+        size = self._index_size
+        pos = start
+        left = size  # NOTE: bounded, in case a concurrent rebuild leaves no empty cell in view
+        while left:
+            cell = index[pos]
+            if cell == INDEX_EMPTY:
+                return -1
+            if cell >= 0 and seq_hash[cell] == key:
+                return cell
+            pos += 1
+            if pos == size:
+                pos = 0
+            left -= 1
+        return -1
+
+    def find_slot(self, seq_hash: SeqHash) -> int:
+        """The slot indexed under `seq_hash` if it is READY right now, else -1 (advisory)."""
+        self._check_open()
+        slot = self._probe(seq_hash, seq_hash % self._index_size)
+        if slot < 0 or self._state_mv[slot] != READY or self._seq_hash_mv[slot] != seq_hash:
+            return -1
+        return slot
+
+    def lookup_many(
+        self, seq_hashes: Sequence[int] | npt.NDArray[np.uint64]
+    ) -> npt.NDArray[np.int64]:
+        """Vectorized `find_slot`: the READY slot of each hash, -1 where absent (advisory).
+
+        One numpy gather of each key's first `_WINDOW` probe cells settles almost every present
+        key; absent keys (and the rare one displaced further) take the scalar probe.
+        """
+        self._check_open()
+        keys = np.asarray(seq_hashes, dtype=np.uint64)
+        cells = self._find_cells(keys)
+        ok = (
+            (self._state_np[cells] == _READY_I8) & (self._seq_hash_np[cells] == keys) & (cells >= 0)
+        )
+        slots = np.where(ok, cells, -1)
+        state, seq_hash, size = self._state_mv, self._seq_hash_mv, self._index_size
+        for i in np.flatnonzero(~ok).tolist():
+            key = int(keys[i])
+            slot = self._probe(key, key % size)
+            if slot >= 0 and state[slot] == READY and seq_hash[slot] == key:
+                slots[i] = slot
+        return slots
+
+    def _find_cells(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """For each key, the slot in the first of its `_WINDOW` probe cells whose slot holds the
+        key's hash, else the slot in its home cell (a candidate only: callers validate).
+
+        NOTE: empty (-1) and tombstone (-2) cells index from the end of the slot arrays; those
+        reads are harmless, and whatever they find is validated like any other candidate.
+        """
+        count = keys.size
+        home = (keys % self._index_size_u64).view(np.intp)  # < T < 2**63: same bits
+        window = home[:, None] + self._window_offsets
+        np.remainder(window, self._index_size_intp, out=window)
+        cells = self._index_np[window].astype(np.intp)
+        first = (self._seq_hash_np[cells] == keys[:, None]).argmax(axis=1)
+        rows = self._rows[:count] if count <= self._rows.size else np.arange(count)
+        found: npt.NDArray[np.intp] = cells[rows, first]
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank side.
+
+
+class G2RankView(_IndexReader):
+    """Rank r's lock-free window on the shared G2 pool. Not thread-safe: one per rank thread.
+
+    Writes only `pins[r, :]`. Keeps a private ledger of the runs it holds, so that
+    `pins[r] == Σ ledger` can be checked; `close()` releases every pin still held.
+    """
+
+    def __init__(self, segment: G2Segment, rank: DpRank) -> None:
+        if not 0 <= rank < segment.num_ranks:
+            raise ConfigError(f"rank {rank} outside 0..{segment.num_ranks - 1} of {segment.name}")
+        super().__init__(segment)
+        self._rank = rank
+        self._row_mv = segment.cells("pins", row=rank)
+        self._tokens_np: npt.NDArray[np.uint32] = segment.tokens
+        self._ledger: dict[int, PinnedRun] = {}
+        self._next_run_id = 1
+
+    @property
+    def rank(self) -> DpRank:
+        return self._rank
+
+    @property
+    def num_runs(self) -> int:
+        """Runs currently pinned by this view."""
+        return len(self._ledger)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Pins currently held by this view (a slot pinned twice counts twice)."""
+        return sum(len(run) for run in self._ledger.values())
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def lookup_prefix(self, seq_hashes: Sequence[SeqHash]) -> list[tuple[BlockId, int]]:
+        """`(slot, gen)` of the longest contiguous prefix that is READY right now (advisory).
+
+        Nothing is pinned: the slots may be evicted at any moment; use `pin_prefix` to hold them.
+        """
+        self._check_open()
+        state, gen, seq_hash = self._state_mv, self._gen_mv, self._seq_hash_mv
+        size = self._index_size
+        found: list[tuple[BlockId, int]] = []
+        for key in seq_hashes:
+            slot = self._probe(key, key % size)
+            if slot < 0:
+                break
+            slot_gen = gen[slot]  # INVARIANT: gen before state and hash (see module docstring)
+            if state[slot] != READY or seq_hash[slot] != key:
+                break
+            found.append((slot, slot_gen))
+        return found
+
+    # -- pins ----------------------------------------------------------------------------------
+
+    def pin_prefix(
+        self,
+        seq_hashes: Sequence[SeqHash] | npt.NDArray[np.uint64],
+        *,
+        vectorized: bool | None = None,
+    ) -> PinnedRun | None:
+        """Pin the longest contiguous READY prefix of `seq_hashes` in this rank's row.
+
+        Each block is pinned only if its slot is READY with that hash, and kept only if, after a
+        full fence, the slot is still READY at the same generation; the run stops at the first
+        block that fails (its pin and all later ones are undone). Returns None when not even the
+        first block could be pinned.
+
+        Args:
+            seq_hashes: chained sequence hashes, first block first.
+            vectorized: force the numpy path (True, `pin_prefixes` with one run) or the
+                per-block loop (False); by default runs of at least `VECTOR_MIN_BLOCKS` hashes
+                take the numpy path.
+        """
+        self._check_open()
+        hashes = seq_hashes.tolist() if isinstance(seq_hashes, np.ndarray) else seq_hashes
+        if vectorized is None:
+            vectorized = len(hashes) >= VECTOR_MIN_BLOCKS
+        if vectorized:
+            return self.pin_prefixes([hashes])[0]
+        pinned = self._pin_scalar(hashes)
+        if pinned is None:
+            return None
+        slots, gens = pinned
+        return self._record(slots, gens, list(hashes[: len(slots)]))
+
+    def _record(self, slots: list[int], gens: list[int], hashes: list[int]) -> PinnedRun:
+        run = PinnedRun(self._next_run_id, self._rank, slots, gens, hashes)
+        self._next_run_id += 1
+        self._ledger[run.run_id] = run
+        return run
+
+    def pin_prefixes(self, prefixes: Sequence[Sequence[SeqHash]]) -> list[PinnedRun | None]:
+        """`pin_prefix` for several hash lists at once: the batched path.
+
+        One numpy pass finds and validates every key of every list, each list's prefix is
+        pinned, one full fence covers the whole batch, and one numpy pass re-checks every pin.
+        This amortizes numpy's per-call cost over a scheduler step's worth of requests.
+
+        Returns:
+            One entry per list, in order: its pinned run, or None if its first block missed.
+        """
+        self._check_open()
+        lengths = [len(prefix) for prefix in prefixes]
+        total = sum(lengths)
+        results: list[PinnedRun | None] = [None] * len(prefixes)
+        if total == 0:
+            return results
+        keys = np.fromiter(chain.from_iterable(prefixes), dtype=np.uint64, count=total)
+        cells = self._find_cells(keys)
+        gens = self._gen_np[cells]  # INVARIANT: gen gathered before state and hash
+        settled = (
+            (self._state_np[cells] == _READY_I8) & (self._seq_hash_np[cells] == keys)
+        ).tolist()
+        cell_list: list[int] = cells.tolist()
+        gen_list: list[int] = gens.tolist()
+        key_list: list[int] = keys.tolist()
+        row, capacity, pin_max = self._row_mv, self._capacity, PIN_MAX
+        runs: list[tuple[int, list[int], list[int], int]] = []  # (list index, slots, gens, start)
+        start = 0
+        for which, length in enumerate(lengths):
+            slots: list[int] = []
+            run_gens: list[int] = []
+            for j in range(start, start + length):
+                if settled[j]:
+                    slot, slot_gen = cell_list[j], gen_list[j]
+                    if slot < 0:  # NOTE: an aliased empty/tombstone cell that validated
+                        slot += capacity
+                else:
+                    found = self._resolve(key_list[j])
+                    if found is None:
+                        break
+                    slot, slot_gen = found
+                pins = row[slot]
+                if pins >= pin_max:  # NOTE: a saturated cell: treat the rest as a miss
+                    break
+                row[slot] = pins + 1
+                slots.append(slot)
+                run_gens.append(slot_gen)
+            if slots:
+                runs.append((which, slots, run_gens, start))
+            start += length
+        if not runs:
+            return results
+        full_fence()
+        flat_slots = np.fromiter(
+            chain.from_iterable(run[1] for run in runs),
+            dtype=np.intp,
+            count=sum(len(r[1]) for r in runs),
+        )
+        flat_gens = np.fromiter(
+            chain.from_iterable(run[2] for run in runs), dtype=np.int64, count=flat_slots.size
+        )
+        # INVARIANT: states gathered before gens (the left operand is evaluated first).
+        good = (
+            (self._state_np[flat_slots] == _READY_I8) & (self._gen_np[flat_slots] == flat_gens)
+        ).tolist()
+        offset = 0
+        for which, slots, run_gens, begin in runs:
+            kept = 0
+            for is_good in good[offset : offset + len(slots)]:
+                if not is_good:
+                    break
+                kept += 1
+            offset += len(slots)
+            if kept < len(slots):
+                for slot in slots[kept:]:
+                    row[slot] -= 1
+                if kept == 0:
+                    continue
+                del slots[kept:], run_gens[kept:]
+            results[which] = self._record(slots, run_gens, key_list[begin : begin + kept])
+        return results
+
+    def _resolve(self, key: SeqHash) -> tuple[int, int] | None:
+        """(slot, gen) of `key` by the scalar probe if READY right now, else None."""
+        slot = self._probe(key, key % self._index_size)
+        if slot < 0:
+            return None
+        slot_gen = self._gen_mv[slot]  # INVARIANT: gen before state and hash
+        if self._state_mv[slot] != READY or self._seq_hash_mv[slot] != key:
+            return None
+        return slot, slot_gen
+
+    def _pin_scalar(self, seq_hashes: Sequence[SeqHash]) -> tuple[list[int], list[int]] | None:
+        """The per-block path: find, validate and pin each block, then one fence, then confirm."""
+        index, seq_hash, state, gen, row = (
+            self._index_mv,
+            self._seq_hash_mv,
+            self._state_mv,
+            self._gen_mv,
+            self._row_mv,
+        )
+        size = self._index_size
+        ready = READY
+        pin_max = PIN_MAX
+        slots: list[int] = []
+        gens: list[int] = []
+        add_slot, add_gen = slots.append, gens.append
+        for key in seq_hashes:
+            pos = key % size
+            slot = index[pos]
+            if slot < 0:
+                if slot == INDEX_EMPTY:
+                    break
+                slot = self._probe(key, pos)
+                if slot < 0:
+                    break
+            # INVARIANT: gen is read before state and hash (module docstring).
+            slot_gen = gen[slot]
+            if state[slot] != ready or seq_hash[slot] != key:
+                # Not the home cell's slot (or not READY): probe on, then validate again.
+                slot = self._probe(key, pos)
+                if slot < 0:
+                    break
+                slot_gen = gen[slot]
+                if state[slot] != ready or seq_hash[slot] != key:
+                    break
+            pins = row[slot]
+            if pins >= pin_max:  # NOTE: a saturated cell: treat the rest as a miss
+                break
+            row[slot] = pins + 1
+            add_slot(slot)
+            add_gen(slot_gen)
+        if not slots:
+            return None
+        full_fence()
+        kept = 0
+        for slot, slot_gen in zip(slots, gens, strict=True):
+            # INVARIANT: state before gen: a READY seen after an eviction comes with a new gen.
+            if state[slot] != ready or gen[slot] != slot_gen:
+                break
+            kept += 1
+        if kept < len(slots):
+            for slot in slots[kept:]:
+                row[slot] -= 1
+            del slots[kept:], gens[kept:]
+        return (slots, gens) if slots else None
+
+    def unpin(self, run: PinnedRun) -> None:
+        """Release a run pinned by this view.
+
+        Raises:
+            InvariantError: the run is not held by this view (already unpinned, or another's).
+        """
+        self._check_open()
+        if self._ledger.pop(run.run_id, None) is not run:
+            raise InvariantError(
+                f"rank {self._rank} does not hold run {run.run_id} (double unpin, or a run "
+                "pinned by another view)"
+            )
+        row = self._row_mv
+        for slot in run.slots:
+            row[slot] -= 1
+
+    def unpin_many(self, runs: Sequence[PinnedRun]) -> None:
+        """Release several runs pinned by this view (the batched counterpart of `unpin`).
+
+        Raises:
+            InvariantError: a run is not held by this view (nothing is released then).
+        """
+        self._check_open()
+        ledger = self._ledger
+        if len({run.run_id for run in runs}) != len(runs) or any(
+            ledger.get(run.run_id) is not run for run in runs
+        ):
+            raise InvariantError(
+                f"rank {self._rank} does not hold every run it was asked to unpin (double "
+                "unpin, or a run pinned by another view)"
+            )
+        row = self._row_mv
+        for run in runs:
+            del ledger[run.run_id]
+            for slot in run.slots:
+                row[slot] -= 1
+
+    def unpin_all(self) -> int:
+        """Release every run this view holds; returns the number of pins released."""
+        self._check_open()
+        released = 0
+        for run in list(self._ledger.values()):
+            released += len(run)
+            self.unpin(run)
+        return released
+
+    # -- reading pinned blocks -----------------------------------------------------------------
+
+    def _held(self, run: PinnedRun) -> PinnedRun:
+        self._check_open()
+        if self._ledger.get(run.run_id) is not run:
+            raise InvariantError(f"rank {self._rank} does not hold run {run.run_id}")
+        return run
+
+    def read_tokens(self, run: PinnedRun) -> npt.NDArray[np.uint32]:
+        """A private copy of the token ids of a pinned run, shape (len(run), block_size)."""
+        held = self._held(run)
+        return self._tokens_np[np.asarray(held.slots, dtype=np.intp)].copy()
+
+    def read_blocks(self, run: PinnedRun) -> list[G2BlockMeta]:
+        """Metadata of the blocks of a pinned run, in prefix order."""
+        held = self._held(run)
+        seg = self._segment
+        idx = np.asarray(held.slots, dtype=np.intp)
+        parents = seg.parent_hash[idx].tolist()
+        has_parent = (seg.flags[idx] & FLAG_HAS_PARENT).tolist()
+        return [
+            G2BlockMeta(
+                slot=slot,
+                seq_hash=seq,
+                parent_hash=parent if flag else None,
+                local_hash=local,
+                position=position,
+                owner=owner,
+            )
+            for slot, seq, parent, flag, local, position, owner in zip(
+                held.slots,
+                seg.seq_hash[idx].tolist(),
+                parents,
+                has_parent,
+                seg.local_hash[idx].tolist(),
+                seg.position[idx].tolist(),
+                seg.owner[idx].tolist(),
+                strict=True,
+            )
+        ]
+
+    def check_ledger(self) -> None:
+        """Raise InvariantError unless `pins[rank]` equals the pins recorded in the ledger."""
+        self._check_open()
+        expected = np.zeros(self._capacity, dtype=np.int64)
+        for run in self._ledger.values():
+            np.add.at(expected, np.asarray(run.slots, dtype=np.intp), 1)
+        actual = self._segment.pins[self._rank].astype(np.int64)
+        wrong = np.flatnonzero(actual != expected)
+        if wrong.size:
+            sample = [(int(s), int(actual[s]), int(expected[s])) for s in wrong[:5]]
+            raise InvariantError(
+                f"rank {self._rank}: pin row disagrees with its ledger at {wrong.size} slot(s); "
+                f"(slot, row, ledger): {sample}"
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every pin still held and drop the views. Idempotent."""
+        if self._closed:
+            return
+        self.unpin_all()
+        self._drop_views()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Coordinator side.
+
+
+class G2Directory(_IndexReader):
+    """The coordinator's single-writer control of a G2 segment it created.
+
+    Owns (privately) the free stack, the eviction policy and `plh -> slot`; writes `state`,
+    `gen`, hashes, `owner`, `position`, `flags`, `tokens`, the index, and — only for a dead rank
+    — that rank's pin row. Expected outcomes (a full pool, a duplicate) are return values.
+    """
+
+    def __init__(self, segment: G2Segment, policy: G2EvictionPolicy) -> None:
+        """Take control of a freshly created segment.
+
+        Raises:
+            ConfigError: the segment was attached rather than created, or is not fresh.
+        """
+        if not segment.is_owner:
+            raise ConfigError(
+                f"G2Directory needs the segment's creator; {segment.name} is attached"
+            )
+        if len(policy):
+            raise ConfigError("G2Directory needs an empty eviction policy")
+        if np.any(segment.state != FREE) or np.any(segment.index_slot != INDEX_EMPTY):
+            raise ConfigError(f"segment {segment.name} is not fresh: create a new one")
+        super().__init__(segment)
+        self._policy = policy
+        self._num_ranks = segment.num_ranks
+        self._block_size = segment.block_size
+        self._owner_mv = segment.cells("owner")
+        self._position_mv = segment.cells("position")
+        self._flags_mv = segment.cells("flags")
+        self._parent_hash_mv = segment.cells("parent_hash")
+        self._local_hash_mv = segment.cells("local_hash")
+        self._pin_rows_mv = [segment.cells("pins", row=r) for r in range(segment.num_ranks)]
+        self._owner_np: npt.NDArray[np.int16] = segment.owner
+        self._pins_np: npt.NDArray[np.int16] = segment.pins
+        self._tokens_mv = segment.cells("tokens")
+        self._zero_tokens = array("I", bytes(4 * segment.block_size))
+        # Free stack: pops from the end, so a fresh pool hands out slots 0, 1, 2, ...
+        self._free_stack = np.arange(self._capacity - 1, -1, -1, dtype=np.int32)
+        self._num_free = self._capacity
+        self._num_reserved = 0
+        self._plh_to_slot: dict[Plh, BlockId] = {}
+        self._evicted: list[SeqHash] = []
+        self._index_used = 0
+        """Non-empty index cells: live entries plus tombstones."""
+        self._num_tombstones = 0
+        self._rebuild_at = self._index_size - self._index_size // _REBUILD_EMPTY_FRACTION
+        self._num_commits = 0
+        self._num_duplicates = 0
+        self._num_aborts = 0
+        self._num_evictions = 0
+        self._num_evict_backoffs = 0
+        self._num_index_rebuilds = 0
+
+    # -- counts --------------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    @property
+    def num_reserved(self) -> int:
+        return self._num_reserved
+
+    @property
+    def num_ready(self) -> int:
+        return len(self._plh_to_slot)
+
+    @property
+    def policy(self) -> G2EvictionPolicy:
+        return self._policy
+
+    def stats(self) -> G2DirectoryStats:
+        return G2DirectoryStats(
+            num_free=self._num_free,
+            num_reserved=self._num_reserved,
+            num_ready=len(self._plh_to_slot),
+            num_commits=self._num_commits,
+            num_duplicates=self._num_duplicates,
+            num_aborts=self._num_aborts,
+            num_evictions=self._num_evictions,
+            num_evict_backoffs=self._num_evict_backoffs,
+            num_index_rebuilds=self._num_index_rebuilds,
+        )
+
+    # -- reserve / commit / abort --------------------------------------------------------------
+
+    def reserve(self, num_blocks: int, owner_rank: DpRank) -> list[BlockId]:
+        """Reserve up to `num_blocks` slots for `owner_rank` (state RESERVED, owner set).
+
+        FREE slots go first (lowest slot number first on a fresh pool), then READY slots the
+        policy picks, each evicted only if no rank pins it (pinned victims are put back into the
+        policy after this call). Evicted sequence hashes are queued for `take_evicted`. Returns
+        fewer slots than asked when every READY slot is pinned: a partial reservation, which
+        the caller may `abort` in part or in whole.
+        """
+        self._check_open()
+        self._check_rank(owner_rank)
+        if num_blocks < 0:
+            raise ConfigError(f"cannot reserve {num_blocks} blocks")
+        take = min(num_blocks, self._num_free)
+        top = self._num_free
+        slots: list[int] = self._free_stack[top - take : top][::-1].tolist()
+        self._num_free = top - take
+        if len(slots) < num_blocks:
+            slots.extend(self._evict_for(num_blocks - len(slots)))
+        state, owner = self._state_mv, self._owner_mv
+        for slot in slots:
+            state[slot] = RESERVED
+            owner[slot] = owner_rank
+        self._num_reserved += len(slots)
+        return slots
+
+    def _evict_for(self, wanted: int) -> list[int]:
+        policy, plh_to_slot = self._policy, self._plh_to_slot
+        freed: list[int] = []
+        backed_off: list[Plh] = []
+        try:
+            while len(freed) < wanted:
+                plh = policy.evict()
+                if plh is None:
+                    break
+                slot = plh_to_slot.get(plh)
+                if slot is None:
+                    raise InvariantError(f"eviction policy returned unknown PLH {plh:#x}")
+                seq_hash = self._seq_hash_mv[slot]
+                if self._try_evict(slot):
+                    del plh_to_slot[plh]
+                    self._evicted.append(seq_hash)
+                    freed.append(slot)
+                else:
+                    backed_off.append(plh)
+        finally:
+            for plh in backed_off:
+                policy.insert(plh)
+        return freed
+
+    def _try_evict(self, slot: BlockId) -> bool:
+        """The fenced eviction check; on success the slot is FREE (gen+1) and unindexed."""
+        state = self._state_mv
+        state[slot] = EVICTING
+        full_fence()
+        if self._is_pinned(slot):
+            state[slot] = READY
+            self._num_evict_backoffs += 1
+            return False
+        self._index_remove(self._seq_hash_mv[slot], slot)
+        self._gen_mv[slot] += 1
+        self._owner_mv[slot] = NO_OWNER
+        state[slot] = FREE
+        self._num_evictions += 1
+        return True
+
+    def _is_pinned(self, slot: BlockId) -> bool:
+        """Whether any rank's row pins `slot` (read after the fence)."""
+        return any(row[slot] for row in self._pin_rows_mv)
+
+    def commit(
+        self,
+        slot: BlockId,
+        seq_hash: SeqHash,
+        parent_hash: SeqHash | None,
+        local_hash: LocalHash,
+        position: int,
+        token_ids: Sequence[int] | npt.NDArray[np.uint32] | None,
+        owner_rank: DpRank,
+        *,
+        plh: Plh | None = None,
+    ) -> bool:
+        """Publish a RESERVED slot as READY under `seq_hash` and index it.
+
+        Returns False, and frees the slot, when the block is a duplicate: its sequence hash (or
+        its PLH) is already READY in another slot.
+
+        Args:
+            slot: a slot `reserve` gave `owner_rank`.
+            seq_hash: the block's chained sequence hash (the index key).
+            parent_hash: the previous block's sequence hash; None for a first block.
+            local_hash: the hash of the block's own tokens.
+            position: the block's index in its sequence (0 for a first block).
+            token_ids: exactly block_size ids, or None to store zeros.
+            owner_rank: the rank that reserved the slot and stores the block.
+            plh: `make_plh(seq_hash, parent_hash, position)` if the caller has it already
+                (saves recomputing it; `check_invariants` verifies it).
+
+        Raises:
+            InvariantError: the slot is not RESERVED by `owner_rank`.
+            ConfigError: a hash is not u64, the position is out of range, or `token_ids` does
+                not hold exactly block_size unsigned 32-bit ids.
+        """
+        self._check_open()
+        self._check_reserved(slot, owner_rank)
+        if not (0 <= seq_hash <= U64_MASK and 0 <= local_hash <= U64_MASK) or not (
+            parent_hash is None or 0 <= parent_hash <= U64_MASK
+        ):
+            raise ConfigError(
+                f"hashes must be unsigned 64-bit ints, got seq {seq_hash}, parent "
+                f"{parent_hash}, local {local_hash}"
+            )
+        if plh is None:
+            plh = make_plh(seq_hash, parent_hash, position)
+        block_size = self._block_size
+        tokens = self._zero_tokens
+        if token_ids is not None:
+            try:
+                tokens = array("I", token_ids)
+            except (OverflowError, TypeError) as exc:
+                raise ConfigError(f"token ids must be unsigned 32-bit ints: {exc}") from exc
+            if len(tokens) != block_size:
+                raise ConfigError(f"a G2 block holds {block_size} token ids, got {len(tokens)}")
+        if plh in self._plh_to_slot or self._probe(seq_hash, seq_hash % self._index_size) >= 0:
+            self._num_duplicates += 1
+            self.abort(slot)
+            return False
+        # NOTE: the policy first: if it refuses the key (raises), the slot is still RESERVED.
+        self._policy.insert(plh)
+        self._plh_to_slot[plh] = slot
+        self._seq_hash_mv[slot] = seq_hash
+        if parent_hash is None:
+            self._parent_hash_mv[slot] = 0
+            self._flags_mv[slot] = 0
+        else:
+            self._parent_hash_mv[slot] = parent_hash
+            self._flags_mv[slot] = FLAG_HAS_PARENT
+        self._local_hash_mv[slot] = local_hash
+        self._position_mv[slot] = position
+        start = slot * block_size
+        self._tokens_mv[start : start + block_size] = tokens
+        # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
+        self._state_mv[slot] = READY
+        self._index_insert(seq_hash, slot)
+        self._num_reserved -= 1
+        self._num_commits += 1
+        return True
+
+    def abort(self, slot: BlockId) -> None:
+        """Return a RESERVED slot to FREE (gen+1).
+
+        Raises:
+            InvariantError: the slot is not RESERVED.
+        """
+        self._check_open()
+        if not 0 <= slot < self._capacity or self._state_mv[slot] != RESERVED:
+            raise InvariantError(f"abort of slot {slot}, which is not RESERVED")
+        self._release(slot)
+        self._num_reserved -= 1
+        self._num_aborts += 1
+
+    def _release(self, slot: BlockId) -> None:
+        self._gen_mv[slot] += 1
+        self._owner_mv[slot] = NO_OWNER
+        self._state_mv[slot] = FREE
+        self._free_stack[self._num_free] = slot
+        self._num_free += 1
+
+    def try_remove(self, seq_hash: SeqHash) -> bool:
+        """Evict one READY block on purpose; False if absent or pinned by some rank."""
+        self._check_open()
+        slot = self._probe(seq_hash, seq_hash % self._index_size)
+        if slot < 0:
+            return False
+        plh = self._plh_of(slot)
+        if not self._try_evict(slot):
+            return False
+        self._policy.remove(plh)
+        del self._plh_to_slot[plh]
+        self._free_stack[self._num_free] = slot
+        self._num_free += 1
+        self._evicted.append(seq_hash)
+        return True
+
+    def take_evicted(self) -> list[SeqHash]:
+        """Drain the sequence hashes evicted since the last call (for host-tier Removed events)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def _plh_of(self, slot: BlockId) -> Plh:
+        parent = self._parent_hash_mv[slot] if self._flags_mv[slot] & FLAG_HAS_PARENT else None
+        return make_plh(self._seq_hash_mv[slot], parent, self._position_mv[slot])
+
+    def _check_rank(self, rank: DpRank) -> None:
+        if not 0 <= rank < self._num_ranks:
+            raise ConfigError(f"rank {rank} outside 0..{self._num_ranks - 1}")
+
+    def _check_reserved(self, slot: BlockId, owner_rank: DpRank) -> None:
+        if not 0 <= slot < self._capacity:
+            raise InvariantError(f"slot {slot} outside 0..{self._capacity - 1}")
+        state = self._state_mv[slot]
+        if state != RESERVED or self._owner_mv[slot] != owner_rank:
+            raise InvariantError(
+                f"commit of slot {slot} by rank {owner_rank}: it is {STATE_NAMES[state]} "
+                f"owned by {self._owner_mv[slot]}"
+            )
+
+    # -- crash recovery ------------------------------------------------------------------------
+
+    def remove_dead_rank(self, rank: DpRank) -> DeadRankCleanup:
+        """Reclaim what a dead rank held: zero its pin row, abort its reservations, bump its epoch.
+
+        Call only once the rank's process is known to be gone (it must not write its row again).
+        """
+        self._check_open()
+        self._check_rank(rank)
+        row = self._pins_np[rank]
+        pins_released = int(row.sum(dtype=np.int64))
+        slots_pinned = int(np.count_nonzero(row))
+        row[:] = 0
+        reserved = np.flatnonzero((self._state_np == RESERVED) & (self._owner_np == rank))
+        for slot in reserved.tolist():
+            self.abort(slot)
+        epochs = self._segment.rank_epoch
+        epochs[rank] += np.uint64(1)
+        return DeadRankCleanup(
+            rank=rank,
+            pins_released=pins_released,
+            slots_pinned=slots_pinned,
+            slots_aborted=int(reserved.size),
+            epoch=int(epochs[rank]),
+        )
+
+    # -- index maintenance (single writer) -----------------------------------------------------
+
+    def _index_insert(self, key: SeqHash, slot: BlockId) -> None:
+        index, size = self._index_mv, self._index_size
+        pos = key % size
+        tombstone = -1
+        while True:  # terminates: at least T/4 cells are empty (rebuild threshold)
+            cell = index[pos]
+            if cell == INDEX_EMPTY:
+                break
+            if cell == INDEX_TOMBSTONE and tombstone < 0:
+                tombstone = pos
+            pos += 1
+            if pos == size:
+                pos = 0
+        if tombstone >= 0:
+            index[tombstone] = slot
+            self._num_tombstones -= 1
+            return
+        index[pos] = slot
+        self._index_used += 1
+        if self._index_used > self._rebuild_at:
+            self._rebuild_index()
+
+    def _index_remove(self, key: SeqHash, slot: BlockId) -> None:
+        index, size = self._index_mv, self._index_size
+        pos = key % size
+        for _ in range(size):
+            cell = index[pos]
+            if cell == slot:
+                break
+            if cell == INDEX_EMPTY:
+                raise InvariantError(f"slot {slot} (hash {key:#x}) is missing from the index")
+            pos += 1
+            if pos == size:
+                pos = 0
+        else:
+            raise InvariantError(f"slot {slot} (hash {key:#x}) is missing from the index")
+        if index[(pos + 1) % size] != INDEX_EMPTY:
+            index[pos] = INDEX_TOMBSTONE
+            self._num_tombstones += 1
+            return
+        # The chain ends here: this cell and the tombstones just before it can become empty
+        # without cutting any other key's probe path.
+        index[pos] = INDEX_EMPTY
+        self._index_used -= 1
+        pos = (pos - 1) % size
+        while index[pos] == INDEX_TOMBSTONE:
+            index[pos] = INDEX_EMPTY
+            self._index_used -= 1
+            self._num_tombstones -= 1
+            pos = (pos - 1) % size
+
+    def _rebuild_index(self) -> None:
+        """Re-place every READY slot without tombstones (vectorized), then copy the table in.
+
+        Readers probing during the copy may miss (never mis-hit): acceptable for a cache.
+        """
+        size = self._index_size
+        ready = np.flatnonzero(self._state_np == READY)
+        keys = self._seq_hash_np[ready]
+        pos = (keys % np.uint64(size)).astype(np.int64)
+        slots = ready.astype(np.int32)
+        table = np.full(size, INDEX_EMPTY, dtype=np.int32)
+        pending = np.arange(ready.size)
+        while pending.size:
+            cells = pos[pending]
+            empty = np.flatnonzero(table[cells] == INDEX_EMPTY)
+            # One winner per empty cell; everyone else moves one cell on (linear probing).
+            _, first = np.unique(cells[empty], return_index=True)
+            winners = empty[first]
+            table[cells[winners]] = slots[pending[winners]]
+            keep = np.ones(pending.size, dtype=bool)
+            keep[winners] = False
+            pending = pending[keep]
+            moved = pos[pending] + 1
+            moved[moved == size] = 0
+            pos[pending] = moved
+        self._index_np[:] = table
+        self._index_used = int(ready.size)
+        self._num_tombstones = 0
+        self._num_index_rebuilds += 1
+
+    # -- invariants ----------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise InvariantError unless the segment and the private structures agree.
+
+        Meant for quiescent moments (no rank mid-pin): a rank undoing a lost race briefly holds
+        a pin on a non-READY slot.
+        """
+        self._check_open()
+        # NOTE: collected in a helper, so the raising frame holds no view of the segment.
+        problems = self._invariant_problems()
+        if problems:
+            raise InvariantError("G2 directory: " + "; ".join(problems))
+
+    def _invariant_problems(self) -> list[str]:
+        problems: list[str] = []
+        state = self._state_np.copy()
+        bad_state = np.flatnonzero((state != FREE) & (state != RESERVED) & (state != READY))
+        if bad_state.size:
+            problems.append(f"slots in state EVICTING or invalid: {bad_state[:8].tolist()}")
+        free = state == FREE
+        reserved = state == RESERVED
+        ready = state == READY
+        stack = np.sort(self._free_stack[: self._num_free])
+        if not np.array_equal(stack, np.flatnonzero(free)):
+            problems.append(
+                f"free stack ({self._num_free}) disagrees with FREE slots ({int(free.sum())})"
+            )
+        if int(reserved.sum()) != self._num_reserved:
+            problems.append(f"{int(reserved.sum())} RESERVED slots, counted {self._num_reserved}")
+        owner = self._owner_np
+        if np.any(owner[free] != NO_OWNER):
+            problems.append("a FREE slot has an owner")
+        bad_owner = reserved & ((owner < 0) | (owner >= self._num_ranks))
+        if bad_owner.any():
+            problems.append(
+                f"RESERVED slots without a valid owner: {np.flatnonzero(bad_owner)[:8]}"
+            )
+        pins = self._pins_np
+        if np.any(pins < 0):
+            problems.append("a negative pin count")
+        pinned_not_ready = np.flatnonzero(pins.any(axis=0) & ~ready)
+        if pinned_not_ready.size:
+            problems.append(f"pins on non-READY slots: {pinned_not_ready[:8].tolist()}")
+        problems.extend(self._index_problems(ready))
+        ready_slots = set(np.flatnonzero(ready).tolist())
+        if set(self._plh_to_slot.values()) != ready_slots or len(self._plh_to_slot) != len(
+            ready_slots
+        ):
+            problems.append("plh -> slot map disagrees with the READY slots")
+        if len(self._policy) != len(ready_slots):
+            problems.append(f"policy holds {len(self._policy)} keys, {len(ready_slots)} READY")
+        else:
+            for plh, slot in self._plh_to_slot.items():
+                if self._plh_of(slot) != plh:
+                    problems.append(f"slot {slot} is filed under a PLH that is not its own")
+                    break
+        return problems
+
+    def _index_problems(self, ready: npt.NDArray[np.bool_]) -> list[str]:
+        problems: list[str] = []
+        cells = self._index_np.copy()
+        if np.any((cells < INDEX_TOMBSTONE) | (cells >= self._capacity)):
+            problems.append("index cell out of range")
+            return problems
+        live = cells[cells >= 0]
+        if np.unique(live).size != live.size:
+            problems.append("a slot is indexed more than once")
+        if not np.array_equal(np.sort(live), np.flatnonzero(ready)):
+            problems.append(
+                f"indexed slots ({live.size}) differ from READY slots ({int(ready.sum())})"
+            )
+        used = int(np.count_nonzero(cells != INDEX_EMPTY))
+        tombstones = int(np.count_nonzero(cells == INDEX_TOMBSTONE))
+        if used != self._index_used or tombstones != self._num_tombstones:
+            problems.append(
+                f"index counters off: used {used} vs {self._index_used}, tombstones "
+                f"{tombstones} vs {self._num_tombstones}"
+            )
+        ready_slots = np.flatnonzero(ready)
+        found = self.lookup_many(self._seq_hash_np[ready_slots])
+        if not np.array_equal(found, ready_slots):
+            problems.append("a READY slot is not reachable through the index")
+        return problems
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop the views (the segment itself is closed and unlinked by its owner). Idempotent."""
+        if not self._closed:
+            self._drop_views()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+__all__ = [
+    "VECTOR_MIN_BLOCKS",
+    "DeadRankCleanup",
+    "G2BlockMeta",
+    "G2Directory",
+    "G2DirectoryStats",
+    "G2EvictionPolicy",
+    "G2RankView",
+    "PinnedRun",
+    "full_fence",
+]
