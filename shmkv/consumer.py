@@ -34,6 +34,7 @@ A CLI is a thin loop::
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -215,6 +216,19 @@ class EventConsumer:
                     break
                 applied += self._on_live(state, frames)
         return applied
+
+    def drain(self, idle_s: float = 1.0, limit_s: float = 30.0) -> int:
+        """Poll until nothing arrived for `idle_s` (at most `limit_s`), then `catch_up()`.
+        Returns the number of batches applied."""
+        applied = 0
+        deadline = time.monotonic() + limit_s
+        last = time.monotonic()
+        while time.monotonic() - last < idle_s and time.monotonic() < deadline:
+            got = self.poll(100)
+            if got:
+                applied += got
+                last = time.monotonic()
+        return applied + self.catch_up()
 
     def catch_up(self) -> int:
         """Ask every rank with replay for what follows its last applied seq, and apply it.

@@ -25,3 +25,6 @@ XXH3_SEED: Final = 1337
 """Seed of every xxh3-64 hash; identical to Dynamo's router so hashes are bit-identical."""
 U64_MASK: Final = (1 << 64) - 1
 DEFAULT_BLOCK_SIZE: Final = 16
+"""The engine's default block size (vLLM's). Dynamo's mocker defaults to 64 for vLLM."""
+SEQUENCE_DEFAULT_BLOCK_SIZE: Final = 64
+"""`ActiveSequence`'s block size when none is given, as in the seed."""

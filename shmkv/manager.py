@@ -163,6 +163,7 @@ class KvManager:
         self._events: list[KvEvent] = []
         self.next_event_id = 0
         self._offload: OffloadEngine | None = None
+        self._prefix_pins: Counter[Plh] = Counter()
         self.last_use_blocked = False
         """True when the last Use stopped because its allocation started an offload batch."""
 
@@ -448,7 +449,10 @@ class KvManager:
         for run_parent, hashes, locals_, tokens in runs:
             self._emit_stored(_DEVICE, run_parent, hashes, locals_, tokens)
         if evicted:
-            self._emit_removed(_DEVICE, [r.seq_hash for r in evicted])
+            # A block evicted to make room and stored again later in this same Use was just
+            # re-announced by a Stored above: reporting it Removed would lose it at the router.
+            restored = {h for run in runs for h in run[1]} if runs else ()
+            self._emit_removed(_DEVICE, [r.seq_hash for r in evicted if r.seq_hash not in restored])
         self.last_use_blocked = bool(blocked_evicted)
         if blocked_evicted:
             self._offload_evicted(blocked_evicted, blocked_slots)
@@ -724,13 +728,19 @@ class KvManager:
             if reg.ref_cnt == 0:
                 self._backend.remove(reg.plh)
             reg.ref_cnt += 1
+            self._prefix_pins[reg.plh] += 1
         return list(prefix_plhs)
 
     def unpin_g1_prefix(self, pinned_plhs: Sequence[Plh]) -> None:
-        for plh in pinned_plhs:
-            reg = self._registered.get(plh)
-            if reg is None or reg.ref_cnt == 0:
+        needed = Counter(pinned_plhs)
+        for plh, count in needed.items():
+            if self._prefix_pins[plh] < count:
                 raise SignalError(f"unpin: block {plh:#x} is not pinned")
+        for plh in pinned_plhs:
+            reg = self._registered[plh]
+            self._prefix_pins[plh] -= 1
+            if not self._prefix_pins[plh]:
+                del self._prefix_pins[plh]
             reg.ref_cnt -= 1
             if reg.ref_cnt == 0:
                 self._backend.insert(plh)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from shmkv.errors import ConfigError, SignalError
 from shmkv.hashing import MAX_POSITION, local_hash_of_bytes, make_plh, sequence_hash, token_bytes
-from shmkv.ids import DEFAULT_BLOCK_SIZE, LocalHash, Plh, SeqHash
+from shmkv.ids import SEQUENCE_DEFAULT_BLOCK_SIZE, LocalHash, Plh, SeqHash
 from shmkv.signals import (
     Deref,
     FullBlock,
@@ -34,6 +34,10 @@ from shmkv.signals import (
 _shared_rng = random.Random(0x5EED)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -44,7 +48,7 @@ class ActiveSequence:
     Args:
         tokens: the prompt token ids (u32).
         max_output_tokens: generation stops after this many tokens (>= 1).
-        block_size: tokens per block (>= 2; default 16).
+        block_size: tokens per block (>= 2; default 64, as in the seed).
         enable_prefix_caching: False gives every full block a random identity (nothing matches).
         emit_token_ids: attach per-block token ids to Use/Promote signals (only with caching).
         output_token_ids: planned output tokens; random u32 otherwise.
@@ -78,8 +82,8 @@ class ActiveSequence:
         output_token_ids: Sequence[int] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        bs = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        if bs < 2:
+        bs = SEQUENCE_DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        if not _is_int(bs) or bs < 2:
             raise ConfigError(f"block_size must be an int >= 2, got {bs!r}")
         if max_output_tokens < 1:
             raise ConfigError(f"max_output_tokens must be >= 1, got {max_output_tokens}")

@@ -25,7 +25,7 @@ from typing import Any, Final
 import orjson
 import zmq
 
-from shmkv.errors import ProtocolError
+from shmkv.errors import ConfigError, ProtocolError
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,34 @@ def bind_socket(sock: zmq.Socket[bytes], endpoint: str) -> str:
     sock.bind(endpoint)
     bound = sock.getsockopt(zmq.LAST_ENDPOINT)
     return bound.decode() if isinstance(bound, bytes) else str(bound)
+
+
+def free_port_base(count: int, host: str = "127.0.0.1") -> int:
+    """A base port with `count` consecutive free TCP ports on `host` (rank r uses base + r).
+
+    Racy by nature (another process may take a port before it is bound); callers bind soon.
+    """
+    import socket
+
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            base = int(probe.getsockname()[1])
+        if base + count >= 65000:
+            continue
+        holders: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                holder = socket.socket()
+                holders.append(holder)
+                holder.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for holder in holders:
+                holder.close()
+    raise ConfigError(f"found no {count} consecutive free ports on {host}")
 
 
 def is_loopback(endpoint: str) -> bool:

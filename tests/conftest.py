@@ -28,9 +28,8 @@ SHM_PREFIX = "shmkv_"
 
 
 def worker_tag() -> str:
-    """A short tag unique to this pytest process (xdist worker), e.g. `tw0`."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
-    return f"t{worker[-2:]}"
+    """A short tag unique to this pytest process (xdist worker or plain run): `t<pid>`."""
+    return f"t{os.getpid()}"
 
 
 def _project_segments(prefix: str) -> set[str]:
@@ -96,7 +95,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After the whole run (the xdist controller, or a plain run): no test segment is left."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    left = _project_segments(SHM_PREFIX + "t")
+    left = _project_segments(SHM_PREFIX + worker_tag())
     for name in left:
         (SHM_DIR / name).unlink(missing_ok=True)
     if left and exitstatus == 0:
