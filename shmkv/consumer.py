@@ -89,6 +89,7 @@ _COUNTERS: Final = (
     "gaps",
     "recovered_batches",
     "lost_batches",
+    "skipped_before_clear",
     "decode_errors",
     "malformed_messages",
     "replay_requests",
@@ -328,7 +329,7 @@ class EventConsumer:
                     if state.replay_endpoint is None
                     else "the replay did not deliver them"
                 )
-                self._lose(state, last + 1, seq, reason)
+                self._lose(state, last + 1, seq, reason, next_payload=frames[2])
         self._apply(state, seq, frames[2])
         return applied + 1
 
@@ -352,7 +353,13 @@ class EventConsumer:
             if live_seq is not None and seq >= live_seq:
                 break  # the live batch and its successors are (or will be) in the SUB queue
             if seq > last + 1:
-                self._lose(state, last + 1, seq, "older than the publisher's replay buffer")
+                self._lose(
+                    state,
+                    last + 1,
+                    seq,
+                    "older than the publisher's replay buffer",
+                    next_payload=payload,
+                )
             self._apply(state, seq, payload)
             state.counters["recovered_batches"] += 1
             applied += 1
@@ -394,8 +401,28 @@ class EventConsumer:
                 return replies
             replies.append((seq, frames[-1]))
 
-    def _lose(self, state: _RankState, first: int, after: int, reason: str) -> None:
+    def _opens_with_clear(self, payload: bytes) -> bool:
+        try:
+            events = self._decode(payload).events
+        except ProtocolError:
+            return False
+        return bool(events) and isinstance(events[0], AllBlocksCleared)
+
+    def _lose(
+        self, state: _RankState, first: int, after: int, reason: str, *, next_payload: bytes
+    ) -> None:
         lost = after - first
+        if self._opens_with_clear(next_payload):
+            # A restarted publisher resumes past any seq its predecessor reserved but never
+            # sent, and opens with AllBlocksCleared: nothing before a clear matters.
+            state.counters["skipped_before_clear"] += lost
+            logger.info(
+                "rank %d: seq %d..%d skipped by a publisher restart (AllBlocksCleared follows)",
+                state.rank,
+                first,
+                after - 1,
+            )
+            return
         state.counters["lost_batches"] += lost
         logger.warning(
             "rank %d: LOST %d batch(es), seq %d..%d (%s): the index may be wrong until the "

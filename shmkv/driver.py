@@ -12,8 +12,23 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import Protocol
 
 from shmkv.workload import RequestSpec, Session
+
+
+class WorkloadDriver(Protocol):
+    """What releases requests into a fleet (`SessionDriver`, the stress loop, `--serve`)."""
+
+    def next_arrival_ms(self) -> float: ...
+
+    def pop_due(self, now_ms: float) -> list[tuple[float, RequestSpec]]: ...
+
+    def on_finished(
+        self, request_id: int, time_ms: float, *, ended_session: bool = False
+    ) -> None: ...
+
+    def done(self) -> bool: ...
 
 
 class SessionDriver:

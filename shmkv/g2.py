@@ -540,6 +540,27 @@ class G2RankView(_IndexReader):
         for slot in run.slots:
             row[slot] -= 1
 
+    def validate(self, run: PinnedRun) -> int:
+        """How many slots of a run this view still pins are no longer what was pinned: each one
+        is a pinned slot that was evicted or reused, the one thing the pin protocol must never
+        allow. Call it before `unpin`.
+
+        An eviction always bumps the generation before the slot leaves READY, so the check is
+        generation and hash; the state may read EVICTING while the coordinator is backing off
+        from this very pin (EVICTING -> sees the pin -> READY), which is not a violation.
+        """
+        self._check_open()
+        state, gen, seq = self._segment.state, self._segment.gen, self._segment.seq_hash
+        bad = 0
+        for slot, pinned_gen, seq_hash in zip(run.slots, run.gens, run.seq_hashes, strict=True):
+            if (
+                int(gen[slot]) != pinned_gen
+                or int(seq[slot]) != seq_hash
+                or state[slot] not in (READY, EVICTING)
+            ):
+                bad += 1
+        return bad
+
     def unpin_many(self, runs: Sequence[PinnedRun]) -> None:
         """Release several runs pinned by this view (the batched counterpart of `unpin`).
 

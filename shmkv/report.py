@@ -402,6 +402,18 @@ class MetricsCollector:
             report[key] = extra_value
         return report
 
+    def request_summary(self, request_id: RequestId) -> dict[str, float | int | None]:
+        """TTFT, E2E latency and output tokens of one request (None until known)."""
+        stats = self._requests[request_id]
+        first = stats.first_token_ms
+        return {
+            "ttft_ms": None if first is None else max(0.0, first - stats.arrival_ms),
+            "e2e_ms": None
+            if stats.completion_ms is None
+            else max(0.0, stats.completion_ms - stats.arrival_ms),
+            "output_tokens": stats.num_output_tokens,
+        }
+
     def per_request_records(self) -> list[dict[str, RecordValue]]:
         """One record per completed request, sorted by arrival then request id.
 

@@ -198,6 +198,23 @@ def test_a_pinned_slot_survives_eviction_pressure(pool: Pool) -> None:
     pool.directory.check_invariants()
 
 
+def test_validate_flags_only_a_pinned_slot_that_was_really_evicted(pool: Pool) -> None:
+    slots = pool.store([A, B])
+    view = pool.ranks[1]
+    run = view.pin_prefix([A, B])
+    assert run is not None
+    assert view.validate(run) == 0
+    # The coordinator considering a pinned victim: EVICTING, sees the pin, back to READY.
+    pool.segment.state[slots[0]] = EVICTING
+    assert view.validate(run) == 0, "a back-off in progress is not a violation"
+    pool.segment.state[slots[0]] = READY
+    # A broken coordinator that evicts it anyway bumps the generation: caught.
+    pool.segment.gen[slots[1]] += 1
+    assert view.validate(run) == 1
+    pool.segment.gen[slots[1]] -= 1
+    view.unpin(run)
+
+
 def test_everything_pinned_gives_a_partial_reservation(pool: Pool) -> None:
     pool.store([A, B, C, D, E, F])
     run = pool.ranks[0].pin_prefix([A, B, C, D])

@@ -1,0 +1,1158 @@
+"""Layer 3: the shared-G2 coordinator process, the only writer of G2 allocation and eviction.
+
+    supervisor --DRAIN/STOP--> coordinator (DEALER, identity b"coordinator")
+    rank r     --HELLO/OFFLOAD--> coordinator (ROUTER at `CoordinatorSpec.endpoint`)
+    rank r     <--WELCOME/OFFLOAD_ACK/OFFLOAD_DONE/G2_EVENTS-- coordinator
+
+It creates the G2 segment (owner-only, `shmkv.shm.G2Segment.create`), controls it through a
+`shmkv.g2.G2Directory` with a Lineage eviction policy keyed by PLH, and runs one loop on a
+`zmq.Poller` over the ROUTER, the supervisor DEALER, one `os.pidfd_open` per registered rank
+(a dead rank is noticed as soon as the kernel reaps it) and a signal wake-up pipe; the poll
+timeout is the time until the next transfer deadline on the fleet's shared clock.
+
+Messages (all through `shmkv.transport.encode`/`decode`; a malformed message is counted and
+dropped, never fatal; a peer that sent `BAD_MESSAGE_LIMIT` malformed messages is ignored):
+
+* ``HELLO {rank, pid, epoch}`` -> register the rank (a newer epoch replaces the previous
+  process of that rank, which is cleaned up as dead; an older epoch is dropped), watch its
+  pidfd, reply ``WELCOME {segment, num_ranks, epoch}`` and then a snapshot of every READY block
+  as G2_EVENTS stores, parent first (so a restarted rank re-announces the host tier).
+* ``OFFLOAD {batch, items: [[seq, parent | -1, local, position]], has_tokens}`` + one frame of
+  token ids (little-endian u32, ``len(items) x block_size``; absent when ``has_tokens`` is
+  false) -> per item: dedup (READY in G2, or in flight from any rank: rejected), else a slot is
+  reserved at once (`G2Directory.reserve`, which evicts Lineage leaves that no rank pins, so
+  their "R" events go out before any later "S"; a full G2 with nothing evictable drops the
+  item: a miss, never a stall). Malformed items reject the whole batch (an ACK with every item
+  rejected and an ``error``, then the message counts as bad). The reply
+  ``OFFLOAD_ACK {batch, accepted: [i], rejected: [i], deadline_ms}`` goes out at once
+  (``deadline_ms``: the simulated time the first accepted chunk should land; ``"inf"`` when
+  unknown). Accepted items move in chunks of ``offload_batch_size`` blocks, each one
+  processor-sharing transfer of ``blocks x block_size_bytes`` on that rank's own G1->G2 link
+  (at most ``offload_batch_size`` chunks in flight per rank; with speedup 0 or inf every
+  transfer is instant). When a chunk lands its blocks are committed parent-first (sorted by
+  position within the chunk; a block whose parent is still in flight in another chunk, from
+  any rank, waits and lands right after it) and the owner gets
+  ``OFFLOAD_DONE {batch, items: [i]}`` (its quarantined G1 slots are free again).
+* Rank death (pidfd readable, or a newer epoch says hello): `G2Directory.remove_dead_rank`
+  zeroes its pin row and aborts its RESERVED slots; its transfers are dropped; blocks of other
+  ranks that waited on one of its blocks land at once.
+* Supervisor ``DRAIN`` -> finish every transfer (time passes as the clock says), send every
+  rank a fence after all its events, reply ``STATE {host_pinned: sorted READY seq hashes,
+  stats: {...}}``. ``STOP`` or SIGTERM/SIGINT -> close and unlink the segment, exit 0.
+  ``RESULTS {...stats...}`` (flat numbers) goes to the supervisor about once per second.
+
+G2_EVENTS (coordinator -> every live rank, in one global order; defined here, not in
+`shmkv.transport`)::
+
+    frame 0  {"v", "t": "g2_events",
+              "events": [["S", seq, parent | -1, local, position, has_tokens 0/1]
+                         | ["R", seq], ...],
+              "fence": n}                   # optional; present (n >= 1) only on a drain fence
+    frame 1  token ids of the "S" events, in event order, little-endian u32, block_size per
+             store (zeros where has_tokens is 0); absent when there is no "S" event
+
+A "R" (host-tier Removed) of a block displaced by an offload always precedes the "S" (Stored)
+of the block that displaced it; stores are parent-first. Events are batched: one broadcast per
+loop turn (at most `MAX_MESSAGES_PER_TURN` rank messages), split into messages of at most
+`MAX_EVENTS_PER_MESSAGE` events; the snapshot likewise.
+
+Cost (scripts/bench_fleet.py): the per-block work is dominated by `G2Directory.reserve` and
+`G2Directory.commit` (one Python call per block each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import select
+import signal
+import sys
+import time
+from array import array
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from operator import attrgetter
+from types import FrameType, TracebackType
+from typing import Any, Final, NamedTuple, Self
+
+import numpy as np
+import orjson
+import zmq
+
+from shmkv import transport as tp
+from shmkv.bandwidth import BandwidthModel
+from shmkv.clock import MonotonicClock
+from shmkv.errors import ConfigError, InvariantError, ProtocolError
+from shmkv.eviction import make_backend
+from shmkv.g2 import G2Directory
+from shmkv.hashing import MAX_POSITION, make_plh
+from shmkv.ids import U64_MASK, DpRank, SeqHash
+from shmkv.shm import FLAG_HAS_PARENT, READY, SEGMENT_PREFIX, G2Segment
+
+logger = logging.getLogger(__name__)
+
+BAD_MESSAGE_LIMIT: Final = 100
+"""Malformed messages after which a peer identity is ignored for good."""
+MAX_EVENTS_PER_MESSAGE: Final = 8192
+"""G2_EVENTS messages carry at most this many events (keeps headers far below the limit)."""
+MAX_MESSAGES_PER_TURN: Final = 32
+"""ROUTER messages handled before the loop lands transfers and flushes events."""
+MAX_IDLE_POLL_MS: Final = 1000
+_MAX_TRACKED_PEERS: Final = 4096
+_SEGMENT_NAME_RE: Final = re.compile(rf"{SEGMENT_PREFIX}([A-Za-z0-9-]+)_g2")
+_NO_PARENT: Final = -1
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoordinatorSpec:
+    """Everything the coordinator process needs; travels as JSON on its command line."""
+
+    fleet_id: str
+    segment_name: str
+    """Must be `shmkv.shm.segment_name(<id>)`, i.e. `shmkv_<id>_g2` (the segment is created
+    from that id)."""
+    num_g2_blocks: int
+    block_size: int
+    num_ranks: int
+    endpoint: str
+    """Where the ROUTER for the ranks binds (ipc:// or loopback tcp; port 0 = random)."""
+    supervisor_endpoint: str
+    start_monotonic_s: float
+    speedup_ratio: float = 1.0
+    block_size_bytes: int = 0
+    bandwidth_g1_to_g2_gbps: float = 14.0
+    bandwidth_g2_to_g1_gbps: float = 14.0
+    offload_batch_size: int = 32
+    epoch: int = 0
+    """Fleet generation, written to the segment header."""
+    stats_interval_s: float = 1.0
+    inject_bug: str | None = None
+    """Test-only: "ignore-pins" evicts pinned slots, so `shmkv stress` can prove it notices."""
+    version: int = tp.PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("num_g2_blocks", "block_size", "num_ranks", "offload_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"coordinator: {name} must be a positive integer, got {value!r}")
+        if self.block_size_bytes < 0:
+            raise ConfigError(
+                f"coordinator: block_size_bytes must be >= 0, got {self.block_size_bytes}"
+            )
+        if math.isnan(self.speedup_ratio) or self.speedup_ratio < 0:
+            raise ConfigError(f"coordinator: speedup_ratio must be >= 0, got {self.speedup_ratio}")
+        if not self.stats_interval_s > 0:
+            raise ConfigError(
+                f"coordinator: stats_interval_s must be > 0, got {self.stats_interval_s}"
+            )
+        segment_fleet_id(self.segment_name)
+
+    def to_json(self) -> str:
+        data = {k: tp.encode_float(v) for k, v in asdict(self).items()}
+        return orjson.dumps(data).decode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CoordinatorSpec:
+        """Parse a spec; raises ConfigError on anything malformed."""
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"coordinator spec is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("coordinator spec must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"coordinator spec: unknown field(s) {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for key, raw in data.items():
+            value = tp.decode_float(raw)
+            kind = _SPEC_KINDS[key]
+            if value is None and key in _OPTIONAL_SPEC_FIELDS:
+                values[key] = None
+                continue
+            if kind is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                value = float(value) if ok else value  # type: ignore[arg-type]
+            else:
+                ok = isinstance(value, kind) and not isinstance(value, bool)
+            if not ok:
+                raise ConfigError(f"coordinator spec: {key} must be {kind.__name__}, got {raw!r}")
+            values[key] = value
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"coordinator spec: {exc}") from exc
+
+
+_OPTIONAL_SPEC_FIELDS: Final = frozenset({"inject_bug"})
+_SPEC_KINDS: Final[dict[str, type]] = {
+    "inject_bug": str,
+    "fleet_id": str,
+    "segment_name": str,
+    "num_g2_blocks": int,
+    "block_size": int,
+    "num_ranks": int,
+    "endpoint": str,
+    "supervisor_endpoint": str,
+    "start_monotonic_s": float,
+    "speedup_ratio": float,
+    "block_size_bytes": int,
+    "bandwidth_g1_to_g2_gbps": float,
+    "bandwidth_g2_to_g1_gbps": float,
+    "offload_batch_size": int,
+    "epoch": int,
+    "stats_interval_s": float,
+    "version": int,
+}
+
+
+def segment_fleet_id(name: str) -> str:
+    """The id `G2Segment.create` needs to make segment `name` (`shmkv_<id>_g2`).
+
+    Raises:
+        ConfigError: the name is not of that form.
+    """
+    match = _SEGMENT_NAME_RE.fullmatch(name)
+    if match is None:
+        raise ConfigError(
+            f"G2 segment name {name!r} must be shmkv.shm.segment_name(<id>), i.e. "
+            f"'{SEGMENT_PREFIX}<id>_g2' with <id> of [A-Za-z0-9-]"
+        )
+    return match.group(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Private bookkeeping.
+
+
+class _Item(NamedTuple):
+    """One accepted block: reserved in G2, copying (or copied and waiting for its parent).
+
+    NOTE: a NamedTuple built with `_new_item` (C speed): this is the per-block hot path.
+    """
+
+    rank: DpRank
+    batch: int
+    idx: int
+    slot: int
+    seq: SeqHash
+    parent: SeqHash | None
+    local: int
+    position: int
+    plh: int
+    tokens: array[int] | None
+
+
+_new_item: Final = partial(tuple.__new__, _Item)
+_position_of: Final = attrgetter("position")
+
+
+@dataclass(slots=True, eq=False)
+class _Rank:
+    """A registered rank process."""
+
+    rank: DpRank
+    epoch: int
+    pid: int
+    identity: bytes
+    pidfd: int
+    link: BandwidthModel
+    waiting: deque[list[_Item]] = field(default_factory=deque)
+    transfers: dict[int, list[_Item]] = field(default_factory=dict)
+    done: dict[int, list[int]] = field(default_factory=dict)
+    """OFFLOAD_DONE to send at the next flush: batch -> item indexes."""
+
+
+@dataclass(slots=True)
+class _Stats:
+    violations: int = 0
+    """Failed structural checks of the G2 directory (run when quiescent, at drain)."""
+    offload_messages: int = 0
+    offload_items: int = 0
+    accepted: int = 0
+    offloaded: int = 0
+    dropped: int = 0
+    deduped: int = 0
+    duplicates_at_commit: int = 0
+    deferred: int = 0
+    bad_messages: int = 0
+    ignored_messages: int = 0
+    stale_messages: int = 0
+    hellos: int = 0
+    dead_rank_cleanups: int = 0
+    dead_rank_pins_released: int = 0
+    dead_rank_slots_aborted: int = 0
+    dead_rank_transfers_dropped: int = 0
+    event_messages: int = 0
+    events_sent: int = 0
+    fences: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Coordinator:
+    """The coordinator: one per fleet generation. Use as a context manager; `run()` until STOP.
+
+    Owns the G2 segment (creates it; `close()` unlinks it), the ZMQ context and both sockets,
+    and the pidfds of the registered ranks.
+    """
+
+    def __init__(self, spec: CoordinatorSpec, *, wakeup_fd: int | None = None) -> None:
+        """Create the segment and the sockets; nothing is sent yet.
+
+        Args:
+            spec: the configuration.
+            wakeup_fd: a readable fd (e.g. the read end of `signal.set_wakeup_fd`'s pipe) that
+                makes the loop check `stop_requested` at once.
+
+        Raises:
+            ConfigError, CapacityError, SharedMemoryError: the segment cannot be made.
+        """
+        self.spec = spec
+        self.clock = MonotonicClock(spec.start_monotonic_s, spec.speedup_ratio)
+        self._instant = self.clock.never_sleeps
+        self._block_size = spec.block_size
+        self._token_bytes = 4 * spec.block_size
+        self._zero_token_bytes = bytes(self._token_bytes)
+        self._closed = False
+        self._stop = False
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._router: zmq.Socket[bytes] | None = None
+        self._sup: zmq.Socket[bytes] | None = None
+        self._directory: G2Directory | None = None
+        self._segment = G2Segment.create(
+            segment_fleet_id(spec.segment_name),
+            capacity=spec.num_g2_blocks,
+            block_size=spec.block_size,
+            num_ranks=spec.num_ranks,
+            epoch=spec.epoch,
+        )
+        try:
+            policy, _tracker = make_backend("lineage", spec.num_g2_blocks)
+            self._directory = G2Directory(self._segment, policy)
+            if spec.inject_bug == "ignore-pins":
+                logger.warning(
+                    "coordinator: --inject-bug ignore-pins: pinned slots WILL be evicted"
+                )
+                self._directory._is_pinned = lambda slot: False  # type: ignore[method-assign]
+            self._ctx = zmq.Context()
+            self._router = self._ctx.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            # INVARIANT: no silent loss of G2 events or acks to a slow rank (ROUTER drops at HWM).
+            self._router.setsockopt(zmq.SNDHWM, 0)
+            self._router.setsockopt(zmq.RCVHWM, 0)
+            tp.warn_if_exposed(spec.endpoint, "the G2 coordinator")
+            self.endpoint = tp.bind_socket(self._router, spec.endpoint)
+            self._sup = self._ctx.socket(zmq.DEALER)
+            self._sup.setsockopt(zmq.LINGER, 1000)
+            self._sup.setsockopt(zmq.IDENTITY, b"coordinator")
+            self._sup.connect(spec.supervisor_endpoint)
+        except BaseException:
+            self.close()
+            raise
+        self._poller = zmq.Poller()
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._sup, zmq.POLLIN)
+        self._wakeup_fd = wakeup_fd
+        if wakeup_fd is not None:
+            self._poller.register(wakeup_fd, zmq.POLLIN)
+        self._ranks: dict[DpRank, _Rank] = {}
+        self._last_epoch: dict[DpRank, int] = {}
+        self._by_identity: dict[bytes, _Rank] = {}
+        self._by_pidfd: dict[int, _Rank] = {}
+        self._bad_by_peer: dict[bytes, int] = {}
+        self._ignored: set[bytes] = set()
+        self._inflight: dict[SeqHash, _Item] = {}
+        self._deferred: dict[SeqHash, list[_Item]] = {}
+        self._ready: set[SeqHash] = set()
+        """Sequence hashes READY in G2 (mirrors the directory: the dedup test, ~20x faster than
+        a probe of the shared index)."""
+        self._tokenless: set[int] = set()
+        """Slots whose block was offloaded without token ids (their events say so)."""
+        self._out_events: list[list[Any]] = []
+        self._out_tokens: list[bytes | array[int]] = []
+        self._next_transfer_id = 0
+        self._draining = False
+        self._fence_count = 0
+        self.stats = _Stats()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def segment_name(self) -> str:
+        return self._segment.name
+
+    @property
+    def directory(self) -> G2Directory:
+        if self._directory is None:
+            raise InvariantError("the coordinator is closed")
+        return self._directory
+
+    def request_stop(self) -> None:
+        """Ask the loop to return after its current turn (signal-handler safe)."""
+        self._stop = True
+
+    def close(self) -> None:
+        """Close the sockets and pidfds, unlink and unmap the segment. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._ranks.values()):
+            with contextlib.suppress(OSError):
+                os.close(conn.pidfd)
+        self._ranks.clear()
+        self._by_identity.clear()
+        self._by_pidfd.clear()
+        self._inflight.clear()
+        self._deferred.clear()
+        try:
+            for sock in (self._router, self._sup):
+                if sock is not None:
+                    sock.close(linger=0 if sock is self._router else 500)
+            if self._ctx is not None:
+                self._ctx.term()
+        finally:
+            self._router = self._sup = None
+            self._ctx = None
+            try:
+                self._segment.unlink()
+            finally:
+                if self._directory is not None:
+                    self._directory.close()
+                    self._directory = None
+                self._segment.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Say READY to the supervisor and serve until STOP (or `request_stop`); returns 0."""
+        self._send_sup(
+            tp.READY,
+            {
+                "role": "coordinator",
+                "pid": os.getpid(),
+                "version": tp.PROTOCOL_VERSION,
+                "segment": self._segment.name,
+                "endpoint": self.endpoint,
+                "epoch": self.spec.epoch,
+            },
+        )
+        router, sup = self._router, self._sup
+        assert router is not None
+        assert sup is not None
+        next_stats = time.monotonic() + self.spec.stats_interval_s
+        while not self._stop:
+            ready = dict(self._poller.poll(self._poll_timeout_ms(next_stats)))
+            if self._wakeup_fd is not None and self._wakeup_fd in ready:
+                with contextlib.suppress(OSError):
+                    os.read(self._wakeup_fd, 512)
+            # INVARIANT: deaths before messages: a HELLO handled first could close a dead
+            # rank's pidfd and reuse its number for the new process.
+            for fd in [fd for fd in ready if isinstance(fd, int) and fd in self._by_pidfd]:
+                conn = self._by_pidfd[fd]
+                if _pidfd_signalled(conn.pidfd):
+                    self.on_rank_death(conn.rank)
+            if router in ready:
+                self.serve_router(MAX_MESSAGES_PER_TURN)
+            if sup in ready:
+                self._drain_supervisor()
+            self.advance()
+            self.flush()
+            if self._draining:
+                self._settle_for_drain()
+            if time.monotonic() >= next_stats:
+                self._send_sup(tp.RESULTS, self.stats_dict(include_pins=True))
+                next_stats = time.monotonic() + self.spec.stats_interval_s
+        return 0
+
+    def _poll_timeout_ms(self, next_stats: float) -> int:
+        wait_s = max(0.0, next_stats - time.monotonic())
+        timeout_ms = min(float(MAX_IDLE_POLL_MS), wait_s * 1000.0)
+        deadline = self.next_deadline_ms()
+        if deadline is not None:
+            timeout_ms = min(timeout_ms, max(0.0, self.clock.wall_ms_until(deadline)))
+        if self._draining and self.is_idle():
+            timeout_ms = 0.0
+        return math.ceil(timeout_ms)
+
+    def next_deadline_ms(self) -> float | None:
+        """Earliest simulated time at which a transfer lands, if any is in flight."""
+        best: float | None = None
+        for conn in self._ranks.values():
+            finish = conn.link.earliest_finish_ms()
+            if finish is not None and (best is None or finish < best):
+                best = finish
+        return best
+
+    def is_idle(self) -> bool:
+        """No transfer in flight or waiting, no block waiting for its parent."""
+        return not self._inflight and all(
+            not c.transfers and not c.waiting for c in self._ranks.values()
+        )
+
+    # -- ranks' messages -------------------------------------------------------------------
+
+    def serve_router(self, limit: int) -> int:
+        """Handle up to `limit` queued ROUTER messages without blocking; returns how many."""
+        router = self._router
+        assert router is not None
+        handled = 0
+        while handled < limit:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            handled += 1
+            identity = frames[0]
+            if identity in self._ignored:
+                self.stats.ignored_messages += 1
+                continue
+            try:
+                self._handle_rank_message(identity, tp.decode(frames[1:]))
+            except ProtocolError as exc:
+                self._bad_message(identity, str(exc))
+        return handled
+
+    def _bad_message(self, identity: bytes, reason: str) -> None:
+        self.stats.bad_messages += 1
+        count = self._bad_by_peer.get(identity, 0) + 1
+        if len(self._bad_by_peer) >= _MAX_TRACKED_PEERS and identity not in self._bad_by_peer:
+            self._bad_by_peer.clear()
+        self._bad_by_peer[identity] = count
+        if count == 1 or count % 50 == 0:
+            logger.warning(
+                "coordinator: malformed message #%d from %r: %s", count, identity, reason
+            )
+        if count >= BAD_MESSAGE_LIMIT:
+            logger.warning(
+                "coordinator: ignoring %r from now on (%d bad messages)", identity, count
+            )
+            self._ignored.add(identity)
+
+    def _handle_rank_message(self, identity: bytes, msg: tp.Message) -> None:
+        if msg.type == tp.HELLO:
+            self._on_hello(identity, msg.body)
+            return
+        conn = self._by_identity.get(identity)
+        if conn is None:
+            self.stats.stale_messages += 1  # a dead or replaced rank's leftovers, or a stranger
+            return
+        if msg.type == tp.OFFLOAD:
+            self._on_offload(conn, msg)
+        elif msg.type == tp.PING:
+            self._send_rank(conn, tp.PONG, {"rank": conn.rank})
+        else:
+            raise ProtocolError(f"unexpected message {msg.type!r} from rank {conn.rank}")
+
+    def _on_hello(self, identity: bytes, body: dict[str, Any]) -> None:
+        rank = tp.require(body, "rank", int)
+        pid = tp.require(body, "pid", int)
+        epoch = tp.require(body, "epoch", int)
+        if not 0 <= rank < self.spec.num_ranks:
+            raise ProtocolError(f"HELLO: rank {rank} outside 0..{self.spec.num_ranks - 1}")
+        if pid <= 0 or epoch < 0:
+            raise ProtocolError(f"HELLO: bad pid {pid} or epoch {epoch}")
+        self.stats.hellos += 1
+        if epoch < self._last_epoch.get(rank, 0):
+            self.stats.stale_messages += 1  # an older process of this rank: already replaced
+            return
+        other = self._by_identity.get(identity)
+        if other is not None and other.rank != rank:
+            raise ProtocolError(
+                f"HELLO: identity {identity!r} already belongs to rank {other.rank}"
+            )
+        old = self._ranks.get(rank)
+        if old is not None:
+            if epoch == old.epoch:
+                raise ProtocolError(f"HELLO: rank {rank} epoch {epoch} is already registered")
+            if not _pidfd_signalled(old.pidfd):
+                logger.warning(
+                    "coordinator: rank %d epoch %d says hello while epoch %d (pid %d) still "
+                    "runs; treating the old one as dead",
+                    rank,
+                    epoch,
+                    old.epoch,
+                    old.pid,
+                )
+            # A newer epoch: the old registration ends here.
+            self.on_rank_death(rank)
+        self._last_epoch[rank] = epoch
+        # INVARIANT: events already applied to the directory go out before the snapshot, so
+        # the new rank sees every change exactly once (in the snapshot, or after it).
+        self.flush()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            logger.warning("coordinator: rank %d (pid %d) died before its hello", rank, pid)
+            self.directory.remove_dead_rank(rank)
+            self.stats.dead_rank_cleanups += 1
+            return
+        except OSError as exc:
+            raise ProtocolError(f"HELLO: cannot watch pid {pid}: {exc}") from exc
+        link_gbps = 0.0 if self._instant else self.spec.bandwidth_g1_to_g2_gbps
+        conn = _Rank(rank, epoch, pid, identity, pidfd, BandwidthModel(link_gbps))
+        self._ranks[rank] = conn
+        self._by_identity[identity] = conn
+        self._by_pidfd[pidfd] = conn
+        self._poller.register(pidfd, zmq.POLLIN)
+        self._bad_by_peer.pop(identity, None)
+        self._send_rank(
+            conn,
+            tp.WELCOME,
+            {"segment": self._segment.name, "num_ranks": self.spec.num_ranks, "epoch": epoch},
+        )
+        self._send_snapshot(conn)
+
+    def _send_snapshot(self, conn: _Rank) -> None:
+        """Every READY block as a store, parent first (ascending position)."""
+        seg = self._segment
+        ready = np.flatnonzero(seg.state == READY)
+        if ready.size == 0:
+            return
+        slots = ready[np.argsort(seg.position[ready], kind="stable")]
+        seqs = seg.seq_hash[slots].tolist()
+        parents = seg.parent_hash[slots].tolist()
+        has_parent = (seg.flags[slots] & FLAG_HAS_PARENT).tolist()
+        locals_ = seg.local_hash[slots].tolist()
+        positions = seg.position[slots].tolist()
+        slot_list = slots.tolist()
+        tokenless = self._tokenless
+        for start in range(0, len(slot_list), MAX_EVENTS_PER_MESSAGE):
+            stop = start + MAX_EVENTS_PER_MESSAGE
+            events = [
+                [
+                    "S",
+                    seq,
+                    parent if flag else _NO_PARENT,
+                    local,
+                    pos,
+                    0 if slot in tokenless else 1,
+                ]
+                for seq, parent, flag, local, pos, slot in zip(
+                    seqs[start:stop],
+                    parents[start:stop],
+                    has_parent[start:stop],
+                    locals_[start:stop],
+                    positions[start:stop],
+                    slot_list[start:stop],
+                    strict=True,
+                )
+            ]
+            tokens = seg.tokens[slots[start:stop]].astype("<u4", copy=False).tobytes()
+            self._send_rank(conn, tp.G2_EVENTS, {"events": events}, (tokens,))
+            self.stats.event_messages += 1
+            self.stats.events_sent += len(events)
+
+    def _on_offload(self, conn: _Rank, msg: tp.Message) -> None:
+        body = msg.body
+        batch = tp.require(body, "batch", int)
+        raw_items = tp.require(body, "items", list)
+        try:
+            token_arr = self._parse_tokens(len(raw_items), body, msg.frames)
+            candidates, rejected = self._screen(raw_items)
+        except ProtocolError as exc:
+            # The rank waits for this batch: tell it nothing was taken, then count the error.
+            self._send_rank(
+                conn,
+                tp.OFFLOAD_ACK,
+                {
+                    "batch": batch,
+                    "accepted": [],
+                    "rejected": list(range(len(raw_items))),
+                    "deadline_ms": "inf",
+                    "error": str(exc)[:200],
+                },
+            )
+            raise
+        stats = self.stats
+        stats.offload_messages += 1
+        stats.offload_items += len(raw_items)
+        stats.deduped += len(rejected)
+        rank = conn.rank
+        slots = self.directory.reserve(len(candidates), rank) if candidates else []
+        self._queue_evictions()
+        if len(slots) < len(candidates):
+            stats.dropped += len(candidates) - len(slots)
+            rejected.extend(c[0] for c in candidates[len(slots) :])
+            rejected.sort()
+            del candidates[len(slots) :]
+        stats.accepted += len(slots)
+        bs = self._block_size
+        inflight = self._inflight
+        new_items: list[_Item] = []
+        add = new_items.append
+        for (i, seq, parent, local, pos), slot in zip(candidates, slots, strict=True):
+            item = _new_item(
+                (
+                    rank,
+                    batch,
+                    i,
+                    slot,
+                    seq,
+                    parent,
+                    local,
+                    pos,
+                    make_plh(seq, parent, pos),
+                    None if token_arr is None else token_arr[i * bs : (i + 1) * bs],
+                )
+            )
+            inflight[seq] = item
+            add(item)
+        deadline = math.inf
+        if new_items:
+            now = self.clock.now_ms()
+            if self._instant:
+                # Copies land at once: no link, no chunks; parents first within the batch.
+                self._land_chunk(conn, new_items)
+                deadline = now
+            else:
+                deadline = self._queue_transfers(conn, new_items, now)
+        self._send_rank(
+            conn,
+            tp.OFFLOAD_ACK,
+            {
+                "batch": batch,
+                "accepted": [item.idx for item in new_items],
+                "rejected": rejected,
+                "deadline_ms": tp.encode_float(deadline),
+            },
+        )
+
+    def _screen(
+        self, raw_items: list[Any]
+    ) -> tuple[list[tuple[int, int, SeqHash | None, int, int]], list[int]]:
+        """Validate every item (ProtocolError before any change) and dedup: READY in G2, in
+        flight from any rank, or twice in this batch. Returns (candidates, rejected)."""
+        inflight, ready = self._inflight, self._ready
+        seen: set[SeqHash] = set()
+        candidates: list[tuple[int, int, SeqHash | None, int, int]] = []
+        rejected: list[int] = []
+        mask, max_pos = U64_MASK, MAX_POSITION
+        for i, entry in enumerate(raw_items):
+            if type(entry) is not list or len(entry) != 4:
+                raise ProtocolError("OFFLOAD: each item is [seq, parent|-1, local, position]")
+            seq, parent, local, pos = entry
+            if (
+                type(seq) is not int
+                or type(parent) is not int
+                or type(local) is not int
+                or type(pos) is not int
+                or not 0 <= seq <= mask
+                or not 0 <= local <= mask
+                or not -1 <= parent <= mask
+                or not 0 <= pos <= max_pos
+            ):
+                raise ProtocolError(f"OFFLOAD: bad item {entry!r:.120}")
+            if seq in inflight or seq in ready or seq in seen:
+                rejected.append(i)
+            else:
+                seen.add(seq)
+                candidates.append((i, seq, None if parent == _NO_PARENT else parent, local, pos))
+        return candidates, rejected
+
+    def _parse_tokens(
+        self, num_items: int, body: dict[str, Any], frames: tuple[bytes, ...]
+    ) -> array[int] | None:
+        has_tokens = body.get("has_tokens", True)
+        if not isinstance(has_tokens, bool):
+            raise ProtocolError("OFFLOAD: has_tokens must be a bool")
+        if not has_tokens:
+            if frames:
+                raise ProtocolError("OFFLOAD: token frame sent with has_tokens false")
+            return None
+        expected = num_items * self._token_bytes
+        if len(frames) != 1 or len(frames[0]) != expected:
+            got = [len(f) for f in frames]
+            raise ProtocolError(f"OFFLOAD: one token frame of {expected} bytes expected, got {got}")
+        token_arr = array("I")
+        token_arr.frombytes(frames[0])
+        if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
+            token_arr.byteswap()
+        return token_arr
+
+    # -- transfers -------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Land every transfer whose simulated deadline has passed; start queued ones."""
+        if not self._ranks:
+            return
+        now = self.clock.now_ms()
+        for conn in list(self._ranks.values()):
+            if conn.transfers or conn.waiting:
+                self._advance_rank(conn, now)
+                self._start_waiting(conn, now)
+
+    def _queue_transfers(self, conn: _Rank, items: list[_Item], now: float) -> float:
+        """Queue accepted items in chunks of `offload_batch_size` on the rank's link; returns
+        when the first chunk should land."""
+        self._advance_rank(conn, now)
+        size = self.spec.offload_batch_size
+        for start in range(0, len(items), size):
+            conn.waiting.append(items[start : start + size])
+        first_id = self._next_transfer_id
+        self._start_waiting(conn, now)
+        if first_id in conn.transfers:
+            return conn.link.deadline_ms(first_id)
+        finish = conn.link.earliest_finish_ms()
+        return now if finish is None else finish
+
+    def _advance_rank(self, conn: _Rank, now: float) -> None:
+        for transfer_id in conn.link.advance_to(now):
+            self._land_chunk(conn, conn.transfers.pop(transfer_id))
+
+    def _land_chunk(self, conn: _Rank, chunk: list[_Item]) -> None:
+        """A transfer finished: commit its blocks (parents first) and owe the rank a DONE."""
+        if not chunk:
+            return
+        chunk.sort(key=_position_of)  # NOTE: stable; O(n) on the usual leaf-first order
+        inflight = self._inflight
+        for item in chunk:
+            parent = item.parent
+            if parent is not None and parent in inflight and parent != item.seq:
+                self._land(item)  # waits for its parent (the slow path)
+            else:
+                self._commit(item)
+                if self._deferred:
+                    self._land_children(item.seq)
+        conn.done.setdefault(chunk[0].batch, []).extend([item.idx for item in chunk])
+
+    def _start_waiting(self, conn: _Rank, now: float) -> None:
+        limit = self.spec.offload_batch_size
+        nbytes = self.spec.block_size_bytes
+        while conn.waiting and len(conn.transfers) < limit:
+            chunk = conn.waiting.popleft()
+            transfer_id = self._next_transfer_id
+            self._next_transfer_id += 1
+            conn.transfers[transfer_id] = chunk
+            conn.link.start(now, len(chunk) * nbytes, transfer_id)
+
+    def _land(self, first: _Item) -> None:
+        """Commit a copied block, unless its parent is still in flight; then its waiting
+        children (iteratively: chains may be long)."""
+        stack = [first]
+        inflight, deferred = self._inflight, self._deferred
+        while stack:
+            item = stack.pop()
+            parent = item.parent
+            if parent is not None and parent != item.seq and parent in inflight:
+                deferred.setdefault(parent, []).append(item)
+                self.stats.deferred += 1
+                continue
+            self._commit(item)
+            children = deferred.pop(item.seq, None)
+            if children:
+                stack.extend(reversed(children))
+
+    def _land_children(self, seq: SeqHash) -> None:
+        children = self._deferred.pop(seq, None)
+        if children:
+            for child in children:
+                self._land(child)
+
+    def _commit(self, item: _Item) -> None:
+        rank, _batch, _index, slot, seq, parent, local, position, plh, tokens = item
+        del self._inflight[seq]
+        assert self._directory is not None
+        if not self._directory.commit(slot, seq, parent, local, position, tokens, rank, plh=plh):
+            self.stats.duplicates_at_commit += 1
+            return
+        self.stats.offloaded += 1
+        self._ready.add(seq)
+        if tokens is not None:
+            if self._tokenless:
+                self._tokenless.discard(slot)
+            self._out_tokens.append(tokens)
+            has_tokens = 1
+        else:
+            self._tokenless.add(slot)
+            self._out_tokens.append(self._zero_token_bytes)
+            has_tokens = 0
+        self._out_events.append(
+            ["S", seq, _NO_PARENT if parent is None else parent, local, position, has_tokens]
+        )
+
+    def _queue_evictions(self) -> None:
+        evicted = self.directory.take_evicted()
+        if evicted:
+            self._ready.difference_update(evicted)
+            self._out_events.extend([["R", seq] for seq in evicted])
+
+    # -- outgoing --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Broadcast queued G2 events to every live rank, then send the OFFLOAD_DONEs."""
+        self._queue_evictions()
+        events, token_parts = self._out_events, self._out_tokens
+        if events:
+            self._out_events, self._out_tokens = [], []
+            self._broadcast_events(events, token_parts)
+        for conn in self._ranks.values():
+            if conn.done:
+                done, conn.done = conn.done, {}
+                for batch, indexes in done.items():
+                    self._send_rank(conn, tp.OFFLOAD_DONE, {"batch": batch, "items": indexes})
+
+    def _broadcast_events(
+        self, events: list[list[Any]], token_parts: list[bytes | array[int]]
+    ) -> None:
+        targets = list(self._ranks.values())
+        part = 0
+        for start in range(0, len(events), MAX_EVENTS_PER_MESSAGE):
+            chunk = events[start : start + MAX_EVENTS_PER_MESSAGE]
+            num_stores = (
+                len(token_parts)
+                if len(events) <= MAX_EVENTS_PER_MESSAGE
+                else sum(1 for e in chunk if e[0] == "S")
+            )
+            frames: tuple[bytes, ...] = ()
+            if num_stores:
+                frames = (_join_tokens(token_parts[part : part + num_stores]),)
+                part += num_stores
+            header = tp.encode(tp.G2_EVENTS, {"events": chunk}, frames)
+            for conn in targets:
+                self._send_raw(conn, header)
+            self.stats.event_messages += 1
+            self.stats.events_sent += len(chunk)
+
+    def _send_rank(
+        self,
+        conn: _Rank,
+        msg_type: str,
+        body: dict[str, Any] | None = None,
+        frames: tuple[bytes, ...] = (),
+    ) -> None:
+        self._send_raw(conn, tp.encode(msg_type, body, frames))
+
+    def _send_raw(self, conn: _Rank, frames: list[bytes]) -> None:
+        router = self._router
+        assert router is not None
+        try:
+            router.send_multipart([conn.identity, *frames])
+        except zmq.ZMQError as exc:  # pragma: no cover - HWM 0 and no ROUTER_MANDATORY
+            logger.warning("coordinator: cannot send to rank %d: %s", conn.rank, exc)
+
+    def _send_sup(self, msg_type: str, body: dict[str, Any] | None = None) -> None:
+        sup = self._sup
+        assert sup is not None
+        try:
+            sup.send_multipart(tp.encode(msg_type, body), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("coordinator: the supervisor is not reading; %s dropped", msg_type)
+
+    # -- rank death ------------------------------------------------------------------------
+
+    def on_rank_death(self, rank: DpRank) -> None:
+        """Forget a rank whose process is gone: pins, reservations, transfers, identity."""
+        conn = self._ranks.pop(rank, None)
+        if conn is None:
+            return
+        del self._by_identity[conn.identity]
+        del self._by_pidfd[conn.pidfd]
+        with contextlib.suppress(KeyError):
+            self._poller.unregister(conn.pidfd)
+        with contextlib.suppress(OSError):
+            os.close(conn.pidfd)
+        # Its items: in transfers, queued, or copied and waiting for a parent.
+        mine = [item for item in self._inflight.values() if item.rank == rank]
+        for item in mine:
+            del self._inflight[item.seq]
+        for parent, waiting in list(self._deferred.items()):
+            kept = [item for item in waiting if item.rank != rank]
+            if len(kept) != len(waiting):
+                if kept:
+                    self._deferred[parent] = kept
+                else:
+                    del self._deferred[parent]
+        cleanup = self.directory.remove_dead_rank(rank)
+        stats = self.stats
+        stats.dead_rank_cleanups += 1
+        stats.dead_rank_pins_released += cleanup.pins_released
+        stats.dead_rank_slots_aborted += cleanup.slots_aborted
+        stats.dead_rank_transfers_dropped += len(mine)
+        if cleanup.slots_aborted != len(mine):
+            logger.warning(
+                "coordinator: rank %d held %d reservations, %d tracked in flight",
+                rank,
+                cleanup.slots_aborted,
+                len(mine),
+            )
+        # Blocks of other ranks that waited for one of its blocks land now (parent gone).
+        for item in mine:
+            for child in self._deferred.pop(item.seq, ()):
+                self._land(child)
+        logger.info(
+            "coordinator: rank %d (pid %d, epoch %d) gone: %d pins released, %d reservations "
+            "aborted",
+            rank,
+            conn.pid,
+            conn.epoch,
+            cleanup.pins_released,
+            cleanup.slots_aborted,
+        )
+
+    # -- supervisor ------------------------------------------------------------------------
+
+    def _drain_supervisor(self) -> None:
+        sup = self._sup
+        assert sup is not None
+        while True:
+            try:
+                frames = sup.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = tp.decode(frames)
+            except ProtocolError as exc:
+                self.stats.bad_messages += 1
+                logger.warning("coordinator: malformed message from the supervisor: %s", exc)
+                continue
+            if msg.type == tp.DRAIN:
+                self._draining = True
+            elif msg.type == tp.STOP:
+                self._stop = True
+            elif msg.type == tp.PING:
+                self._send_sup(tp.PONG, {"role": "coordinator"})
+            elif msg.type == tp.STATE:
+                self._send_sup(tp.STATE, self.state_body())
+            else:
+                self.stats.bad_messages += 1
+                logger.warning("coordinator: unexpected %r from the supervisor", msg.type)
+
+    def _settle_for_drain(self) -> None:
+        """Once nothing moves any more, land what still waits and fence every rank."""
+        if any(c.transfers or c.waiting for c in self._ranks.values()):
+            return
+        if self._inflight:
+            # Only blocks waiting for a parent remain, so their parents wait too: a cycle that
+            # only malformed input can build. Land them regardless of order.
+            stuck = [item for waiting in self._deferred.values() for item in waiting]
+            self._deferred.clear()
+            for item in stuck:
+                self._commit(item)
+            if self._inflight:  # pragma: no cover - every in-flight item is tracked somewhere
+                raise InvariantError(f"{len(self._inflight)} in-flight blocks are untracked")
+        self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        self._draining = False
+        self.flush()
+        # Quiescent now (ranks drained, nothing in flight): a full structural check is valid.
+        try:
+            self.directory.check_invariants()
+        except InvariantError as exc:
+            self.stats.violations += 1
+            logger.error("coordinator: G2 invariant violated: %s", exc)
+        self._fence_count += 1
+        for conn in self._ranks.values():
+            self._send_rank(conn, tp.G2_EVENTS, {"events": [], "fence": self._fence_count})
+        self.stats.fences += 1
+        self._send_sup(tp.STATE, self.state_body())
+
+    def state_body(self) -> dict[str, Any]:
+        seg = self._segment
+        host = np.sort(seg.seq_hash[seg.state == READY]).tolist()
+        return {"host_pinned": host, "stats": self.stats_dict(include_pins=True)}
+
+    def stats_dict(self, *, include_pins: bool = False) -> dict[str, int]:
+        """Flat counters (also the body of RESULTS). `pinned` costs one scan of the pin rows."""
+        directory = self.directory
+        dstats = directory.stats()
+        capacity = self.spec.num_g2_blocks
+        out: dict[str, int] = {
+            "capacity": capacity,
+            "used": capacity - dstats.num_free,
+            "ready": dstats.num_ready,
+            "reserved": dstats.num_reserved,
+            "free": dstats.num_free,
+            "in_flight": len(self._inflight),
+            "evicted": dstats.num_evictions,
+            "evict_backoffs": dstats.num_evict_backoffs,
+            "aborts": dstats.num_aborts,
+            "index_rebuilds": dstats.num_index_rebuilds,
+            "ranks_live": len(self._ranks),
+        }
+        out.update(asdict(self.stats))
+        if len(self._ready) != dstats.num_ready:  # pragma: no cover - a bug
+            raise InvariantError(
+                f"coordinator: {len(self._ready)} READY hashes cached, directory has "
+                f"{dstats.num_ready}"
+            )
+        if include_pins:
+            pins = self._segment.pins
+            out["pinned"] = int(np.count_nonzero(pins.any(axis=0)))
+            out["pins_total"] = int(pins.sum(dtype=np.int64))
+        return out
+
+
+def _join_tokens(parts: Iterable[bytes | array[int]]) -> bytes:
+    joined = b"".join(parts)
+    if _LITTLE_ENDIAN:
+        return joined
+    swapped = array("I")  # pragma: no cover - little-endian hosts in practice
+    swapped.frombytes(joined)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def _pidfd_signalled(pidfd: int) -> bool:
+    """Whether the process behind `pidfd` has exited (pidfds turn readable then)."""
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return bool(readable)
+
+
+def coordinator_main(spec_json: str) -> int:
+    """Entry point of the coordinator process (see workers/coordinator_worker.py)."""
+    logging.basicConfig(
+        level=os.environ.get("SHMKV_LOG_LEVEL", "WARNING"),
+        format="%(levelname)s coordinator[%(process)d] %(name)s: %(message)s",
+    )
+    spec = CoordinatorSpec.from_json(spec_json)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    coordinator: Coordinator | None = None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if coordinator is not None:
+            coordinator.request_stop()
+
+    previous_wakeup = signal.set_wakeup_fd(write_fd)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with Coordinator(spec, wakeup_fd=read_fd) as coordinator:
+            return coordinator.run()
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+__all__ = [
+    "BAD_MESSAGE_LIMIT",
+    "MAX_EVENTS_PER_MESSAGE",
+    "Coordinator",
+    "CoordinatorSpec",
+    "coordinator_main",
+    "segment_fleet_id",
+]

@@ -1,0 +1,573 @@
+"""Layer 3: the rank worker process of the live fleet.
+
+One process per DP rank. It owns a `RankScheduler` (private G1 pool), optionally a shared-G2
+client, an `EventPublisher`, and a DEALER to the supervisor:
+
+    supervisor --SUBMIT--> rank --step(now)--> scheduler --events--> publisher (XPUB)
+    supervisor <--RESULTS-- rank  (admissions, tokens, completions per pass, batched)
+    coordinator <--OFFLOAD/acks/G2 events--> rank (through the G2 client)
+
+Time is the fleet's shared monotonic clock: simulated ms = (monotonic - fleet start) x
+speedup; with speedup 0 or inf the rank never waits. A pass that ends at simulated time T
+keeps the rank busy until the clock reaches T.
+
+Shutdown protocol: DRAIN -> the rank finishes every request and offload it holds, replies
+DRAINED; after the coordinator's fence it publishes the last host-tier events, flushes the
+publisher and answers STATE with what G1 holds. STOP -> exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import mmap
+import os
+import struct
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+import zmq
+
+from shmkv import transport as tp
+from shmkv.clock import MonotonicClock
+from shmkv.codec import make_codec
+from shmkv.config import EngineConfig
+from shmkv.errors import ProtocolError
+from shmkv.events import EventBatch
+from shmkv.g2_client import SharedG2Client
+from shmkv.offload import OffloadEngine
+from shmkv.offload_local import LocalG2Engine, OffloadConfig
+from shmkv.publisher import EventPublisher, PublisherConfig
+from shmkv.scheduler import PassResult, RankScheduler
+
+logger = logging.getLogger(__name__)
+
+RESULTS_MAX_PASSES = 64
+RESULTS_MAX_DELAY_S = 0.02
+IDLE_POLL_MS = 200
+BURST_S = 0.002
+FENCE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventSpec:
+    """How a rank publishes its KV events."""
+
+    codec: str = "json"
+    endpoint: str = "tcp://127.0.0.1:0"
+    replay_endpoint: str | None = None
+    topic: str | None = None
+    model_name: str = "shmkv-mock"
+    buffer_steps: int = 10_000
+    legacy_replay: bool = False
+    legacy_array_events: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankSpec:
+    """Everything a rank process needs; travels as JSON on its command line."""
+
+    rank: int
+    fleet_id: str
+    engine: dict[str, Any]
+    supervisor_endpoint: str
+    start_monotonic_s: float
+    epoch: int = 0
+    coordinator_endpoint: str | None = None
+    segment_name: str | None = None
+    events: EventSpec | None = None
+    start_event_seq: int = 0
+    version: int = tp.PROTOCOL_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["engine"] = {k: tp.encode_float(v) for k, v in self.engine.items()}
+        return orjson.dumps(data).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> RankSpec:
+        data = orjson.loads(text)
+        events = data.pop("events", None)
+        data["engine"] = {k: tp.decode_float(v) for k, v in data["engine"].items()}
+        return cls(events=EventSpec(**events) if events else None, **data)
+
+
+class SeqStore:
+    """The rank's next event seq in an 8-byte file, written BEFORE every send, so a restarted
+    rank continues from it and never reuses a seq (a crash may at most skip one)."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            self._map = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+
+    def write(self, next_seq: int) -> None:
+        struct.pack_into("<Q", self._map, 0, next_seq)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def read_seq_file(path: str) -> int:
+    """The seq a restarted rank must continue from (0 if the file is missing)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(8)
+    except FileNotFoundError:
+        return 0
+    return struct.unpack("<Q", data)[0] if len(data) == 8 else 0
+
+
+def _pass_record(result: PassResult) -> list[Any]:
+    return [
+        result.start_ms,
+        result.end_ms,
+        result.prev_end_ms,
+        result.admissions,
+        result.first_tokens,
+        result.second_tokens,
+        result.num_decode_tokens,
+        result.token_gaps,
+        result.completions,
+        result.preemptions,
+        result.rejections,
+    ]
+
+
+class RankEngine:
+    """The body of one rank process. Use as a context manager; `run()` until STOP."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        self.spec = spec
+        self.config = EngineConfig.from_mapping(spec.engine)
+        self.clock = MonotonicClock(spec.start_monotonic_s, self.config.speedup_ratio)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._sup = self._ctx.socket(zmq.DEALER)
+        self._sup.setsockopt(zmq.LINGER, 2000)
+        self._sup.setsockopt(zmq.IDENTITY, f"rank{spec.rank}".encode())
+        self._sup.connect(spec.supervisor_endpoint)
+        self._offload: OffloadEngine | None = None
+        self._g2_socket: zmq.Socket[bytes] | None = None
+        self.publisher: EventPublisher | None = None
+        seq_file = spec.extra.get("seq_file")
+        self._seq_store = SeqStore(str(seq_file)) if seq_file else None
+        try:
+            self._offload = self._make_offload()
+            self.scheduler = RankScheduler(
+                self.config,
+                spec.rank,
+                self._offload,
+                enable_events=spec.events is not None,
+                emit_token_ids=spec.events is not None,
+            )
+            if spec.events is not None:
+                self.publisher = self._make_publisher(spec.events)
+        except BaseException:
+            self.close()
+            raise
+        self._pending: list[list[Any]] = []
+        self._pending_since = 0.0
+        self._next_pass_ms = 0.0
+        self._idle_pass = False
+        self._draining = False
+        self._stopping = False
+        self._drained_sent = False
+        self._num_passes = 0
+        self._num_bad_messages = 0
+        self._check_every = int(spec.extra.get("check_invariants_every", 0) or 0)
+        self._inject_bug = str(spec.extra.get("inject_bug") or "")
+        self.violations: list[str] = []
+        self.num_violations = 0
+
+    # ── construction ──────────────────────────────────────────────────────────────────────
+
+    def _make_offload(self) -> OffloadEngine | None:
+        spec, config = self.spec, self.config
+        if spec.coordinator_endpoint is not None and spec.segment_name is not None:
+            from shmkv.g2_client import SharedG2Client
+
+            client = SharedG2Client(
+                rank=spec.rank,
+                epoch=spec.epoch,
+                segment_name=spec.segment_name,
+                coordinator_endpoint=spec.coordinator_endpoint,
+                config=config,
+                clock=self.clock,
+                context=self._ctx,
+            )
+            self._g2_socket = client.socket
+            return client
+        if config.has_g2:
+            return LocalG2Engine(
+                OffloadConfig(
+                    num_g2_blocks=config.num_g2_blocks,
+                    block_size_bytes=config.block_size_bytes,
+                    bandwidth_g1_to_g2_gbps=config.bandwidth_g1_to_g2_gbps,
+                    bandwidth_g2_to_g1_gbps=config.bandwidth_g2_to_g1_gbps,
+                    offload_batch_size=config.offload_batch_size,
+                )
+            )
+        return None
+
+    def _make_publisher(self, events: EventSpec) -> EventPublisher:
+        codec = make_codec(
+            events.codec,
+            block_size=self.config.block_size,
+            legacy_array_events=events.legacy_array_events,
+        )
+        config = PublisherConfig(
+            endpoint=events.endpoint,
+            replay_endpoint=events.replay_endpoint,
+            topic=events.topic,
+            model_name=events.model_name,
+            buffer_steps=events.buffer_steps,
+            legacy_replay=events.legacy_replay,
+            start_seq=self.spec.start_event_seq,
+        )
+        for endpoint in (events.endpoint, events.replay_endpoint):
+            if endpoint is not None:
+                tp.warn_if_exposed(endpoint, f"rank {self.spec.rank} KV events")
+        return EventPublisher(self.spec.rank, codec, config, context=self._ctx)
+
+    # ── lifecycle ─────────────────────────────────────────────────────────────────────────
+
+    def __enter__(self) -> RankEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                self.publisher.flush(timeout_s=2.0)
+            self.publisher.close()
+            self.publisher = None
+        if self._offload is not None:
+            self._offload.close()
+            self._offload = None
+        if self._seq_store is not None:
+            self._seq_store.close()
+            self._seq_store = None
+        self._sup.close(linger=1000)
+        self._ctx.term()
+
+    def _send(
+        self, msg_type: str, body: dict[str, Any] | None = None, frames: tuple[bytes, ...] = ()
+    ) -> None:
+        self._sup.send_multipart(tp.encode(msg_type, body, frames))
+
+    def _publish(self, events: list[Any]) -> None:
+        pub = self.publisher
+        if pub is None or not events:
+            return
+        if self._seq_store is not None:
+            self._seq_store.write(pub.next_seq + 1)
+        pub.publish(EventBatch(ts_s=time.time(), dp_rank=self.spec.rank, events=events))
+        if isinstance(self._offload, SharedG2Client):
+            self._offload.record_next_event_seq(pub.next_seq)
+
+    def _on_g2_readable(self) -> None:
+        """The G2 coordinator sent something: buffer it, then let the rank act on it.
+
+        A rank waiting for a message (no pass scheduled) runs a pass now; an idle rank ticks
+        its G2 client at once, so host-tier events reach its stream without delay. (Without
+        this, a readable socket nobody drains would spin the poller.)
+        """
+        client = self._offload
+        if not isinstance(client, SharedG2Client) or not client.receive():
+            return
+        now = self.clock.now_ms()
+        scheduler = self.scheduler
+        if scheduler.has_work():
+            if math.isinf(self._next_pass_ms):
+                self._next_pass_ms = now
+            return
+        manager = scheduler.manager
+        manager.tick_offload_engine(now)
+        self._publish(manager.take_events())
+
+    def run(self) -> int:
+        pub = self.publisher
+        if pub is not None:
+            wait_s = self.spec.extra.get("wait_for_subscribers_s")
+            if wait_s:
+                pub.wait_for_subscribers(1, float(wait_s))
+            if pub.pending_clear:
+                if self._seq_store is not None:
+                    self._seq_store.write(pub.next_seq + 1)
+                pub.open_stream()
+        self._send(
+            tp.READY,
+            {
+                "role": "rank",
+                "rank": self.spec.rank,
+                "pid": os.getpid(),
+                "epoch": self.spec.epoch,
+                "version": tp.PROTOCOL_VERSION,
+                "events_endpoint": pub.endpoint if pub else None,
+                "replay_endpoint": pub.replay_endpoint if pub else None,
+                "topic": pub.topic.decode() if pub else None,
+                "next_event_seq": pub.next_seq if pub else 0,
+            },
+        )
+        poller = zmq.Poller()
+        poller.register(self._sup, zmq.POLLIN)
+        if self._g2_socket is not None:
+            poller.register(self._g2_socket, zmq.POLLIN)
+        scheduler = self.scheduler
+        while not self._stopping:
+            timeout_ms = self._poll_timeout_ms()
+            ready = dict(poller.poll(timeout_ms))
+            if self._sup in ready:
+                self._drain_supervisor()
+            if self._g2_socket is not None and self._g2_socket in ready:
+                self._on_g2_readable()
+            if pub is not None:
+                pub.serve_replay(0)
+            if self.stop_requested():
+                break
+            now = self.clock.now_ms()
+            if scheduler.has_work() and now >= self._next_pass_ms:
+                # A clock that never waits (speedup 0/inf) runs passes in bursts of up to
+                # BURST_S between socket polls, so the fixed cost of a loop turn is shared.
+                burst_end = time.monotonic() + BURST_S if self.clock.never_sleeps else 0.0
+                while True:
+                    result = scheduler.step(now)
+                    self._after_pass(result, now)
+                    if not result.did_work or not scheduler.has_work():
+                        break
+                    now = self.clock.now_ms()
+                    if now < self._next_pass_ms or time.monotonic() >= burst_end:
+                        break
+            self._maybe_flush_results(force=False)
+            if self._draining and not scheduler.has_work() and not self._drained_sent:
+                self._maybe_flush_results(force=True)
+                self._send(tp.DRAIN, {"rank": self.spec.rank, "drained": True})
+                self._drained_sent = True
+        self._maybe_flush_results(force=True)
+        return 0
+
+    def stop_requested(self) -> bool:
+        return self._stopping
+
+    def _poll_timeout_ms(self) -> int:
+        if self._pending and time.monotonic() - self._pending_since > RESULTS_MAX_DELAY_S:
+            return 0
+        scheduler = self.scheduler
+        if not scheduler.has_work():
+            return IDLE_POLL_MS
+        if math.isinf(self._next_pass_ms):
+            return IDLE_POLL_MS
+        wait_ms = self.clock.wall_ms_until(self._next_pass_ms)
+        if wait_ms <= 0:
+            return 1 if self._idle_pass else 0
+        return max(0, min(IDLE_POLL_MS, math.ceil(wait_ms)))
+
+    def _check_invariants(self) -> None:
+        """Stress mode: check the G1 pools (and the G2 client's pin ledger) every N passes."""
+        if self._inject_bug == "g1-leak" and self._num_passes % 7 == 0:
+            # Deliberate bug for `shmkv stress --inject-bug g1-leak`: lose a free slot.
+            reset = self.scheduler.manager._reset
+            if reset:
+                reset.popleft()
+        try:
+            self.scheduler.check_invariants()
+            check = getattr(self._offload, "check_invariants", None)
+            if check is not None:
+                check()
+        except AssertionError as exc:  # InvariantError is an AssertionError
+            self.num_violations += 1
+            if len(self.violations) < 5:
+                self.violations.append(f"rank {self.spec.rank} pass {self._num_passes}: {exc}")
+                logger.error("invariant violated: %s", exc)
+
+    def _after_pass(self, result: PassResult, now: float) -> None:
+        self._num_passes += 1
+        if self._check_every and self._num_passes % self._check_every == 0:
+            self._check_invariants()
+        if result.events:
+            self._publish(result.events)
+        if result.did_work:
+            self._next_pass_ms = result.end_ms
+        else:
+            deadline = self.scheduler.next_deadline_ms()
+            # Nothing moved: wait for a message (new request, offload ack) or the deadline. A
+            # deadline at or before now (an instant transfer started by this very pass) means
+            # "run again now": the next tick lands it. `_idle_pass` keeps that from spinning.
+            self._next_pass_ms = math.inf if deadline is None else max(deadline, now)
+        self._idle_pass = not result.did_work
+        if result.did_work:
+            record = _pass_record(result)
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.append(record)
+            if result.completions or result.rejections or result.first_tokens:
+                self._maybe_flush_results(force=True)
+
+    def _maybe_flush_results(self, *, force: bool) -> None:
+        if not self._pending:
+            return
+        if (
+            not force
+            and len(self._pending) < RESULTS_MAX_PASSES
+            and (time.monotonic() - self._pending_since < RESULTS_MAX_DELAY_S)
+        ):
+            return
+        scheduler = self.scheduler
+        manager = scheduler.manager
+        pub = self.publisher
+        self._send(
+            tp.RESULTS,
+            {
+                "rank": self.spec.rank,
+                "passes": self._pending,
+                "running": scheduler.num_running,
+                "waiting": scheduler.num_waiting,
+                "active_blocks": manager.num_active_blocks(),
+                "num_gpu_blocks": manager.max_capacity,
+                "preemptions_total": scheduler.num_preemptions_total,
+                "next_event_seq": pub.next_seq if pub else 0,
+                "violations": self.total_violations(),
+                "g2_onboard_blocks": self._onboarded_blocks(),
+            },
+        )
+        self._pending = []
+
+    def debug_state(self) -> dict[str, Any]:
+        """What a stalled rank is waiting for (answer to PING)."""
+        scheduler = self.scheduler
+        manager = scheduler.manager
+        waiting = list(getattr(scheduler, "_waiting", []))
+        head = waiting[0] if waiting else None
+        client = self._offload
+        return {
+            "rank": self.spec.rank,
+            "running": scheduler.num_running,
+            "waiting": len(waiting),
+            "swap_ins": len(getattr(scheduler, "_swap_ins", [])),
+            "has_work": scheduler.has_work(),
+            "now_ms": self.clock.now_ms(),
+            "next_pass_ms": tp.encode_float(self._next_pass_ms),
+            "deadline_ms": tp.encode_float(manager.earliest_offload_deadline() or math.inf),
+            "active_blocks": manager.num_active_blocks(),
+            "free_blocks": manager.num_free_blocks(),
+            "quarantined": manager.num_quarantined_blocks,
+            "head_blocked_until_ms": None if head is None else tp.encode_float(head.blocked_until_ms),
+            "head_known_blocks": None if head is None else head.seq.current_known_blocks(),
+            "client": asdict(client.stats()) if isinstance(client, SharedG2Client) else None,
+            "client_debug": client.debug_state() if isinstance(client, SharedG2Client) else None,
+        }
+
+    def total_violations(self) -> int:
+        """G1 invariant failures plus pinned G2 slots found evicted or reused."""
+        engine = self._offload
+        pins = engine.stats().pin_violations if isinstance(engine, SharedG2Client) else 0
+        return self.num_violations + pins
+
+    def _onboarded_blocks(self) -> int:
+        engine = self._offload
+        if isinstance(engine, SharedG2Client):
+            return engine.stats().onboard_blocks
+        if isinstance(engine, LocalG2Engine):
+            return engine.num_onboarded
+        return 0
+
+    # ── supervisor messages ───────────────────────────────────────────────────────────────
+
+    def _drain_supervisor(self) -> None:
+        while True:
+            try:
+                frames = self._sup.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(tp.decode(frames))
+            except ProtocolError as exc:
+                self._num_bad_messages += 1
+                logger.warning("rank %d: dropped a malformed message: %s", self.spec.rank, exc)
+
+    def _handle(self, msg: tp.Message) -> None:
+        if msg.type == tp.SUBMIT:
+            requests = tp.require(msg.body, "requests", list)
+            if len(requests) != len(msg.frames):
+                raise ProtocolError("SUBMIT: one token frame per request expected")
+            for item, frame in zip(requests, msg.frames, strict=True):
+                if not isinstance(item, list) or len(item) != 3:
+                    raise ProtocolError("SUBMIT: each request is [id, arrival_ms, max_output]")
+                request_id, arrival_ms, max_output = item
+                if len(frame) % 4:
+                    raise ProtocolError("SUBMIT: token frame is not a whole number of u32")
+                tokens = array("I")
+                tokens.frombytes(frame)
+                self.scheduler.submit(int(request_id), tokens, int(max_output), float(arrival_ms))
+            self._next_pass_ms = min(self._next_pass_ms, self.clock.now_ms())
+        elif msg.type == tp.DRAIN:
+            self._draining = True
+            self._drained_sent = False
+            self._next_pass_ms = min(self._next_pass_ms, self.clock.now_ms())
+        elif msg.type == tp.STATE:
+            self._report_state()
+        elif msg.type == tp.STOP:
+            self._stopping = True
+        elif msg.type == tp.PING:
+            self._send(tp.PONG, self.debug_state())
+        else:
+            raise ProtocolError(f"unexpected message {msg.type!r} from the supervisor")
+
+    def _report_state(self) -> None:
+        """Publish what is left (late host-tier events), flush, and say what G1 holds."""
+        scheduler = self.scheduler
+        manager = scheduler.manager
+        client = self._offload
+        if isinstance(client, SharedG2Client) and not client.wait_for_fence(FENCE_TIMEOUT_S):
+            logger.warning("rank %d: no fence from the G2 coordinator", self.spec.rank)
+        if manager.has_offload_engine():
+            manager.tick_offload_engine(self.clock.now_ms())
+            self._publish(manager.take_events())
+        if self.publisher is not None:
+            self.publisher.flush(timeout_s=5.0)
+        engine = self._offload
+        host: list[int] = []
+        if isinstance(engine, LocalG2Engine):
+            host = sorted(engine.held_seq_hashes())
+        self._send(
+            tp.STATE,
+            {
+                "rank": self.spec.rank,
+                "device": sorted(manager.registered_seq_hashes()),
+                "host_pinned": host,
+                "next_event_seq": self.publisher.next_seq if self.publisher else 0,
+                "passes": self._num_passes,
+                "bad_messages": self._num_bad_messages,
+                "violations": self.total_violations(),
+                "violation_examples": self.violations,
+            },
+        )
+
+
+def rank_main(spec_json: str) -> int:
+    """Entry point of a rank process (see workers/rank_worker.py)."""
+    spec = RankSpec.from_json(spec_json)
+    logging.basicConfig(
+        level=os.environ.get("SHMKV_LOG_LEVEL", "WARNING"),
+        format=f"%(levelname)s rank{spec.rank}[%(process)d] %(name)s: %(message)s",
+    )
+    with RankEngine(spec) as engine:
+        if os.environ.get("SHMKV_PROFILE_DIR"):
+            import cProfile
+
+            prof = cProfile.Profile()
+            code = prof.runcall(engine.run)
+            prof.dump_stats(f"{os.environ['SHMKV_PROFILE_DIR']}/rank{spec.rank}.prof")
+            return code
+        return engine.run()

@@ -1,0 +1,1040 @@
+"""Layer 3: `shmkv fleet`, the supervisor of a live multi-process fleet.
+
+    supervisor (this process): names the fleet, binds a ROUTER for control, spawns
+      ├── coordinator  (when G2 is on: creates and owns the shared G2 segment)
+      └── rank 0..N-1  (RankEngine processes: private G1, shared G2 client, KV publisher)
+    then drives the workload on the shared monotonic clock, feeds the report from the ranks'
+    RESULTS, restarts a rank that dies, and at the end drains, collects state and stops
+    everything: no process, socket or segment outlives it.
+
+Crash policy: a dead rank is restarted with the next epoch (it reopens its event stream with
+AllBlocksCleared and a seq that never rewinds); its in-flight requests are counted as failed.
+A dead coordinator restarts the whole fleet on a new segment, or with `no_restart` stops with
+exit code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from shmkv import transport as tp
+from shmkv.clock import MonotonicClock
+from shmkv.config import EngineConfig
+from shmkv.driver import SessionDriver, WorkloadDriver
+from shmkv.engine import EventSpec, RankSpec, read_seq_file
+from shmkv.errors import BrokenWorkerError, ConfigError, ProtocolError, WorkerTimeoutError
+from shmkv.events import StorageTier
+from shmkv.hashing import sequence_hashes
+from shmkv.replay import HOST_TIER_CREDIT
+from shmkv.report import MetricsCollector
+from shmkv.shm import segment_name
+from shmkv.stats import record_pass
+from shmkv.workload import RequestSpec, Session
+
+logger = logging.getLogger(__name__)
+
+WORKERS_DIR = Path(__file__).resolve().parent.parent / "workers"
+READY_TIMEOUT_S = 60.0
+DRAIN_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+LOOP_POLL_MS = 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetOptions:
+    engine: EngineConfig
+    data_parallel_size: int = 2
+    router_mode: str = "round_robin"
+    replay_concurrency: int | None = 32
+    events: EventSpec | None = None
+    wait_for_subscribers_s: float | None = None
+    no_restart: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    max_sim_time_ms: float | None = None
+    max_wall_s: float | None = None
+    """Give up after this much wall time: requests still in flight count as failed and the
+    drain is skipped (the run is reported as stalled). None: wait as long as it takes."""
+    rank_extra: dict[str, Any] = field(default_factory=dict)
+    """Extra options for every rank process (stress mode: invariant checks, bug injection)."""
+    coordinator_extra: dict[str, Any] = field(default_factory=dict)
+    fleet_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.router_mode not in ("round_robin", "kv"):
+            raise ConfigError(f"router_mode must be round_robin or kv, got {self.router_mode!r}")
+
+
+@dataclass(slots=True)
+class _Proc:
+    role: str
+    rank: int
+    popen: subprocess.Popen[bytes]
+    epoch: int = 0
+    ready: bool = False
+    pid: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RankStatus:
+    running: int = 0
+    waiting: int = 0
+    active_blocks: int = 0
+    num_gpu_blocks: int = 0
+    preemptions_total: int = 0
+    next_event_seq: int = 0
+    restarts: int = 0
+    violations: int = 0
+    """Invariant violations this rank's processes reported (summed over its restarts)."""
+    violations_base: int = 0
+    g2_onboard_blocks: int = 0
+    """Blocks this rank swapped in from G2 (summed over its restarts)."""
+    g2_onboard_base: int = 0
+    outstanding: dict[int, RequestSpec] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class FleetOutcome:
+    collector: MetricsCollector
+    wall_time_ms: float
+    final_time_ms: float
+    rank_status: list[RankStatus]
+    state: dict[str, Any] | None
+    num_failed: int = 0
+    num_rejected: int = 0
+    num_rank_restarts: int = 0
+    num_fleet_restarts: int = 0
+    g2_stats: dict[str, Any] = field(default_factory=dict)
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
+    violation_examples: list[str] = field(default_factory=list)
+    stalled: bool = False
+    """The run hit `max_wall_s` with requests still in flight (no drain, no state)."""
+
+
+class CoordinatorDiedError(BrokenWorkerError):
+    """The coordinator process exited; the shared G2 pool is gone."""
+
+
+def _worker_command(script: str, module: str, spec_json: str) -> list[str]:
+    path = WORKERS_DIR / script
+    if path.is_file():
+        return [sys.executable, str(path), spec_json]
+    return [sys.executable, "-m", module, spec_json]
+
+
+class Fleet:
+    """One live fleet. `with Fleet(options) as fleet: outcome = fleet.run(sessions)`."""
+
+    def __init__(self, options: FleetOptions) -> None:
+        self.options = options
+        self.engine = options.engine
+        self._tmpdir = Path(tempfile.mkdtemp(prefix="shmkv-"))
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._endpoint = tp.bind_socket(self._router, f"ipc://{self._tmpdir}/sup")
+        self._coord_endpoint = f"ipc://{self._tmpdir}/coord"
+        self._start_monotonic_s = time.monotonic()
+        self.clock = MonotonicClock(self._start_monotonic_s, self.engine.speedup_ratio)
+        self._procs: dict[bytes, _Proc] = {}
+        self.status = [RankStatus() for _ in range(options.data_parallel_size)]
+        self._segment_name: str | None = None
+        self._generation = 0
+        self._closed = False
+        self._stopping = False
+        self._metrics: Any = None
+        self.g2_stats: dict[str, Any] = {}
+        self.num_rank_restarts = 0
+        self.num_fleet_restarts = 0
+        self._num_failed = 0
+        self._started = False
+        self.stalled = False
+        self._router_index: Any = None
+
+    # ── lifecycle ─────────────────────────────────────────────────────────────────────────
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def uses_g2(self) -> bool:
+        return self.engine.has_g2
+
+    def start(self) -> None:
+        """Spawn the coordinator (if G2) and every rank; wait until all said READY."""
+        if self._started:
+            return
+        self._started = True
+        if self.uses_g2:
+            self._spawn_coordinator()
+            self._wait_ready(lambda p: p.role == "coordinator")
+        for rank in range(self.options.data_parallel_size):
+            self._spawn_rank(rank, epoch=0)
+        self._wait_ready(lambda p: p.role == "rank")
+        self._start_router_index()
+        if self.options.metrics_port is not None:
+            self._start_metrics()
+
+    def _spawn_coordinator(self) -> None:
+        from shmkv.coordinator import CoordinatorSpec
+
+        self._generation += 1
+        # a new segment per generation: a restarted fleet never reuses a dead coordinator's
+        self._segment_name = segment_name(f"{self.options.fleet_id}-g{self._generation}")
+        engine = self.engine
+        spec = CoordinatorSpec(
+            fleet_id=self.options.fleet_id,
+            segment_name=self._segment_name,
+            num_g2_blocks=engine.num_g2_blocks,
+            block_size=engine.block_size,
+            num_ranks=self.options.data_parallel_size,
+            endpoint=self._coord_endpoint,
+            supervisor_endpoint=self._endpoint,
+            start_monotonic_s=self._start_monotonic_s,
+            speedup_ratio=engine.speedup_ratio,
+            block_size_bytes=engine.block_size_bytes,
+            bandwidth_g1_to_g2_gbps=engine.bandwidth_g1_to_g2_gbps,
+            bandwidth_g2_to_g1_gbps=engine.bandwidth_g2_to_g1_gbps,
+            offload_batch_size=engine.offload_batch_size,
+            inject_bug=self.options.coordinator_extra.get("inject_bug"),
+        )
+        cmd = _worker_command("coordinator_worker.py", "shmkv.coordinator", spec.to_json())
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self._procs[b"coordinator"] = _Proc("coordinator", -1, popen, pid=popen.pid)
+
+    def _spawn_rank(self, rank: int, epoch: int) -> None:
+        engine_fields = {name: getattr(self.engine, name) for name in EngineConfig.field_names()}
+        if not self.uses_g2:
+            engine_fields["num_g2_blocks"] = 0
+        spec = RankSpec(
+            rank=rank,
+            fleet_id=self.options.fleet_id,
+            engine=engine_fields,
+            supervisor_endpoint=self._endpoint,
+            start_monotonic_s=self._start_monotonic_s,
+            epoch=epoch,
+            coordinator_endpoint=self._coord_endpoint if self.uses_g2 else None,
+            segment_name=self._segment_name,
+            events=self.options.events,
+            start_event_seq=self.status[rank].next_event_seq,
+            extra={
+                **self.options.rank_extra,
+                "wait_for_subscribers_s": self.options.wait_for_subscribers_s,
+                "seq_file": str(self._tmpdir / f"rank{rank}.seq"),
+            },
+        )
+        cmd = _worker_command("rank_worker.py", "shmkv.engine", spec.to_json())
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self._procs[f"rank{rank}".encode()] = _Proc("rank", rank, popen, epoch=epoch, pid=popen.pid)
+
+    def _wait_ready(self, which: Callable[[_Proc], bool]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not all(p.ready for p in self._procs.values() if which(p)):
+            self._check_processes(restart=False)
+            if time.monotonic() > deadline:
+                missing = [
+                    p.role + str(p.rank) for p in self._procs.values() if which(p) and not p.ready
+                ]
+                raise WorkerTimeoutError(
+                    f"not ready after {READY_TIMEOUT_S:.0f} s: {', '.join(missing)}"
+                )
+            self._poll_messages(100)
+
+    # ── messages ──────────────────────────────────────────────────────────────────────────
+
+    def _poll_messages(self, timeout_ms: int) -> int:
+        handled = 0
+        extra = getattr(getattr(self, "_driver", None), "socket", None)
+        if extra is not None:
+            ready = dict(self._extra_poller(extra).poll(timeout_ms))
+            if self._router not in ready:
+                return 0
+        elif not self._router.poll(timeout_ms):
+            return 0
+        while True:
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return handled
+            identity, payload = frames[0], frames[1:]
+            try:
+                self._handle(identity, tp.decode(payload))
+            except ProtocolError as exc:
+                logger.warning("supervisor: dropped a malformed message from %r: %s", identity, exc)
+            handled += 1
+
+    def _handle(self, identity: bytes, msg: tp.Message) -> None:
+        proc = self._procs.get(identity)
+        if proc is None:
+            return  # a process from an earlier generation
+        if msg.type == tp.READY:
+            if msg.body.get("version") != tp.PROTOCOL_VERSION:
+                raise BrokenWorkerError(
+                    f"{identity.decode()} speaks protocol {msg.body.get('version')!r}, "
+                    f"supervisor {tp.PROTOCOL_VERSION}: reinstall shmkv"
+                )
+            if msg.body.get("epoch", proc.epoch) != proc.epoch:
+                return
+            proc.ready = True
+            proc.info = dict(msg.body)
+            if proc.role == "rank":
+                status = self.status[proc.rank]
+                status.next_event_seq = max(
+                    status.next_event_seq, int(msg.body.get("next_event_seq", 0))
+                )
+        elif msg.type == tp.RESULTS and proc.role == "rank":
+            self._on_results(proc, msg.body)
+        elif msg.type == tp.DRAIN:
+            proc.info["drained"] = True
+        elif msg.type == tp.STATE:
+            proc.info["state"] = msg.body
+        elif msg.type == tp.RESULTS and proc.role == "coordinator":
+            self.g2_stats = dict(msg.body)
+
+    def _send(
+        self,
+        proc: _Proc,
+        msg_type: str,
+        body: dict[str, Any] | None = None,
+        frames: tuple[bytes, ...] = (),
+    ) -> bool:
+        try:
+            self._router.send_multipart(
+                [
+                    proc.role.encode() + (str(proc.rank).encode() if proc.role == "rank" else b""),
+                    *tp.encode(msg_type, body, frames),
+                ]
+            )
+        except zmq.ZMQError:
+            return False  # the peer is gone; the process check will notice
+        return True
+
+    # ── the run ───────────────────────────────────────────────────────────────────────────
+
+    def _extra_poller(self, sock: zmq.Socket[bytes]) -> zmq.Poller:
+        poller = getattr(self, "_poller_cache", None)
+        if poller is None:
+            poller = zmq.Poller()
+            poller.register(self._router, zmq.POLLIN)
+            poller.register(sock, zmq.POLLIN)
+            self._poller_cache = poller
+        return poller
+
+    def rank_endpoints(self) -> list[dict[str, Any]]:
+        """Per rank (in rank order): events_endpoint, replay_endpoint, topic, pid, epoch."""
+        ranks = sorted((p for p in self._procs.values() if p.role == "rank"), key=lambda p: p.rank)
+        return [dict(p.info) for p in ranks]
+
+    def rank_pid(self, rank: int) -> int:
+        return self._procs[f"rank{rank}".encode()].pid
+
+    def coordinator_pid(self) -> int | None:
+        proc = self._procs.get(b"coordinator")
+        return None if proc is None else proc.pid
+
+    def audit_segment(self) -> dict[str, int]:
+        """After the drain: pins and reserved slots left in the shared G2 (both must be 0)."""
+        if self._segment_name is None:
+            return {"pins": 0, "reserved_slots": 0, "ready_slots": 0}
+        from shmkv.shm import RESERVED, G2Segment
+
+        with G2Segment.attach(self._segment_name) as segment:
+            return {
+                "pins": int(segment.pins.sum()),
+                "pinned_slots": int((segment.pins != 0).any(axis=0).sum()),
+                "reserved_slots": int((segment.state == RESERVED).sum()),
+                "ready_slots": int((segment.state == 2).sum()),
+            }
+
+    def run(
+        self,
+        sessions: list[Session],
+        *,
+        on_progress: Callable[[int], None] | None = None,
+        on_tick: Callable[[Fleet, float], None] | None = None,
+        driver: WorkloadDriver | None = None,
+    ) -> FleetOutcome:
+        """Drive `sessions` (or a custom `driver`) through the fleet until done or
+        `max_sim_time_ms`; `on_tick(fleet, now_ms)` runs every loop iteration."""
+        self.start()
+        self.collector = MetricsCollector()
+        self._driver = driver or SessionDriver(sessions, self.options.replay_concurrency)
+        self._rr = 0
+        self._num_rejected = 0
+        self._on_progress = on_progress
+        started = time.monotonic()
+        max_time = self.options.max_sim_time_ms or math.inf
+        driver = self._driver
+        max_wall_s = self.options.max_wall_s
+        self.stalled = False
+        while not driver.done() and not self._stopping:
+            now = self.clock.now_ms()
+            if now > max_time:
+                break
+            if max_wall_s is not None and time.monotonic() - started > max_wall_s:
+                self.stalled = True
+                logger.error("fleet: requests still in flight after %.0f s: giving up", max_wall_s)
+                for rank in range(self.options.data_parallel_size):
+                    self._fail_outstanding(rank)
+                break
+            due = driver.pop_due(now)
+            if due:
+                self._dispatch(due, now)
+            if self._router_index is not None:
+                self._router_index.poll(0)
+            if on_tick is not None:
+                on_tick(self, now)
+            self._check_processes(restart=not self.options.no_restart)
+            next_arrival = driver.next_arrival_ms()
+            wait_ms = LOOP_POLL_MS
+            if not math.isinf(next_arrival):
+                wait_ms = max(
+                    0, min(LOOP_POLL_MS, math.ceil(self.clock.wall_ms_until(next_arrival)))
+                )
+            self._poll_messages(wait_ms)
+        state = None if self.stalled else self._drain_and_collect()
+        wall_ms = (time.monotonic() - started) * 1000.0
+        return FleetOutcome(
+            collector=self.collector,
+            wall_time_ms=wall_ms,
+            final_time_ms=self.clock.now_ms(),
+            rank_status=self.status,
+            state=state,
+            num_failed=self._num_failed,
+            num_rejected=self._num_rejected,
+            num_rank_restarts=self.num_rank_restarts,
+            num_fleet_restarts=self.num_fleet_restarts,
+            g2_stats=self.g2_stats,
+            endpoints=[dict(p.info) for p in self._procs.values() if p.role == "rank"],
+            violation_examples=list(getattr(self, "_violation_examples", [])),
+            stalled=self.stalled,
+        )
+
+    def _route(self, spec: RequestSpec) -> int:
+        num = self.options.data_parallel_size
+        if self.options.router_mode == "round_robin" or num == 1:
+            rank = self._rr % num
+            self._rr += 1
+            return rank
+        # kv: best prefix overlap minus load. Overlap comes from the ranks' own KV events (the
+        # supervisor subscribes like a KV-aware router); load from their latest reports.
+        bs = self.engine.block_size
+        num_blocks = -(-len(spec.tokens) // bs)
+        hashes = sequence_hashes(spec.tokens, bs) if self._router_index is not None else []
+        best, best_cost = 0, math.inf
+        for rank in range(num):
+            status = self.status[rank]
+            overlap = self._overlap(rank, hashes)
+            cost = (num_blocks - overlap) + status.active_blocks + (status.waiting * num_blocks)
+            if cost < best_cost:
+                best, best_cost = rank, cost
+        self.status[best].waiting += 1
+        return best
+
+    def _overlap(self, rank: int, hashes: list[int]) -> float:
+        consumer = self._router_index
+        if consumer is None or not hashes:
+            return 0.0
+        device = consumer.index.get((rank, StorageTier.DEVICE), set())
+        host = consumer.index.get((rank, StorageTier.HOST_PINNED), set())
+        overlap = 0.0
+        for h in hashes:
+            if h in device:
+                overlap += 1.0
+            elif h in host:
+                overlap += HOST_TIER_CREDIT
+            else:
+                break
+        return overlap
+
+    def _start_router_index(self) -> None:
+        """kv routing with events on: subscribe to every rank's stream."""
+        if self.options.router_mode != "kv" or self.options.events is None:
+            return
+        from shmkv.consumer import EventConsumer, RankEndpoint
+
+        endpoints = [
+            RankEndpoint(
+                rank=r,
+                endpoint=info["events_endpoint"],
+                replay_endpoint=info.get("replay_endpoint"),
+            )
+            for r, info in enumerate(self.rank_endpoints())
+        ]
+        has_replay = all(e.replay_endpoint is not None for e in endpoints)
+        self._router_index = EventConsumer(
+            endpoints,
+            codec="auto",
+            block_size=self.engine.block_size,
+            context=self._ctx,
+            # with replay the router recovers what it missed while subscribing; without it,
+            # it starts from the first batch it sees
+            start_seq=0 if has_replay else None,
+        )
+
+    def _dispatch(self, due: list[tuple[float, RequestSpec]], now_ms: float) -> None:
+        by_rank: dict[int, list[tuple[float, RequestSpec]]] = {}
+        for _time_ms, spec in due:
+            rank = self._route(spec)
+            by_rank.setdefault(rank, []).append((now_ms, spec))
+            if self.options.router_mode == "round_robin":
+                self.status[rank].waiting += 1
+        for rank, items in by_rank.items():
+            proc = self._procs[f"rank{rank}".encode()]
+            for arrival_ms, spec in items:
+                self.collector.on_arrival(
+                    spec.request_id,
+                    arrival_ms,
+                    len(spec.tokens),
+                    max_output_tokens=spec.max_output_tokens,
+                    session_id=spec.session_id,
+                    turn_index=spec.turn_index,
+                )
+                self.status[rank].outstanding[spec.request_id] = spec
+            self._send(
+                proc,
+                tp.SUBMIT,
+                {"requests": [[s.request_id, t, s.max_output_tokens] for t, s in items]},
+                tuple(_token_bytes(s.tokens) for _t, s in items),
+            )
+
+    def _on_results(self, proc: _Proc, body: dict[str, Any]) -> None:
+        status = self.status[proc.rank]
+        status.running = int(body.get("running", 0))
+        status.waiting = int(body.get("waiting", 0))
+        status.active_blocks = int(body.get("active_blocks", 0))
+        status.num_gpu_blocks = int(body.get("num_gpu_blocks", 0))
+        status.preemptions_total = int(body.get("preemptions_total", 0))
+        status.next_event_seq = max(status.next_event_seq, int(body.get("next_event_seq", 0)))
+        status.violations = status.violations_base + int(body.get("violations", 0))
+        status.g2_onboard_blocks = status.g2_onboard_base + int(body.get("g2_onboard_blocks", 0))
+        driver = self._driver
+        finished = 0
+        for record in body.get("passes", []):
+            (
+                start,
+                end,
+                prev_end,
+                admissions,
+                first,
+                second,
+                n_decode,
+                gaps,
+                completions,
+                preemptions,
+                rejections,
+            ) = record
+            record_pass(
+                self.collector,
+                start_ms=start,
+                end_ms=end,
+                prev_end_ms=prev_end,
+                admissions=admissions,
+                first_tokens=first,
+                second_tokens=second,
+                num_decode_tokens=n_decode,
+                token_gaps=gaps,
+                completions=completions,
+                preemptions=preemptions,
+            )
+            for request_id, _num_output in completions:
+                status.outstanding.pop(request_id, None)
+                driver.on_finished(request_id, end)
+                finished += 1
+            for request_id in rejections:
+                status.outstanding.pop(request_id, None)
+                driver.on_finished(request_id, end, ended_session=True)
+                self._num_rejected += 1
+                finished += 1
+        if finished and self._on_progress is not None:
+            self._on_progress(finished)
+
+    # ── failures ──────────────────────────────────────────────────────────────────────────
+
+    def _check_processes(self, *, restart: bool) -> None:
+        for identity, proc in list(self._procs.items()):
+            code = proc.popen.poll()
+            if code is None:
+                continue
+            if proc.role == "coordinator":
+                if not restart:
+                    raise CoordinatorDiedError(
+                        f"the coordinator (pid {proc.pid}) exited with code {code}"
+                    )
+                self._restart_fleet(proc, code)
+                return
+            logger.warning("rank %d (pid %d) exited with code %s", proc.rank, proc.pid, code)
+            if not restart:
+                raise BrokenWorkerError(
+                    f"rank {proc.rank} (pid {proc.pid}) exited with code {code}"
+                )
+            self._restart_rank(identity, proc)
+
+    def _fail_outstanding(self, rank: int) -> None:
+        status = self.status[rank]
+        now = self.clock.now_ms()
+        for request_id in list(status.outstanding):
+            status.outstanding.pop(request_id)
+            self._num_failed += 1
+            if hasattr(self, "_driver"):
+                self._driver.on_finished(request_id, now, ended_session=True)
+        status.running = status.waiting = 0
+
+    def _restart_fleet(self, coordinator: _Proc, code: int | None) -> None:
+        """The coordinator died: the shared G2 is gone. Stop every rank, remove the old
+        segment, start a new coordinator on a new segment and every rank at the next epoch
+        (each reopens its event stream with AllBlocksCleared, continuing its seq)."""
+        logger.warning(
+            "coordinator (pid %d) exited with code %s: restarting the fleet on a new segment",
+            coordinator.pid,
+            code,
+        )
+        self.num_fleet_restarts += 1
+        ranks = [p for p in self._procs.values() if p.role == "rank"]
+        for proc in ranks:
+            if proc.popen.poll() is None:
+                proc.popen.kill()
+        for proc in ranks:
+            proc.popen.wait()
+            self._fail_outstanding(proc.rank)
+        self._procs.clear()
+        self._unlink_segment()
+        self._spawn_coordinator()
+        self._wait_ready(lambda p: p.role == "coordinator")
+        for proc in sorted(ranks, key=lambda p: p.rank):
+            status = self.status[proc.rank]
+            status.restarts += 1
+            status.violations_base = status.violations
+            status.g2_onboard_base = status.g2_onboard_blocks
+            status.next_event_seq = max(
+                status.next_event_seq, read_seq_file(str(self._tmpdir / f"rank{proc.rank}.seq"))
+            )
+            self._spawn_rank(proc.rank, epoch=proc.epoch + 1)
+        self._wait_ready(lambda p: p.role == "rank")
+
+    def _unlink_segment(self) -> None:
+        if self._segment_name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{self._segment_name}")
+
+    def _restart_rank(self, identity: bytes, proc: _Proc) -> None:
+        status = self.status[proc.rank]
+        self._fail_outstanding(proc.rank)
+        status.violations_base = status.violations
+        status.g2_onboard_base = status.g2_onboard_blocks
+        status.restarts += 1
+        self.num_rank_restarts += 1
+        del self._procs[identity]
+        status.next_event_seq = max(
+            status.next_event_seq, read_seq_file(str(self._tmpdir / f"rank{proc.rank}.seq"))
+        )
+        self._spawn_rank(proc.rank, epoch=proc.epoch + 1)
+        self._wait_ready(lambda p: p.role == "rank" and p.rank == proc.rank)
+
+    # ── end of run ────────────────────────────────────────────────────────────────────────
+
+    def _drain_and_collect(self) -> dict[str, Any]:
+        """DRAIN every rank, fence the coordinator, then collect what each tier holds."""
+        ranks = [p for p in self._procs.values() if p.role == "rank"]
+        for proc in ranks:
+            proc.info.pop("drained", None)
+            self._send(proc, tp.DRAIN)
+        self._await(lambda: all(p.info.get("drained") for p in ranks), "ranks to drain")
+        host: list[int] = []
+        coord = self._procs.get(b"coordinator")
+        if coord is not None:
+            coord.info.pop("state", None)
+            self._send(coord, tp.DRAIN)
+            self._await(lambda: "state" in coord.info, "the coordinator's state")
+            host = list(coord.info["state"].get("host_pinned", []))
+            self.g2_stats = dict(coord.info["state"].get("stats", {}))
+        for proc in ranks:
+            proc.info.pop("state", None)
+            self._send(proc, tp.STATE)
+        self._await(lambda: all("state" in p.info for p in ranks), "the ranks' state")
+        self._violation_examples = [
+            example for p in ranks for example in p.info["state"].get("violation_examples", [])
+        ]
+        for proc in ranks:
+            status = self.status[proc.rank]
+            status.violations = status.violations_base + int(
+                proc.info["state"].get("violations", 0)
+            )
+        dump: dict[str, Any] = {"block_size": self.engine.block_size, "ranks": {}}
+        for proc in sorted(ranks, key=lambda p: p.rank):
+            body = proc.info["state"]
+            dump["ranks"][str(proc.rank)] = {
+                "device": sorted(body.get("device", [])),
+                "host_pinned": sorted(host)
+                if coord is not None
+                else sorted(body.get("host_pinned", [])),
+            }
+            self.status[proc.rank].next_event_seq = int(body.get("next_event_seq", 0))
+        return dump
+
+    def _await(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while not condition():
+            self._check_processes(restart=False)
+            if time.monotonic() > deadline:
+                raise WorkerTimeoutError(f"timed out waiting for {what}")
+            self._poll_messages(50)
+
+    def stop_processes(self) -> None:
+        for proc in self._procs.values():
+            if proc.popen.poll() is None:
+                self._send(proc, tp.STOP)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in self._procs.values():
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                proc.popen.wait(remaining)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.stop_processes()
+        finally:
+            if self._metrics is not None:
+                self._metrics.shutdown()
+                self._metrics = None
+            if self._router_index is not None:
+                self._router_index.close()
+                self._router_index = None
+            self._unlink_segment()
+            self._router.close(linger=0)
+            self._ctx.term()
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    # ── metrics ───────────────────────────────────────────────────────────────────────────
+
+    def _start_metrics(self) -> None:
+        from shmkv.metrics import MetricsServer
+
+        assert self.options.metrics_port is not None
+        tp.warn_if_exposed(f"tcp://{self.options.metrics_host}:0", "/metrics")
+        self._metrics = MetricsServer(self, self.options.metrics_host, self.options.metrics_port)
+
+
+class ServeDriver:
+    """`shmkv fleet --serve`: requests from outside, over a loopback ZMQ ROUTER.
+
+    A client (REQ or DEALER) sends one JSON object per request:
+    `{"tokens": [u32, ...], "max_tokens": N}` (or `"prompt_tokens": N` for a random prompt of
+    N tokens; an optional `"id"` is echoed). When the request completes the client receives
+    `{"id", "request_id", "ttft_ms", "e2e_ms", "output_tokens", "failed"}`; a malformed request
+    gets `{"error": ...}` at once. Runs until SIGINT/SIGTERM.
+    """
+
+    MAX_PROMPT_TOKENS = 1 << 20
+
+    def __init__(self, fleet: Fleet, endpoint: str, block_size: int) -> None:
+        import random
+
+        self._fleet = fleet
+        self.socket = fleet._ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        tp.warn_if_exposed(endpoint, "--serve")
+        self.endpoint = tp.bind_socket(self.socket, endpoint)
+        self._rng = random.Random(0)
+        self._next_id = 0
+        self._clients: dict[int, tuple[list[bytes], Any]] = {}
+        self.num_errors = 0
+        self.stopped = False
+
+    def next_arrival_ms(self) -> float:
+        return math.inf
+
+    def pop_due(self, now_ms: float) -> list[tuple[float, RequestSpec]]:
+        due: list[tuple[float, RequestSpec]] = []
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return due
+            envelope, payload = frames[:-1], frames[-1]
+            try:
+                spec, client_id = self._parse(payload, now_ms)
+            except (ValueError, TypeError) as exc:
+                self.num_errors += 1
+                self.socket.send_multipart([*envelope, json.dumps({"error": str(exc)}).encode()])
+                continue
+            self._clients[spec.request_id] = (envelope, client_id)
+            due.append((now_ms, spec))
+
+    def _parse(self, payload: bytes, now_ms: float) -> tuple[RequestSpec, Any]:
+        body = json.loads(payload)
+        if not isinstance(body, dict):
+            raise ValueError("a request is a JSON object")
+        max_tokens = body.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError("max_tokens must be a positive integer")
+        tokens = array("I")
+        if "tokens" in body:
+            raw = body["tokens"]
+            if not isinstance(raw, list) or not raw or len(raw) > self.MAX_PROMPT_TOKENS:
+                raise ValueError("tokens must be a non-empty list of u32")
+            try:
+                tokens.extend(raw)
+            except (OverflowError, TypeError) as exc:
+                raise ValueError(f"tokens must be u32: {exc}") from exc
+        else:
+            count = body.get("prompt_tokens")
+            if not isinstance(count, int) or not 0 < count <= self.MAX_PROMPT_TOKENS:
+                raise ValueError("give tokens or a positive prompt_tokens")
+            tokens.frombytes(self._rng.randbytes(4 * count))
+        request_id = self._next_id
+        self._next_id += 1
+        spec = RequestSpec(
+            request_id=request_id,
+            session_id=request_id,
+            turn_index=0,
+            arrival_ms=now_ms,
+            delay_ms=0.0,
+            tokens=tokens,
+            max_output_tokens=max_tokens,
+        )
+        return spec, body.get("id")
+
+    def on_finished(self, request_id: int, time_ms: float, *, ended_session: bool = False) -> None:
+        envelope, client_id = self._clients.pop(request_id)
+        record = self._fleet.collector.request_summary(request_id)
+        reply = {"id": client_id, "request_id": request_id, **record, "failed": ended_session}
+        with contextlib.suppress(zmq.ZMQError):
+            self.socket.send_multipart([*envelope, json.dumps(reply).encode()])
+
+    def done(self) -> bool:
+        return self.stopped and not self._clients
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def _token_bytes(tokens: array[int]) -> bytes:
+    return tokens.tobytes()
+
+
+@contextlib.contextmanager
+def _signals_raise_keyboard_interrupt() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C: the fleet is torn down by the context managers."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ── CLI ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def register(sub: Any) -> None:
+    from shmkv import cli
+
+    parser = sub.add_parser(
+        "fleet",
+        help="live multi-process fleet: rank processes sharing one G2 pool in shared memory",
+        description="Launch a coordinator and --data-parallel-size rank processes on the shared "
+        "monotonic clock, drive a workload through them, publish every rank's KV events over "
+        "ZMQ, and write the same report as `shmkv replay` (plus per-rank and G2 figures). "
+        "Use --speedup-ratio inf to run as fast as the CPU allows.",
+    )
+    cli.add_engine_arguments(parser)
+    cli.add_workload_arguments(parser)
+    cli.add_event_arguments(parser)
+    cli.add_output_arguments(parser)
+    g = parser.add_argument_group("fleet")
+    g.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="stop with exit code 3 when a process dies instead of restarting it",
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port (0 = random)",
+    )
+    g.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of /metrics (default loopback)"
+    )
+    g.add_argument(
+        "--serve",
+        nargs="?",
+        const="tcp://127.0.0.1:5600",
+        default=None,
+        metavar="ENDPOINT",
+        help="take requests from outside instead of a workload: JSON "
+        '{"tokens": [...], "max_tokens": N} on a ZMQ REQ/DEALER to ENDPOINT '
+        "(default tcp://127.0.0.1:5600); runs until Ctrl-C, then reports",
+    )
+    parser.set_defaults(func=cmd_fleet, data_parallel_size=2)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from shmkv import cli
+    from shmkv.report import format_jsonl, format_summary_table
+
+    engine = cli.engine_config_from_args(args)
+    cli.check_output_paths(args)
+    sessions = cli.sessions_from_args(args, engine)
+    events = None
+    if args.zmq_kv_events_port is not None:
+        host = args.event_host
+        events = EventSpec(
+            codec=args.event_codec,
+            endpoint=f"tcp://{host}:{args.zmq_kv_events_port}",
+            replay_endpoint=None
+            if args.zmq_replay_port is None
+            else f"tcp://{host}:{args.zmq_replay_port}",
+            topic=args.event_topic,
+            model_name=args.model_name,
+            buffer_steps=args.event_buffer_steps,
+            legacy_replay=args.legacy_replay,
+            legacy_array_events=args.vllm_array_events,
+        )
+    elif args.zmq_replay_port is not None:
+        raise cli.UsageError("--zmq-replay-port needs --zmq-kv-events-port")
+    options = FleetOptions(
+        engine=engine,
+        data_parallel_size=args.data_parallel_size,
+        router_mode=args.router_mode,
+        replay_concurrency=cli.replay_concurrency(args),
+        events=events,
+        wait_for_subscribers_s=args.wait_for_subscribers,
+        no_restart=args.no_restart,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        max_sim_time_ms=None
+        if args.max_sim_time_seconds is None
+        else args.max_sim_time_seconds * 1000.0,
+    )
+    total = sum(len(s.turns) for s in sessions)
+    if args.serve is not None:
+        return _serve(args, options, engine, cli)
+    progress = cli.progress_bar(args, total, "fleet")
+    try:
+        with _signals_raise_keyboard_interrupt(), Fleet(options) as fleet:
+            fleet.start()
+            if not args.quiet:
+                for info in fleet.rank_endpoints() if events is not None else []:
+                    print(
+                        f"rank {info['rank']}: KV events {info['events_endpoint']}"
+                        + (
+                            f", replay {info['replay_endpoint']}"
+                            if info.get("replay_endpoint")
+                            else ""
+                        ),
+                        file=sys.stderr,
+                    )
+                print(
+                    f"fleet {options.fleet_id}: {options.data_parallel_size} ranks"
+                    f"{', shared G2 of ' + str(engine.num_g2_blocks) + ' blocks' if engine.has_g2 else ''}",
+                    file=sys.stderr,
+                )
+            outcome = fleet.run(sessions, on_progress=progress)
+    except BrokenWorkerError as exc:
+        print(f"shmkv fleet: {exc}; the fleet was stopped and cleaned up", file=sys.stderr)
+        return cli.EXIT_WORKER_DIED
+    finally:
+        if progress is not None:
+            progress(-1)
+    report = outcome.collector.build_report(
+        wall_time_ms=outcome.wall_time_ms,
+        extra={
+            "data_parallel_size": options.data_parallel_size,
+            "router_mode": options.router_mode,
+            "kv_eviction_policy": engine.eviction,
+            "failed_requests": outcome.num_failed,
+            "rejected_requests": outcome.num_rejected,
+            "rank_restarts": outcome.num_rank_restarts,
+            **{
+                f"rank{r}_preemptions": s.preemptions_total
+                for r, s in enumerate(outcome.rank_status)
+            },
+            **{f"g2_{k}": v for k, v in outcome.g2_stats.items() if isinstance(v, int | float)},
+        },
+    )
+    if args.report:
+        cli.write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    if args.report_jsonl:
+        cli.write_atomic(args.report_jsonl, format_jsonl(outcome.collector.per_request_records()))
+    if args.dump_state and outcome.state is not None:
+        cli.write_atomic(args.dump_state, json.dumps(outcome.state) + "\n")
+    if not args.quiet:
+        print(format_summary_table(report))
+    print(json.dumps({k: report[k] for k in cli.HEADLINE if k in report}))
+    return cli.EXIT_OK
+
+
+def _serve(args: argparse.Namespace, options: FleetOptions, engine: EngineConfig, cli: Any) -> int:
+    """`--serve`: run until SIGINT/SIGTERM, answering external requests; then report."""
+    with Fleet(options) as fleet:
+        fleet.start()
+        driver = ServeDriver(fleet, args.serve, engine.block_size)
+
+        def stop(signum: int, frame: object) -> None:
+            driver.stopped = True
+
+        previous = [signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)]
+        try:
+            print(
+                f"fleet {options.fleet_id}: serving requests on {driver.endpoint} (Ctrl-C stops)",
+                file=sys.stderr,
+                flush=True,
+            )
+            try:
+                outcome = fleet.run([], driver=driver)
+            finally:
+                driver.close()
+        except BrokenWorkerError as exc:
+            print(f"shmkv fleet: {exc}; the fleet was stopped and cleaned up", file=sys.stderr)
+            return int(cli.EXIT_WORKER_DIED)
+        finally:
+            for sig, handler in zip((signal.SIGINT, signal.SIGTERM), previous, strict=True):
+                signal.signal(sig, handler)
+    report = outcome.collector.build_report(
+        wall_time_ms=outcome.wall_time_ms, extra={"serve_errors": driver.num_errors}
+    )
+    if args.report:
+        cli.write_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in cli.HEADLINE if k in report}))
+    return int(cli.EXIT_OK)
+
+
+__all__ = ["Fleet", "FleetOptions", "FleetOutcome", "ServeDriver", "asdict"]

@@ -1,0 +1,454 @@
+"""`SharedG2Client` message handling and onboarding without a coordinator process, and the
+coordinator's bookkeeping in-process (spec JSON, deferral across ranks, dead-rank cleanup
+checked with `G2Directory.check_invariants`).
+
+The client talks to a ROUTER owned by the test (a thread answers its HELLO with WELCOME); the
+test plays the coordinator by committing blocks into a `G2Directory` of its own and handing
+the client decoded messages.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from shmkv import transport as tp
+from shmkv.clock import ManualClock
+from shmkv.config import EngineConfig
+from shmkv.coordinator import _SPEC_KINDS, Coordinator, CoordinatorSpec, segment_fleet_id
+from shmkv.errors import ConfigError, ProtocolError, SharedMemoryError, WorkerTimeoutError
+from shmkv.eviction import make_backend
+from shmkv.g2 import G2Directory
+from shmkv.g2_client import SharedG2Client
+from shmkv.hashing import plh_position
+from shmkv.offload import G2Removed, G2Stored, OffloadItem
+from shmkv.shm import G2Segment, read_next_event_seq, segment_name
+from tests.multiproc._g2_client_worker import chain_items
+
+BLOCK_SIZE = 4
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+@dataclass
+class Harness:
+    segment: G2Segment
+    directory: G2Directory
+    router: zmq.Socket[bytes]
+    client: SharedG2Client
+    clock: ManualClock
+    identity: bytes
+
+    def store(self, items: list[OffloadItem], rank: int = 0) -> dict[str, Any]:
+        """Commit `items` into G2 as the coordinator would, and build the G2_EVENTS body."""
+        slots = self.directory.reserve(len(items), rank)
+        events: list[list[Any]] = []
+        tokens = array("I")
+        for item, slot in zip(items, slots, strict=True):
+            meta = item.meta
+            position = len(events)
+            assert self.directory.commit(
+                slot,
+                meta.seq_hash,
+                meta.parent_hash,
+                meta.local_hash,
+                position,
+                meta.token_ids,
+                rank,
+            )
+            parent = -1 if meta.parent_hash is None else meta.parent_hash
+            events.append(["S", meta.seq_hash, parent, meta.local_hash, position, 1])
+            tokens.extend(array("I", meta.token_ids or []))
+        return {"events": events, "tokens": tokens.tobytes()}
+
+    def deliver(self, msg_type: str, body: dict[str, Any], frames: tuple[bytes, ...] = ()) -> None:
+        self.client.handle(tp.decode(tp.encode(msg_type, body, frames)))
+
+    def deliver_events(self, stored: dict[str, Any]) -> None:
+        frames = (stored["tokens"],) if stored["tokens"] else ()
+        self.deliver(tp.G2_EVENTS, {"events": stored["events"]}, frames)
+
+    def recv_offload(self) -> tp.Message:
+        assert self.router.poll(2000)
+        identity, *frames = self.router.recv_multipart()
+        assert identity == self.identity
+        return tp.decode(frames)
+
+
+def _answer_hello(router: zmq.Socket[bytes], name: str, epoch: int) -> None:
+    if router.poll(5000):
+        identity, *frames = router.recv_multipart()
+        hello = tp.decode(frames)
+        assert hello.type == tp.HELLO
+        assert hello.body["pid"] == os.getpid()
+        body = {"segment": name, "num_ranks": 2, "epoch": epoch}
+        router.send_multipart([identity, *tp.encode(tp.WELCOME, body)])
+
+
+@pytest.fixture
+def harness(fleet_id: str, zmq_context: Context) -> Iterator[Harness]:
+    segment = G2Segment.create(fleet_id, capacity=16, block_size=BLOCK_SIZE, num_ranks=2)
+    policy, _ = make_backend("lineage", 16)
+    directory = G2Directory(segment, policy)
+    router = zmq_context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = f"inproc://coord-{fleet_id}"
+    router.bind(endpoint)
+    thread = threading.Thread(target=_answer_hello, args=(router, segment.name, 3))
+    thread.start()
+    clock = ManualClock()
+    config = EngineConfig(
+        block_size=BLOCK_SIZE,
+        num_g2_blocks=16,
+        kv_bytes_per_token=250,  # 1000 B per block
+        bandwidth_g2_to_g1_gbps=0.001,  # 1000 B/ms: 1 ms per block
+    )
+    try:
+        client = SharedG2Client(
+            rank=1,
+            epoch=3,
+            segment_name=segment.name,
+            coordinator_endpoint=endpoint,
+            config=config,
+            clock=clock,
+            context=zmq_context,
+            hello_timeout_s=5.0,
+        )
+    finally:
+        thread.join()
+    try:
+        yield Harness(segment, directory, router, client, clock, b"rank1-e3")
+    finally:
+        client.close()
+        router.close(linger=0)
+        directory.close()
+        segment.unlink()
+        segment.close()
+
+
+def _chain(seed: int, num_blocks: int) -> list[OffloadItem]:
+    tokens = [(seed * 7919 + i * 31) % 50_000 for i in range(num_blocks * BLOCK_SIZE)]
+    return chain_items(tokens, BLOCK_SIZE)
+
+
+# -- offload messages --------------------------------------------------------------------------
+
+
+def test_offload_is_one_batched_message_and_slots_come_back_after_ack_and_done(
+    harness: Harness,
+) -> None:
+    client = harness.client
+    items = _chain(1, 3)
+    assert client.enqueue_evictions(items, [10, 11, 12, 13]) == [13]
+    msg = harness.recv_offload()
+    assert msg.type == tp.OFFLOAD
+    assert msg.body["has_tokens"] is True
+    wire = msg.body["items"]
+    assert wire[0] == [items[0].meta.seq_hash, -1, items[0].meta.local_hash, 0]
+    assert wire[2][1] == items[1].meta.seq_hash
+    assert wire[2][3] == 2
+    assert len(msg.frames) == 1
+    assert array("I", msg.frames[0]).tolist() == [t for i in items for t in i.meta.token_ids or []]
+    assert not harness.router.poll(10), "one message per batch"
+    batch = msg.body["batch"]
+    assert client.earliest_deadline_ms() == 0.0, "an un-ACKed batch is due at once"
+    assert client.tick(0.0) == []
+    harness.deliver(
+        tp.OFFLOAD_ACK, {"batch": batch, "accepted": [0, 2], "rejected": [1], "deadline_ms": 5.0}
+    )
+    assert client.earliest_deadline_ms() == 0.0, "a released slot is due now"
+    assert client.tick(1.0) == [11]
+    assert client.earliest_deadline_ms() == 5.0
+    assert client.num_quarantined == 2
+    harness.deliver(tp.OFFLOAD_DONE, {"batch": batch, "items": [2]})
+    assert client.tick(5.0) == [12]
+    harness.deliver(tp.OFFLOAD_DONE, {"batch": batch, "items": [0]})
+    assert client.tick(5.0) == [10]
+    assert client.earliest_deadline_ms() is None
+    assert client.num_outstanding_batches == 0
+    stats = client.stats()
+    assert (stats.accepted, stats.rejected, stats.done) == (2, 1, 2)
+
+
+def test_an_ack_with_an_infinite_deadline_still_keeps_the_rank_ticking(harness: Harness) -> None:
+    client = harness.client
+    client.enqueue_evictions(_chain(2, 1), [0])
+    batch = harness.recv_offload().body["batch"]
+    harness.deliver(
+        tp.OFFLOAD_ACK, {"batch": batch, "accepted": [0], "rejected": [], "deadline_ms": "inf"}
+    )
+    client.tick(7.0)
+    assert client.earliest_deadline_ms() == 7.0
+
+
+@pytest.mark.parametrize(
+    ("msg_type", "body"),
+    [
+        (tp.OFFLOAD_ACK, {"batch": 99, "accepted": [0], "rejected": []}),
+        (tp.OFFLOAD_ACK, {"batch": 1, "accepted": [0, 5], "rejected": []}),
+        (tp.OFFLOAD_ACK, {"batch": 1, "accepted": [0], "rejected": [0]}),
+        (tp.OFFLOAD_ACK, {"batch": 1, "accepted": [0], "rejected": []}),
+        (tp.OFFLOAD_ACK, {"batch": 1, "accepted": [0, 1], "rejected": [], "deadline_ms": "x"}),
+        (tp.OFFLOAD_DONE, {"batch": 1, "items": [0]}),
+        (tp.G2_EVENTS, {"events": [["S", 1, -1, 2, 0, 1]]}),
+        (tp.G2_EVENTS, {"events": [["X", 1]]}),
+        (tp.G2_EVENTS, {"events": [["R", -5]]}),
+        (tp.G2_EVENTS, {"events": [], "fence": 0}),
+        (tp.WELCOME, {"segment": "other", "epoch": 3}),
+        (tp.SUBMIT, {}),
+    ],
+)
+def test_malformed_messages_raise_and_change_nothing(
+    harness: Harness, msg_type: str, body: dict[str, Any]
+) -> None:
+    client = harness.client
+    client.enqueue_evictions(_chain(3, 2), [4, 5])
+    harness.recv_offload()
+    with pytest.raises(ProtocolError):
+        harness.deliver(msg_type, body)
+    assert client.tick(0.0) == []
+    assert client.take_events() == []
+    assert client.num_quarantined == 2
+    assert client.stats().replica_size == 0
+
+
+def test_receive_counts_and_drops_garbage(harness: Harness) -> None:
+    harness.router.send_multipart([harness.identity, b"garbage"])
+    harness.router.send_multipart([harness.identity, *tp.encode(tp.PONG)])
+    deadline = time.monotonic() + 2.0
+    received = 0
+    while received < 2 and time.monotonic() < deadline:
+        harness.client.socket.poll(50)
+        received += harness.client.receive()
+    assert received == 2
+    assert harness.client.stats().bad_messages == 1
+
+
+# -- events, replica and onboarding -------------------------------------------------------------
+
+
+def test_events_build_the_replica_and_onboard_pins_reads_and_unpins(harness: Harness) -> None:
+    client, clock = harness.client, harness.clock
+    items = _chain(4, 4)
+    harness.deliver_events(harness.store(items[:3]))
+    events = client.take_events()
+    assert [type(e) for e in events] == [G2Stored] * 3
+    assert isinstance(events[1], G2Stored)
+    assert events[1].meta.parent_hash == items[0].meta.seq_hash
+    assert list(events[1].meta.token_ids or []) == list(items[1].meta.token_ids or [])
+    assert client.contains(items[2].plh)
+    assert not client.contains(items[3].plh)
+    plan = client.prepare_onboard([i.plh for i in items])
+    assert plan is not None
+    assert plan.plhs == [i.plh for i in items[:3]]
+    assert int(harness.segment.pins[1].sum()) == 3
+    client.check_invariants()
+    clock.set(10.0)
+    handle = client.start_onboard(plan, 10.0)
+    assert handle.deadline_ms == pytest.approx(13.0)  # 3 blocks x 1000 B at 1000 B/ms
+    assert [m.seq_hash for m in handle.metas] == [i.meta.seq_hash for i in items[:3]]
+    assert client.earliest_deadline_ms() == pytest.approx(13.0)
+    client.tick(12.9)
+    assert client.take_completed_onboards() == []
+    assert int(harness.segment.pins[1].sum()) == 3
+    client.tick(13.0)
+    assert client.take_completed_onboards() == [handle]
+    assert handle.completed
+    assert int(harness.segment.pins[1].sum()) == 0
+    assert client.earliest_deadline_ms() is None
+
+
+def test_a_stale_replica_costs_a_miss_never_wrong_data(harness: Harness) -> None:
+    client = harness.client
+    items = _chain(5, 2)
+    harness.deliver_events(harness.store(items))
+    # The coordinator evicts both blocks, but the Removed events have not arrived yet.
+    assert harness.directory.try_remove(items[1].meta.seq_hash)
+    assert harness.directory.try_remove(items[0].meta.seq_hash)
+    assert client.prepare_onboard([i.plh for i in items]) is None
+    assert client.stats().onboard_misses == 1
+    assert int(harness.segment.pins[1].sum()) == 0
+    harness.deliver(tp.G2_EVENTS, {"events": [["R", items[1].meta.seq_hash]]})
+    assert not client.contains(items[1].plh)
+    assert isinstance(client.take_events()[-1], G2Removed)
+    assert sorted(client.replica_seq_hashes()) == [items[0].meta.seq_hash]
+
+
+def test_cancel_and_close_release_every_pin(harness: Harness) -> None:
+    client = harness.client
+    items = _chain(6, 3)
+    harness.deliver_events(harness.store(items))
+    plan = client.prepare_onboard([i.plh for i in items])
+    assert plan is not None
+    client.cancel_onboard(plan)
+    assert int(harness.segment.pins[1].sum()) == 0
+    with pytest.raises(ProtocolError):
+        client.cancel_onboard(plan)
+    assert client.prepare_onboard([i.plh for i in items]) is not None
+    assert int(harness.segment.pins[1].sum()) == 3
+    client.close()
+    assert int(harness.segment.pins[1].sum()) == 0
+    client.close()  # idempotent
+
+
+def test_fence_and_event_seq_cell(harness: Harness) -> None:
+    client = harness.client
+    assert not client.wait_for_fence(0.05)
+    harness.router.send_multipart(
+        [harness.identity, *tp.encode(tp.G2_EVENTS, {"events": [], "fence": 1})]
+    )
+    assert client.wait_for_fence(2.0)
+    assert not client.wait_for_fence(0.05), "each fence satisfies one wait"
+    client.record_next_event_seq(1234)
+    assert read_next_event_seq(harness.segment.name, 1) == 1234
+
+
+# -- the coordinator in-process -----------------------------------------------------------------
+
+
+def test_coordinator_spec_round_trips_infinite_speedup() -> None:
+    spec = CoordinatorSpec(
+        fleet_id="f",
+        segment_name=segment_name("abc-1"),
+        num_g2_blocks=8,
+        block_size=4,
+        num_ranks=2,
+        endpoint="ipc:///tmp/x",
+        supervisor_endpoint="ipc:///tmp/y",
+        start_monotonic_s=12.5,
+        speedup_ratio=math.inf,
+    )
+    again = CoordinatorSpec.from_json(spec.to_json())
+    assert again == spec
+    assert set(_SPEC_KINDS) == set(CoordinatorSpec.__dataclass_fields__)
+    assert segment_fleet_id(spec.segment_name) == "abc-1"
+    with pytest.raises(ConfigError):
+        segment_fleet_id("shmkv_abcg1")
+    with pytest.raises(ConfigError):
+        CoordinatorSpec.from_json(spec.to_json().replace('"num_ranks":2', '"num_ranks":"2"'))
+    with pytest.raises(ConfigError):
+        CoordinatorSpec.from_json('{"nope": 1}')
+
+
+def test_a_child_waiting_for_a_dead_ranks_parent_lands_and_nothing_leaks(
+    fleet_id: str, zmq_context: Context
+) -> None:
+    """Rank 1's block waits for its parent, in flight from rank 0; rank 0 dies: the child lands,
+    rank 0's pins and reservations are gone, and the directory's invariants hold."""
+    ipc = Path("/tmp") / f"shmkv-{fleet_id}"
+    ipc.mkdir()
+    spec = CoordinatorSpec(
+        fleet_id=fleet_id,
+        segment_name=segment_name(fleet_id),
+        num_g2_blocks=32,
+        block_size=BLOCK_SIZE,
+        num_ranks=2,
+        endpoint=f"ipc://{ipc}/coord",
+        supervisor_endpoint=f"ipc://{ipc}/sup",
+        start_monotonic_s=time.monotonic(),
+        speedup_ratio=1.0,
+        block_size_bytes=1000,
+        bandwidth_g1_to_g2_gbps=0.00002,  # 20 B/ms: 50 ms per block
+    )
+    socks: list[zmq.Socket[bytes]] = []
+    try:
+        with Coordinator(spec) as coord:
+            for rank in (0, 1):
+                sock = zmq_context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IDENTITY, f"r{rank}".encode())
+                sock.connect(coord.endpoint)
+                socks.append(sock)
+                hello = {"rank": rank, "pid": os.getpid(), "epoch": 0}
+                sock.send_multipart(tp.encode(tp.HELLO, hello))
+            _serve_until(coord, lambda: coord.stats.hellos == 2)
+            parent_chain = _chain(7, 20)  # rank 0: 20 blocks in one chunk, 1 s
+            child = _chain(7, 21)[20]  # rank 1: the 21st block alone, 50 ms
+            _send_offload(socks[0], 1, parent_chain)
+            _send_offload(socks[1], 1, [child])
+            _serve_until(coord, lambda: coord.stats.accepted == 21)
+            time.sleep(0.07)
+            coord.advance()
+            assert coord.stats.deferred == 1, "the child waits for its in-flight parent"
+            assert coord.stats.offloaded == 0
+            coord.on_rank_death(0)
+            assert coord.stats.offloaded == 1, "the orphan landed"
+            stats = coord.stats_dict(include_pins=True)
+            assert stats["dead_rank_slots_aborted"] == 20
+            assert stats["reserved"] == 0
+            assert stats["in_flight"] == 0
+            assert stats["ready"] == 1
+            coord.directory.check_invariants()
+            coord.flush()
+            # Rank 1 hears about the store and gets its OFFLOAD_DONE.
+            types = _drain_types(socks[1])
+            assert tp.G2_EVENTS in types
+            assert tp.OFFLOAD_DONE in types
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        for child_path in ipc.iterdir():
+            child_path.unlink()
+        ipc.rmdir()
+
+
+def _send_offload(sock: zmq.Socket[bytes], batch: int, items: list[OffloadItem]) -> None:
+    wire = []
+    tokens = array("I")
+    for item in items:
+        meta = item.meta
+        parent = -1 if meta.parent_hash is None else meta.parent_hash
+        position = plh_position(item.plh)
+        wire.append([meta.seq_hash, parent, meta.local_hash, position])
+        tokens.extend(array("I", meta.token_ids or []))
+    body = {"batch": batch, "items": wire, "has_tokens": True}
+    sock.send_multipart(tp.encode(tp.OFFLOAD, body, (tokens.tobytes(),)))
+
+
+def _serve_until(coord: Coordinator, condition: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        coord.serve_router(64)
+        time.sleep(0.002)
+
+
+def _drain_types(sock: zmq.Socket[bytes]) -> list[str]:
+    types: list[str] = []
+    while sock.poll(200):
+        types.append(tp.decode(sock.recv_multipart()).type)
+    return types
+
+
+def test_no_welcome_times_out_and_releases_everything(fleet_id: str, zmq_context: Context) -> None:
+    with G2Segment.create(fleet_id, capacity=8, block_size=BLOCK_SIZE, num_ranks=1) as segment:
+        with pytest.raises(WorkerTimeoutError):
+            SharedG2Client(
+                rank=0,
+                epoch=0,
+                segment_name=segment.name,
+                coordinator_endpoint=f"inproc://nobody-{fleet_id}",
+                config=EngineConfig(block_size=BLOCK_SIZE, num_g2_blocks=8),
+                clock=ManualClock(),
+                context=zmq_context,
+                hello_timeout_s=0.1,
+            )
+        with pytest.raises(SharedMemoryError):
+            SharedG2Client(
+                rank=0,
+                epoch=0,
+                segment_name=segment.name,
+                coordinator_endpoint=f"inproc://nobody-{fleet_id}",
+                config=EngineConfig(block_size=8, num_g2_blocks=8),
+                clock=ManualClock(),
+                context=zmq_context,
+            )

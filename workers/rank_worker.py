@@ -1,0 +1,13 @@
+"""Entry point of a rank process: `python workers/rank_worker.py '<RankSpec JSON>'`."""
+
+from __future__ import annotations
+
+import sys
+
+from shmkv.procutil import die_with_parent
+
+if __name__ == "__main__":
+    die_with_parent()
+    from shmkv.engine import rank_main
+
+    sys.exit(rank_main(sys.argv[1]))
