@@ -17,8 +17,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.shmkv-installed-${SHMKV_EXTRAS:-dev}"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[${SHMKV_EXTRAS:-dev}]"
+  echo "setting up $VENV (first run: installing dependencies) ..." >&2
+  LOG="$VENV/install.log"
+  if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip \
+         && "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+              -e "$ROOT[${SHMKV_EXTRAS:-dev}]"; } >"$LOG" 2>&1; then
+    tail -30 "$LOG" >&2
+    echo "installing shmkv's dependencies failed (full log: $LOG)" >&2
+    exit 1
+  fi
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

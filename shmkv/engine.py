@@ -462,7 +462,9 @@ class RankEngine:
             "active_blocks": manager.num_active_blocks(),
             "free_blocks": manager.num_free_blocks(),
             "quarantined": manager.num_quarantined_blocks,
-            "head_blocked_until_ms": None if head is None else tp.encode_float(head.blocked_until_ms),
+            "head_blocked_until_ms": None
+            if head is None
+            else tp.encode_float(head.blocked_until_ms),
             "head_known_blocks": None if head is None else head.seq.current_known_blocks(),
             "client": asdict(client.stats()) if isinstance(client, SharedG2Client) else None,
             "client_debug": client.debug_state() if isinstance(client, SharedG2Client) else None,
