@@ -400,7 +400,7 @@ class RankEngine:
         if result.did_work:
             self._next_pass_ms = result.end_ms
         else:
-            deadline = self.scheduler.next_deadline_ms()
+            deadline = self.scheduler.next_deadline_ms(now)
             # Nothing moved: wait for a message (new request, offload ack) or the deadline. A
             # deadline at or before now (an instant transfer started by this very pass) means
             # "run again now": the next tick lands it. `_idle_pass` keeps that from spinning.
@@ -430,6 +430,7 @@ class RankEngine:
             tp.RESULTS,
             {
                 "rank": self.spec.rank,
+                "epoch": self.spec.epoch,
                 "passes": self._pending,
                 "running": scheduler.num_running,
                 "waiting": scheduler.num_waiting,

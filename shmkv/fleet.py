@@ -314,6 +314,8 @@ class Fleet:
             proc.info["drained"] = True
         elif msg.type == tp.STATE:
             proc.info["state"] = msg.body
+        elif msg.type == tp.PONG:
+            proc.info["pong"] = msg.body
         elif msg.type == tp.RESULTS and proc.role == "coordinator":
             self.g2_stats = dict(msg.body)
 
@@ -345,6 +347,17 @@ class Fleet:
             poller.register(sock, zmq.POLLIN)
             self._poller_cache = poller
         return poller
+
+    def ping_ranks(self, timeout_s: float = 3.0) -> list[dict[str, Any]]:
+        """Every live rank's debug state (its answer to PING): what a stalled rank waits for."""
+        ranks = [p for p in self._procs.values() if p.role == "rank"]
+        for proc in ranks:
+            proc.info.pop("pong", None)
+            self._send(proc, tp.PING)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not all("pong" in p.info for p in ranks):
+            self._poll_messages(50)
+        return [p.info["pong"] for p in ranks if "pong" in p.info]
 
     def rank_endpoints(self) -> list[dict[str, Any]]:
         """Per rank (in rank order): events_endpoint, replay_endpoint, topic, pid, epoch."""
@@ -400,6 +413,8 @@ class Fleet:
             if max_wall_s is not None and time.monotonic() - started > max_wall_s:
                 self.stalled = True
                 logger.error("fleet: requests still in flight after %.0f s: giving up", max_wall_s)
+                for rank_state in self.ping_ranks():
+                    logger.error("stalled rank state: %s", json.dumps(rank_state))
                 for rank in range(self.options.data_parallel_size):
                     self._fail_outstanding(rank)
                 break
@@ -517,14 +532,20 @@ class Fleet:
                     turn_index=spec.turn_index,
                 )
                 self.status[rank].outstanding[spec.request_id] = spec
-            self._send(
+            sent = self._send(
                 proc,
                 tp.SUBMIT,
                 {"requests": [[s.request_id, t, s.max_output_tokens] for t, s in items]},
                 tuple(_token_bytes(s.tokens) for _t, s in items),
             )
+            if not sent:  # the rank is gone: its restart fails what it held, these included
+                logger.warning("could not submit %d request(s) to rank %d", len(items), rank)
 
     def _on_results(self, proc: _Proc, body: dict[str, Any]) -> None:
+        if body.get("epoch", proc.epoch) != proc.epoch:
+            # A dead predecessor's last words (same identity): its requests were failed at
+            # the restart, so nothing in them may count again.
+            return
         status = self.status[proc.rank]
         status.running = int(body.get("running", 0))
         status.waiting = int(body.get("waiting", 0))
@@ -564,14 +585,14 @@ class Fleet:
                 preemptions=preemptions,
             )
             for request_id, _num_output in completions:
-                status.outstanding.pop(request_id, None)
-                driver.on_finished(request_id, end)
-                finished += 1
+                if status.outstanding.pop(request_id, None) is not None:
+                    driver.on_finished(request_id, end)
+                    finished += 1
             for request_id in rejections:
-                status.outstanding.pop(request_id, None)
-                driver.on_finished(request_id, end, ended_session=True)
-                self._num_rejected += 1
-                finished += 1
+                if status.outstanding.pop(request_id, None) is not None:
+                    driver.on_finished(request_id, end, ended_session=True)
+                    self._num_rejected += 1
+                    finished += 1
         if finished and self._on_progress is not None:
             self._on_progress(finished)
 

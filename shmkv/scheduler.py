@@ -194,8 +194,17 @@ class RankScheduler:
     def has_work(self) -> bool:
         return bool(self._requests) or self.manager.earliest_offload_deadline() is not None
 
-    def next_deadline_ms(self) -> float | None:
-        return self.manager.earliest_offload_deadline()
+    def next_deadline_ms(self, now_ms: float | None = None) -> float | None:
+        """The earliest time something this rank waits for can change: an offload or swap-in
+        completing, or (after `now_ms`) a request blocked on an offload becoming schedulable.
+        Without the latter a rank whose offloads settled would never wake for that request."""
+        deadline = self.manager.earliest_offload_deadline()
+        if now_ms is not None:
+            for request in self._requests.values():
+                until = request.blocked_until_ms
+                if until > now_ms and (deadline is None or until < deadline):
+                    deadline = until
+        return deadline
 
     # ── one pass ──────────────────────────────────────────────────────────────────────────
 
@@ -282,7 +291,7 @@ class RankScheduler:
         end_ms = self._emit_tokens(result, decode_start)
         result.did_work = bool(scheduled) or bool(result.completions) or bool(result.rejections)
         if end_ms <= now_ms:
-            deadline = manager.earliest_offload_deadline()
+            deadline = self.next_deadline_ms(now_ms)
             if deadline is not None:
                 end_ms = max(deadline, now_ms)
         result.end_ms = end_ms
