@@ -93,6 +93,9 @@ class PrefillCost:
     cached_tokens: int
     active_cached_tokens: int
     """Cached tokens backed by blocks that are active right now (no allocation needed)."""
+    cached_blocks: int = 0
+    """Leading full blocks present in G1, prompt or not (`cached_tokens` stops at the prompt):
+    where a swap-in from G2 must start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +233,7 @@ class KvManager:
             new_tokens=num_input - cached,
             cached_tokens=cached,
             active_cached_tokens=min(active_overlap * bs, num_input),
+            cached_blocks=overlap,
         )
 
     # ── events ────────────────────────────────────────────────────────────────────────────

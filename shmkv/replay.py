@@ -88,13 +88,14 @@ PassHook = Callable[[int, PassResult], None]
 
 
 class _Rank:
-    __slots__ = ("clock_ms", "index", "num_routed", "scheduler", "stalled")
+    __slots__ = ("clock_ms", "idle_retries", "index", "num_routed", "scheduler", "stalled")
 
     def __init__(self, index: int, scheduler: RankScheduler) -> None:
         self.index = index
         self.scheduler = scheduler
         self.clock_ms = 0.0
         self.stalled = False
+        self.idle_retries = 0
         self.num_routed = 0
 
 
@@ -253,8 +254,14 @@ class Replay:
             result = scheduler.step(best.clock_ms)
             outcome.num_passes += 1
             if not result.did_work and result.end_ms <= result.start_ms:
-                best.stalled = True  # nothing can move until the next arrival
+                # A deadline at this very time (an instant transfer this pass started) lands
+                # at the next tick: run again, a few times at most, before calling it a stall.
+                deadline = scheduler.next_deadline_ms(result.start_ms)
+                best.idle_retries += 1
+                if deadline is None or deadline > result.start_ms or best.idle_retries > 3:
+                    best.stalled = True  # nothing can move until the next arrival
                 continue
+            best.idle_retries = 0
             best.clock_ms = result.end_ms
             end = result.end_ms
             for request_id, reused in result.admissions:

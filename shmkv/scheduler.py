@@ -528,7 +528,10 @@ class RankScheduler:
     def _try_swap_in(self, request: _Request, cost: PrefillCost, now_ms: float) -> bool | None:
         """True = parked on a swap-in; False = nothing to onboard; None = blocked on an offload."""
         seq = request.seq
-        skip = cost.cached_tokens // self.block_size
+        # NOTE: not cached_tokens // bs, which stops at the prompt: a preempted request's
+        # generated blocks may already be in G1, and onboarding them again would requeue the
+        # request forever (a livelock seen under `shmkv stress`).
+        skip = cost.cached_blocks
         if skip >= len(seq.plhs):
             return False
         outcome = self.manager.try_batch_swap_in(seq.plhs[skip:], now_ms)

@@ -232,3 +232,27 @@ def test_multi_turn_sessions_release_next_turn_after_delay() -> None:
 
 def _tokens(n: int) -> array[int]:
     return array("I", range(n))
+
+
+def test_preempted_requests_with_g2_copies_do_not_livelock_on_swap_in() -> None:
+    """Regression (found by `shmkv stress`): a preempted request whose generated blocks are in
+    G1 and also in G2 was onboarded again and again, because the swap-in started at the end of
+    the prompt instead of the end of the G1 prefix. Instant transfers, tiny G1, heavy reuse."""
+    sessions = synthetic_sessions(
+        input_tokens=96,
+        output_tokens=40,
+        request_count=300,
+        shared_prefix_ratio=0.6,
+        num_prefix_groups=4,
+        block_size=16,
+    )
+    engine = EngineConfig(num_gpu_blocks=40, block_size=16, num_g2_blocks=64, kv_bytes_per_token=0)
+    outcome = run_replay(sessions, ReplayOptions(engine=engine, replay_concurrency=8))
+    assert outcome.collector.num_completed == 300
+    assert outcome.num_incomplete == 0
+    assert outcome.num_preemptions > 0
+    g2 = outcome.g2_engines[0]
+    assert g2 is not None
+    assert 0 < g2.num_onboarded < 2000, (
+        "swap-ins happen, but each block is onboarded a bounded number of times"
+    )
