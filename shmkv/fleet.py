@@ -256,7 +256,21 @@ class Fleet:
     def _wait_ready(self, which: Callable[[_Proc], bool]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not all(p.ready for p in self._procs.values() if which(p)):
-            self._check_processes(restart=False)
+            # Only the coordinator and the processes waited for matter here; any other rank
+            # that died is restarted by the main loop's next check.
+            for proc in list(self._procs.values()):
+                code = proc.popen.poll()
+                if code is None:
+                    continue
+                if proc.role == "coordinator":
+                    raise CoordinatorDiedError(
+                        f"the coordinator (pid {proc.pid}) exited with code {code}"
+                    )
+                if which(proc):
+                    raise BrokenWorkerError(
+                        f"{proc.role} {proc.rank} (pid {proc.pid}) exited with code {code} "
+                        "while starting"
+                    )
             if time.monotonic() > deadline:
                 missing = [
                     p.role + str(p.rank) for p in self._procs.values() if which(p) and not p.ready
@@ -599,7 +613,9 @@ class Fleet:
     # ── failures ──────────────────────────────────────────────────────────────────────────
 
     def _check_processes(self, *, restart: bool) -> None:
-        for identity, proc in list(self._procs.items()):
+        # The coordinator first: its death restarts every rank anyway.
+        items = sorted(self._procs.items(), key=lambda item: item[1].role != "coordinator")
+        for identity, proc in items:
             code = proc.popen.poll()
             if code is None:
                 continue
@@ -676,7 +692,14 @@ class Fleet:
             status.next_event_seq, read_seq_file(str(self._tmpdir / f"rank{proc.rank}.seq"))
         )
         self._spawn_rank(proc.rank, epoch=proc.epoch + 1)
-        self._wait_ready(lambda p: p.role == "rank" and p.rank == proc.rank)
+        coordinator = self._procs.get(b"coordinator")
+        try:
+            self._wait_ready(lambda p: p.role == "rank" and p.rank == proc.rank)
+        except CoordinatorDiedError:
+            # It died while this rank was coming back: restart everything on a new segment.
+            if self.options.no_restart or coordinator is None:
+                raise
+            self._restart_fleet(coordinator, coordinator.popen.poll())
 
     # ── end of run ────────────────────────────────────────────────────────────────────────
 
