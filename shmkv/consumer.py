@@ -95,6 +95,7 @@ _COUNTERS: Final = (
     "replay_requests",
     "replay_failures",
     "orphan_stores",
+    "cross_tier_parents",
     "unknown_removes",
 )
 
@@ -343,6 +344,10 @@ class EventConsumer:
             return 0
         replies = self._fetch_replay(state, start_seq)
         if replies is None:
+            # The publisher may have died and come back meanwhile (its successor serves the
+            # same endpoint and opens with AllBlocksCleared): ask once more.
+            replies = self._fetch_replay(state, start_seq)
+        if replies is None:
             return 0
         applied = 0
         for seq, payload in replies:
@@ -460,7 +465,10 @@ class EventConsumer:
                 hashes = index[(rank, event.tier)]
                 parent = event.parent_hash
                 if parent is not None and parent not in hashes:
-                    counters["orphan_stores"] += 1
+                    if any(parent in index[(rank, tier)] for tier in StorageTier):
+                        counters["cross_tier_parents"] += 1  # e.g. a host copy of a G1 child
+                    else:
+                        counters["orphan_stores"] += 1  # the parent is in no tier here
                 hashes.update(event.block_hashes)
                 counters["blocks_stored"] += len(event.block_hashes)
             elif isinstance(event, BlockRemoved):
