@@ -14,8 +14,9 @@ import random
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice, repeat
+from typing import Final, NamedTuple, cast
 
 import xxhash
 
@@ -30,6 +31,25 @@ assert array("I").itemsize == _TOKEN_BYTES, "array('I') must hold 32-bit tokens 
 # (mode, position bits, fragment bits) by position range; see behavior.md §1.4.
 _MODE_LIMITS: Final = ((256, 0, 8, 59), (1 << 16, 1, 16, 55), (1 << 24, 2, 24, 51))
 MAX_POSITION: Final = (1 << 24) - 1
+
+# Fast path of `make_plh` for positions 0..254: mode 0, 59-bit fragments for the parent and
+# (since position + 1 is still mode 0) the current block.
+_FAST_PLH_END: Final = 255
+_M0_FRAG_BITS: Final = 59
+_M0_FRAG_MASK: Final = (1 << _M0_FRAG_BITS) - 1
+_M0_POSITION_SHIFT: Final = 2 * _M0_FRAG_BITS
+_M0_POSITIONS: Final = tuple(p << _M0_POSITION_SHIFT for p in range(_FAST_PLH_END))
+
+_block_slices: dict[int, list[slice]] = {}
+"""Per block byte size: `slice(i * step, (i + 1) * step)` for i = 0, 1, ... (grown on demand)."""
+
+
+class BlockHashes(NamedTuple):
+    """The identities of consecutive full blocks, one entry per block in each list."""
+
+    local_hashes: list[LocalHash]
+    seq_hashes: list[SeqHash]
+    plhs: list[Plh]
 
 
 def token_bytes(tokens: Sequence[int] | array[int]) -> bytes:
@@ -50,13 +70,27 @@ def local_hash_of_bytes(block: bytes | memoryview) -> LocalHash:
     return _xxh3(block, seed=XXH3_SEED)
 
 
+def _slices(step: int, count: int) -> Iterator[slice]:
+    """The byte ranges of the first `count` blocks of `step` bytes."""
+    cached = _block_slices.get(step)
+    if cached is None or len(cached) < count:
+        cached = [slice(i * step, (i + 1) * step) for i in range(max(count, 64))]
+        _block_slices[step] = cached
+    return islice(cached, count)
+
+
+def _local_hashes_of(data: bytes | memoryview, step: int, count: int) -> list[LocalHash]:
+    """Local hashes of the first `count` blocks of `step` bytes in `data` (one C-level pass)."""
+    block_at = cast("Callable[[slice], bytes]", data.__getitem__)
+    return list(map(_xxh3, map(block_at, _slices(step, count)), repeat(XXH3_SEED, count)))
+
+
 def local_block_hashes(tokens: Sequence[int] | array[int], block_size: int) -> list[LocalHash]:
     """One local hash per full block of `tokens` (a trailing partial block is ignored)."""
     _check_block_size(block_size)
-    data = memoryview(token_bytes(tokens))
+    data = token_bytes(tokens)
     step = block_size * _TOKEN_BYTES
-    num_full = len(data) // step
-    return [_xxh3(data[i * step : (i + 1) * step], seed=XXH3_SEED) for i in range(num_full)]
+    return _local_hashes_of(data, step, len(data) // step)
 
 
 def chain_sequence_hashes(
@@ -80,6 +114,173 @@ def sequence_hashes(tokens: Sequence[int] | array[int], block_size: int) -> list
     return chain_sequence_hashes(local_block_hashes(tokens, block_size))
 
 
+def hash_blocks(
+    data: bytes | memoryview,
+    block_size: int,
+    parent: SeqHash | None = None,
+    position: int = 0,
+) -> BlockHashes:
+    """Local hash, sequence hash and PLH of every full block of `data`, in one pass.
+
+    Args:
+        data: token bytes (`token_bytes`) starting at a block boundary; a trailing partial
+            block is ignored.
+        block_size: tokens per block.
+        parent: the sequence hash of the block just before `data`, if any.
+        position: the block position of the first block of `data`.
+
+    Raises:
+        ConfigError: a bad block size, or the last block lies beyond `MAX_POSITION`.
+    """
+    _check_block_size(block_size)
+    step = block_size * _TOKEN_BYTES
+    count = len(data) // step
+    if position + count - 1 > MAX_POSITION:
+        raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
+    locals_ = _local_hashes_of(data, step, count)
+    seqs: list[SeqHash] = []
+    if position >= 0 and position + count <= _FAST_PLH_END:
+        # Every block in mode 0: chain and pack PLHs in the same loop.
+        plhs: list[Plh] = []
+        add_seq, add_plh = seqs.append, plhs.append
+        mask = _M0_FRAG_MASK
+        prev = parent
+        parent_frag = 0 if parent is None else parent & mask
+        for pos, local in zip(_M0_POSITIONS[position : position + count], locals_, strict=True):
+            prev = local if prev is None else _xxh3(_pack_pair(prev, local), XXH3_SEED)
+            frag = prev & mask
+            add_plh(pos | (parent_frag << _M0_FRAG_BITS) | frag)
+            add_seq(prev)
+            parent_frag = frag
+        return BlockHashes(locals_, seqs, plhs)
+    if count:
+        append = seqs.append
+        prev = parent
+        for local in locals_:
+            prev = local if prev is None else _xxh3(_pack_pair(prev, local), XXH3_SEED)
+            append(prev)
+    return BlockHashes(locals_, seqs, chain_plhs(seqs, parent, position))
+
+
+class PrefixHashCache:
+    """`hash_blocks` for a stream of prompts that share prefixes (system prompts, chat
+    histories, prefix groups): a prompt whose first block matches a recent prompt's reuses
+    the hashes of their common prefix and hashes only the rest. Results are identical to
+    `hash_blocks(data, block_size)`; the returned lists are fresh (the caller may keep them).
+
+    Args:
+        block_size: tokens per block.
+        max_prompts: how many recent prompts (distinct first blocks) to remember.
+        max_blocks: bound on the full blocks of the remembered prompts (memory: about 100
+            bytes per block with a block of 16 tokens); the oldest prompts go first.
+    """
+
+    __slots__ = ("_block_size", "_max_blocks", "_max_prompts", "_num_blocks", "_recent")
+
+    def __init__(self, block_size: int, max_prompts: int = 256, max_blocks: int = 1 << 17) -> None:
+        _check_block_size(block_size)
+        self._block_size = block_size
+        self._max_prompts = max(1, max_prompts)
+        self._max_blocks = max(0, max_blocks)
+        self._num_blocks = 0
+        self._recent: dict[bytes, tuple[bytes, BlockHashes]] = {}
+
+    def hash_blocks(self, data: bytes) -> BlockHashes:
+        """`hash_blocks(data, block_size)`, reusing a recent prompt's common prefix."""
+        step = self._block_size * _TOKEN_BYTES
+        count = len(data) // step
+        if not count:
+            return hash_blocks(data, self._block_size)
+        first = data[:step]
+        recent = self._recent.get(first)
+        if recent is None:
+            hashes = hash_blocks(data, self._block_size)
+        else:
+            old_data, old = recent
+            shared = _common_blocks(old_data, data, step, min(count, len(old.seq_hashes)))
+            rest = hash_blocks(
+                data[shared * step : count * step],
+                self._block_size,
+                old.seq_hashes[shared - 1],
+                shared,
+            )
+            hashes = BlockHashes(
+                old.local_hashes[:shared] + rest.local_hashes,
+                old.seq_hashes[:shared] + rest.seq_hashes,
+                old.plhs[:shared] + rest.plhs,
+            )
+            del self._recent[first]  # re-inserted below as the most recent
+            self._num_blocks -= len(old.seq_hashes)
+        self._recent[first] = (data, hashes)
+        self._num_blocks += count
+        while len(self._recent) > self._max_prompts or (
+            self._num_blocks > self._max_blocks and self._recent
+        ):
+            _data, dropped = self._recent.pop(next(iter(self._recent)))
+            self._num_blocks -= len(dropped.seq_hashes)
+        return BlockHashes(list(hashes.local_hashes), list(hashes.seq_hashes), list(hashes.plhs))
+
+
+def _common_blocks(a: bytes, b: bytes, step: int, limit: int) -> int:
+    """How many leading blocks of `step` bytes `a` and `b` share (their first one must match),
+    at most `limit`: a binary search over prefix comparisons (prefix equality is monotone)."""
+    low, high = 1, limit  # invariant: the first `low` blocks match
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[: mid * step] == b[: mid * step]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def hash_block(
+    data: bytes | memoryview, parent: SeqHash | None, position: int
+) -> tuple[LocalHash, SeqHash, Plh]:
+    """(local hash, sequence hash, PLH) of the one block whose token bytes are `data`, at
+    `position` after `parent` (a decode step filling a block)."""
+    local = _xxh3(data, XXH3_SEED)
+    if parent is None:
+        current = local
+        if 0 <= position < _FAST_PLH_END:
+            return local, current, (position << _M0_POSITION_SHIFT) | (current & _M0_FRAG_MASK)
+    else:
+        current = _xxh3(_pack_pair(parent, local), XXH3_SEED)
+        if 0 <= position < _FAST_PLH_END:
+            return (
+                local,
+                current,
+                (position << _M0_POSITION_SHIFT)
+                | ((parent & _M0_FRAG_MASK) << _M0_FRAG_BITS)
+                | (current & _M0_FRAG_MASK),
+            )
+    return local, current, make_plh(current, parent, position)
+
+
+def chain_plhs(seq_hashes: Sequence[SeqHash], parent: SeqHash | None, position: int) -> list[Plh]:
+    """PLHs of a chain of blocks: block i sits at `position + i`, its parent is block i - 1
+    (`parent` for block 0)."""
+    if position < 0:
+        raise ConfigError(f"block position must be >= 0, got {position}")
+    count = len(seq_hashes)
+    fast = max(0, min(count, _FAST_PLH_END - position))
+    plhs: list[Plh] = []
+    if fast:
+        mask = _M0_FRAG_MASK
+        frags = [h & mask for h in islice(seq_hashes, fast)]
+        parent_frags = [0 if parent is None else parent & mask]
+        parent_frags += frags[:-1]
+        plhs = [
+            pos | (parent_frag << _M0_FRAG_BITS) | frag
+            for pos, parent_frag, frag in zip(
+                _M0_POSITIONS[position : position + fast], parent_frags, frags, strict=True
+            )
+        ]
+    for i in range(fast, count):
+        plhs.append(make_plh(seq_hashes[i], seq_hashes[i - 1] if i else parent, position + i))
+    return plhs
+
+
 def _mode(position: int) -> tuple[int, int, int]:
     for limit, mode, pos_bits, frag_bits in _MODE_LIMITS:
         if position < limit:
@@ -93,6 +294,13 @@ def make_plh(current: SeqHash, parent: SeqHash | None, position: int) -> Plh:
     The current fragment keeps as many bits as the *child's* parent fragment will, so a child's
     parent fragment always equals its parent's current fragment across mode boundaries.
     """
+    if 0 <= position < _FAST_PLH_END:
+        parent_frag = 0 if parent is None else parent & _M0_FRAG_MASK
+        return (
+            (position << _M0_POSITION_SHIFT)
+            | (parent_frag << _M0_FRAG_BITS)
+            | (current & _M0_FRAG_MASK)
+        )
     if position < 0:
         raise ConfigError(f"block position must be >= 0, got {position}")
     mode, _pos_bits, frag_bits = _mode(position)

@@ -9,6 +9,7 @@ host-tier blocks at a discount).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import takewhile
 
 from shmkv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, StorageTier
 from shmkv.ids import SeqHash
@@ -44,11 +45,9 @@ class KvIndex:
         """(leading blocks in device tier, further leading blocks in host tier)."""
         device = self._device[rank]
         host = self._host[rank]
-        num_device = 0
-        for h in seq_hashes:
-            if h not in device:
-                break
-            num_device += 1
+        num_device = len(list(takewhile(device.__contains__, seq_hashes)))
+        if not host:  # the block after the device prefix is in neither tier
+            return num_device, 0
         num_host = 0
         for h in seq_hashes[num_device:]:
             if h not in host and h not in device:

@@ -11,10 +11,15 @@ Physical slots 0..capacity-1 are partitioned at all times:
 
 `num_active_blocks = capacity - (reset + inactive)`.
 
-A *registration* (`_Reg`) gives a slot a PLH identity plus the router metadata (sequence hash,
-parent hash, local hash, token ids) needed for events and offload. It lives in `_registered`
-(keyed by PLH) from registration until eviction. `_active_full` maps a sequence hash to the
+A *registration* gives a slot a PLH identity plus the router metadata (sequence hash, parent
+hash, local hash, token ids) needed for events and offload. It lives in `_registered` (keyed
+by PLH) from registration until eviction. `_active_full` maps a sequence hash to the
 registration it names and how many request-level handles that name holds.
+
+Hot-path representation: one registration is created per newly stored block, so it is a
+6-int list (`_Rec`, fields `_SLOT`.. `_REFS` below) rather than an object, its token ids (only
+kept when signals carry them) live in `_token_ids`, and an `_active_full` entry is the tuple
+`(record, handles)`.
 
 Events (when enabled) are appended to an internal list in emission order and drained with
 `take_events()`. Bad input raises `SignalError` before any state changes.
@@ -25,7 +30,8 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from itertools import repeat
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from shmkv.errors import ConfigError, InvariantError, SignalError
 from shmkv.events import BlockRemoved, BlockStored, KvEvent, StorageTier
@@ -47,41 +53,31 @@ if TYPE_CHECKING:
 _DEVICE = StorageTier.DEVICE
 _HOST = StorageTier.HOST_PINNED
 
+_Rec: TypeAlias = list[int]
+"""A registered block: `[slot, plh, seq_hash, parent_hash, local_hash, refs]`."""
+_SLOT: Final = 0
+"""The physical slot (BlockId) holding the block."""
+_PLH: Final = 1
+"""Its positional lineage hash (the `_registered` key)."""
+_SEQ: Final = 2
+"""Its sequence hash."""
+_PARENT: Final = 3
+"""The parent's sequence hash, or `_NO_PARENT` (hashes are unsigned, so -1 is free)."""
+_LOCAL: Final = 4
+"""Its local hash (0 when the signal did not carry one)."""
+_REFS: Final = 5
+"""Handles from any source (request-level names and prefix pins); 0 = inactive."""
+_NO_PARENT: Final = -1
 
-class _Reg:
-    """A registered (identified) block in a slot. `ref_cnt` = handles from any source."""
-
-    __slots__ = ("block_id", "local_hash", "parent_hash", "plh", "ref_cnt", "seq_hash", "token_ids")
-
-    def __init__(
-        self,
-        block_id: BlockId,
-        plh: Plh,
-        seq_hash: SeqHash,
-        parent_hash: SeqHash | None,
-        local_hash: LocalHash,
-        token_ids: Sequence[int] | None,
-    ) -> None:
-        self.block_id = block_id
-        self.plh = plh
-        self.seq_hash = seq_hash
-        self.parent_hash = parent_hash
-        self.local_hash = local_hash
-        self.token_ids = token_ids
-        self.ref_cnt = 0
-
-    def meta(self) -> BlockMeta:
-        return BlockMeta(self.seq_hash, self.parent_hash, self.local_hash, self.token_ids)
+_Entry: TypeAlias = tuple[_Rec, int]
+"""`_active_full[seq_hash]`: the registration and the number of handles under that name."""
+_Evicted: TypeAlias = tuple[_Rec, Sequence[int] | None]
+"""An evicted registration and its token ids, on its way to the offload engine."""
 
 
-class _Entry:
-    """`active_full[seq_hash]`: the registration and the number of handles under that name."""
-
-    __slots__ = ("num_handles", "reg")
-
-    def __init__(self, reg: _Reg, num_handles: int) -> None:
-        self.reg = reg
-        self.num_handles = num_handles
+def _parent_of(rec: _Rec) -> SeqHash | None:
+    parent = rec[_PARENT]
+    return None if parent == _NO_PARENT else parent
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +152,9 @@ class KvManager:
         self.eviction = eviction
         self._backend, self._tracker = make_backend(eviction, max_capacity)
         self._reset: deque[BlockId] = deque(range(max_capacity))
-        self._registered: dict[Plh, _Reg] = {}
+        self._registered: dict[Plh, _Rec] = {}
+        self._token_ids: dict[Plh, Sequence[int]] = {}
+        """Token ids of the registered blocks whose signals carried them."""
         self._active_full: dict[SeqHash, _Entry] = {}
         self._active_partial: dict[PartialId, BlockId] = {}
         self._num_full_refs = 0
@@ -193,7 +191,7 @@ class KvManager:
 
     def refcount(self, seq_hash: SeqHash) -> int:
         entry = self._active_full.get(seq_hash)
-        return 0 if entry is None else entry.num_handles
+        return 0 if entry is None else entry[1]
 
     def has_partial(self, partial_id: PartialId) -> bool:
         return partial_id in self._active_partial
@@ -207,7 +205,7 @@ class KvManager:
     def registered_seq_hashes(self) -> list[SeqHash]:
         """Sequence hashes of every registered block (active or inactive): what a router
         should believe this rank holds in G1."""
-        return [reg.seq_hash for reg in self._registered.values()]
+        return [rec[_SEQ] for rec in self._registered.values()]
 
     def get_prefill_cost(self, sequence: ActiveSequence) -> PrefillCost:
         overlap = 0
@@ -219,10 +217,10 @@ class KvManager:
                 if seq_hash in active_full:
                     active_overlap += 1
                 else:
-                    reg = registered.get(plh)
-                    if reg is None:
+                    rec = registered.get(plh)
+                    if rec is None:
                         break
-                    if reg.ref_cnt > 0:
+                    if rec[_REFS] > 0:
                         active_overlap += 1
                 overlap += 1
         bs = self.block_size
@@ -333,6 +331,10 @@ class KvManager:
     def _use(self, signal: Use) -> int:
         self._check_use(signal)
         blocks = signal.raw_blocks
+        if len(blocks) == 1 and self._offload is None:
+            only = blocks[0]
+            if type(only) is PartialBlock:
+                return self._use_partial(only)
         plhs = signal.plhs
         local_hashes = signal.local_hashes
         token_ids = signal.token_ids
@@ -343,88 +345,94 @@ class KvManager:
         tracker = self._tracker
         reset = self._reset
         offload = self._offload
-        events_on = self._events_enabled
+        token_map = self._token_ids
 
-        prev_hash: SeqHash | None = None if parent is None else parent.seq_hash  # type: ignore[union-attr]
-        # Runs of newly stored blocks: (parent, hashes, local hashes, token ids).
-        runs: list[
-            tuple[SeqHash | None, list[SeqHash], list[LocalHash], list[Sequence[int]] | None]
-        ] = []
-        run_hashes: list[SeqHash] | None = None
-        run_locals: list[LocalHash] = []
-        run_tokens: list[Sequence[int]] | None = None
-        evicted: list[_Reg] = []
-        blocked_evicted: list[_Reg] = []
+        prev = _NO_PARENT if parent is None else parent.seq_hash  # type: ignore[union-attr]
+        # Runs of newly stored blocks, as (parent, first full index, end full index).
+        runs: list[tuple[int, int, int]] = []
+        run_start = -1
+        run_parent = _NO_PARENT
+        evicted: list[SeqHash] = []
+        blocked: list[_Evicted] = []
         blocked_slots: list[BlockId] = []
         full_idx = 0
         processed = 0
-        for i, block in enumerate(blocks):
+        num_refs = 0
+        try_bulk = offload is None and tracker is None and signal.num_full > 2
+        for block in blocks:
             if type(block) is int:
                 entry = active_full.get(block)
-                if entry is not None:
-                    entry.num_handles += 1
-                    entry.reg.ref_cnt += 1
-                    self._num_full_refs += 1
-                    full_idx += 1
-                    run_hashes = None
-                    prev_hash = block
-                    processed += 1
-                    continue
-                plh = plhs[full_idx]
-                reg = registered.get(plh)
-                if reg is not None:
-                    if reg.ref_cnt == 0:
-                        backend.remove(plh)
-                    if tracker is not None:
-                        tracker.touch(plh)
-                    reg.ref_cnt += 1
-                    active_full[block] = _Entry(reg, 1)
-                    self._num_full_refs += 1
-                    full_idx += 1
-                    run_hashes = None
-                    prev_hash = block
-                    processed += 1
-                    continue
-                # NewStore: take a slot.
-                if reset:
-                    slot = reset.popleft()
+                if entry is not None:  # hit on a block active under this name
+                    rec = entry[0]
+                    active_full[block] = (rec, entry[1] + 1)
+                    rec[_REFS] += 1
                 else:
-                    victim = backend.evict()
-                    if victim is None:
-                        break
-                    vreg = registered.pop(victim)
-                    if offload is not None:
-                        blocked_evicted.append(vreg)
-                        blocked_slots.append(vreg.block_id)
-                        self._extend_blocked_batch(
-                            blocked_evicted,
-                            blocked_slots,
-                            1 + self._pending_allocations(blocks, i + 1, plhs, full_idx + 1),
-                        )
-                        break
-                    evicted.append(vreg)
-                    slot = vreg.block_id
-                local = local_hashes[full_idx] if local_hashes else 0
-                ids = token_ids[full_idx] if token_ids is not None else None
-                reg = _Reg(slot, plh, block, prev_hash, local, ids)
-                reg.ref_cnt = 1
-                registered[plh] = reg
-                if tracker is not None:
-                    tracker.touch(plh)
-                active_full[block] = _Entry(reg, 1)
-                self._num_full_refs += 1
-                if events_on:
-                    if run_hashes is None:
-                        run_hashes = []
-                        run_locals = []
-                        run_tokens = [] if token_ids is not None else None
-                        runs.append((prev_hash, run_hashes, run_locals, run_tokens))
-                    run_hashes.append(block)
-                    run_locals.append(local)
-                    if run_tokens is not None and ids is not None:
-                        run_tokens.append(ids)
+                    plh = plhs[full_idx]
+                    found = registered.get(plh)
+                    if found is not None:  # hit on a registered block (maybe inactive)
+                        if not found[_REFS]:
+                            backend.remove(plh)
+                        if tracker is not None:
+                            tracker.touch(plh)
+                        found[_REFS] += 1
+                        active_full[block] = (found, 1)
+                    else:  # NewStore: take a slot
+                        if try_bulk:  # only at the first miss: store the rest in one go?
+                            try_bulk = False
+                            stored = self._store_rest_in_bulk(signal, processed, full_idx, prev)
+                            if stored is not None:
+                                count, tail = stored
+                                evicted += tail
+                                num_refs += count
+                                if run_start < 0:
+                                    run_start = full_idx
+                                    run_parent = prev
+                                full_idx += count
+                                processed += count
+                                if processed < len(blocks):  # the trailing partial block
+                                    processed += self._use_tail_partial(blocks[-1], evicted)
+                                break
+                        if reset:
+                            slot = reset.popleft()
+                        else:
+                            victim = backend.evict()
+                            if victim is None:
+                                break
+                            vrec = registered.pop(victim)
+                            vids = token_map.pop(victim, None) if token_map else None
+                            if offload is not None:
+                                blocked.append((vrec, vids))
+                                blocked_slots.append(vrec[_SLOT])
+                                pending = self._pending_allocations(
+                                    blocks, processed + 1, plhs, full_idx + 1
+                                )
+                                self._extend_blocked_batch(blocked, blocked_slots, 1 + pending)
+                                break
+                            evicted.append(vrec[_SEQ])
+                            slot = vrec[_SLOT]
+                        local = local_hashes[full_idx] if local_hashes else 0
+                        rec = [slot, plh, block, prev, local, 1]
+                        registered[plh] = rec
+                        if token_ids is not None:
+                            token_map[plh] = token_ids[full_idx]
+                        if tracker is not None:
+                            tracker.touch(plh)
+                        active_full[block] = (rec, 1)
+                        num_refs += 1
+                        if run_start < 0:
+                            run_start = full_idx
+                            run_parent = prev
+                        full_idx += 1
+                        prev = block
+                        processed += 1
+                        continue
+                # A hit ends the current run of new blocks.
+                num_refs += 1
+                if run_start >= 0:
+                    runs.append((run_parent, run_start, full_idx))
+                    run_start = -1
                 full_idx += 1
-                prev_hash = block
+                prev = block
                 processed += 1
             else:
                 partial_id = block.partial_id  # type: ignore[union-attr]
@@ -435,32 +443,160 @@ class KvManager:
                         victim = backend.evict()
                         if victim is None:
                             break
-                        vreg = registered.pop(victim)
+                        vrec = registered.pop(victim)
+                        vids = token_map.pop(victim, None) if token_map else None
                         if offload is not None:
-                            blocked_evicted.append(vreg)
-                            blocked_slots.append(vreg.block_id)
-                            self._extend_blocked_batch(
-                                blocked_evicted,
-                                blocked_slots,
-                                1 + self._pending_allocations(blocks, i + 1, plhs, full_idx),
+                            blocked.append((vrec, vids))
+                            blocked_slots.append(vrec[_SLOT])
+                            pending = self._pending_allocations(
+                                blocks, processed + 1, plhs, full_idx
                             )
+                            self._extend_blocked_batch(blocked, blocked_slots, 1 + pending)
                             break
-                        evicted.append(vreg)
-                        slot = vreg.block_id
+                        evicted.append(vrec[_SEQ])
+                        slot = vrec[_SLOT]
                     self._active_partial[partial_id] = slot
                 processed += 1
+        if run_start >= 0:
+            runs.append((run_parent, run_start, full_idx))
+        self._num_full_refs += num_refs
 
-        for run_parent, hashes, locals_, tokens in runs:
-            self._emit_stored(_DEVICE, run_parent, hashes, locals_, tokens)
+        if self._events_enabled and (runs or evicted):
+            self._emit_use_events(signal, runs, evicted)
+        self.last_use_blocked = bool(blocked)
+        if blocked:
+            self._offload_evicted(blocked, blocked_slots)
+        return processed
+
+    def _store_rest_in_bulk(
+        self, signal: Use, start: int, full_idx: int, prev: int
+    ) -> tuple[int, list[SeqHash]] | None:
+        """Register every full block of `signal` from `start` (full index `full_idx`) on as a
+        new block, in one pass, when that is exactly what the per-block loop would do: none
+        of them is held or registered, none repeats, G1 has room for all of them, and no
+        offload engine or frequency tracker watches the allocations. At most one partial
+        block may follow (left to the caller). Returns (blocks stored, sequence hashes
+        evicted), or None to fall back to the per-block loop."""
+        blocks = signal.raw_blocks
+        count = signal.num_full - full_idx
+        extra = len(blocks) - start - count
+        if extra > 1 or (extra == 1 and type(blocks[-1]) is int):
+            return None
+        hashes: list[SeqHash] = blocks[start : start + count]  # type: ignore[assignment]
+        plhs = signal.plhs[full_idx:]
+        reset = self._reset
+        backend = self._backend
+        active_full = self._active_full
+        registered = self._registered
+        if (
+            len(reset) + len(backend) < count
+            or not active_full.keys().isdisjoint(hashes)
+            or not registered.keys().isdisjoint(plhs)
+            or len(set(hashes)) != count
+            or len(set(plhs)) != count
+        ):
+            return None
+        num_reset = min(count, len(reset))
+        slots = [reset.popleft() for _ in range(num_reset)]
+        evicted: list[SeqHash] = []
+        if num_reset < count:
+            evict = backend.evict
+            victims = [evict() for _ in range(count - num_reset)]
+            records = list(map(registered.pop, victims))  # type: ignore[arg-type]
+            if self._token_ids:
+                for victim in victims:
+                    self._token_ids.pop(victim, None)  # type: ignore[arg-type]
+            slots += [rec[_SLOT] for rec in records]
+            evicted = [rec[_SEQ] for rec in records]
+        parents = [prev]
+        parents += hashes[:-1]
+        local_hashes = signal.local_hashes[full_idx:] if signal.local_hashes else [0] * count
+        new = [
+            [slot, plh, seq_hash, parent, local, 1]
+            for slot, plh, seq_hash, parent, local in zip(
+                slots, plhs, hashes, parents, local_hashes, strict=True
+            )
+        ]
+        registered.update(zip(plhs, new, strict=True))
+        active_full.update(zip(hashes, zip(new, repeat(1)), strict=True))
+        if signal.token_ids is not None:
+            self._token_ids.update(zip(plhs, signal.token_ids[full_idx:], strict=True))
+        return count, evicted
+
+    def _use_tail_partial(self, block: RawBlock, evicted: list[SeqHash]) -> int:
+        """The partial block ending a bulk-stored Use (no offload engine): 1 if held."""
+        partial_id = block.partial_id  # type: ignore[union-attr]
+        if partial_id not in self._active_partial:
+            if self._reset:
+                slot = self._reset.popleft()
+            else:
+                victim = self._backend.evict()
+                if victim is None:
+                    return 0
+                rec, _ids = self._take_victim(victim)
+                evicted.append(rec[_SEQ])
+                slot = rec[_SLOT]
+            self._active_partial[partial_id] = slot
+        return 1
+
+    def use_partial(self, block: PartialBlock) -> int:
+        """`process(Use([block]))` for a lone partial block (a decode step opening a new
+        block), without building the signal: 1 when held, 0 when G1 is full. On a manager
+        with an offload engine this goes through the general path."""
+        if self._offload is not None:
+            return self._use(Use.from_raw([block], (), (), None, None, 0))
+        return self._use_partial(block)
+
+    def _use_partial(self, block: PartialBlock) -> int:
+        """`_use` of a lone partial block without an offload engine: the same outcome,
+        without the general loop. A failure changes nothing."""
+        self.last_use_blocked = False
+        partial_id = block.partial_id
+        active_partial = self._active_partial
+        if partial_id in active_partial:
+            return 1
+        if self._reset:
+            active_partial[partial_id] = self._reset.popleft()
+            return 1
+        victim = self._backend.evict()
+        if victim is None:
+            return 0
+        vrec = self._registered.pop(victim)
+        if self._token_ids:
+            self._token_ids.pop(victim, None)
+        active_partial[partial_id] = vrec[_SLOT]
+        self._emit_removed(_DEVICE, [vrec[_SEQ]])
+        return 1
+
+    def _emit_use_events(
+        self, signal: Use, runs: list[tuple[int, int, int]], evicted: list[SeqHash]
+    ) -> None:
+        """Stored, one per run of new blocks anchored to the block before it, then Removed."""
+        blocks = signal.raw_blocks
+        full_hashes: list[SeqHash] = (
+            blocks  # type: ignore[assignment]
+            if signal.num_full == len(blocks)
+            else [b for b in blocks if isinstance(b, int)]
+        )
+        local_hashes = signal.local_hashes
+        token_ids = signal.token_ids
+        stored: set[SeqHash] = set()
+        for run_parent, start, end in runs:
+            hashes = full_hashes[start:end]
+            stored.update(hashes)
+            self._emit_stored(
+                _DEVICE,
+                None if run_parent == _NO_PARENT else run_parent,
+                hashes,
+                list(local_hashes[start:end]) if local_hashes else [0] * (end - start),
+                None if token_ids is None else list(token_ids[start:end]),
+            )
         if evicted:
             # A block evicted to make room and stored again later in this same Use was just
             # re-announced by a Stored above: reporting it Removed would lose it at the router.
-            restored = {h for run in runs for h in run[1]} if runs else ()
-            self._emit_removed(_DEVICE, [r.seq_hash for r in evicted if r.seq_hash not in restored])
-        self.last_use_blocked = bool(blocked_evicted)
-        if blocked_evicted:
-            self._offload_evicted(blocked_evicted, blocked_slots)
-        return processed
+            if stored:
+                evicted = [h for h in evicted if h not in stored]
+            self._emit_removed(_DEVICE, evicted)
 
     def _pending_allocations(
         self, blocks: list[RawBlock], start: int, plhs: Sequence[Plh], full_idx: int
@@ -477,8 +613,13 @@ class KvManager:
                 count += 1
         return count
 
+    def _take_victim(self, victim: Plh) -> _Evicted:
+        """Unregister an evicted block; returns its record and token ids."""
+        rec = self._registered.pop(victim)
+        return rec, self._token_ids.pop(victim, None) if self._token_ids else None
+
     def _extend_blocked_batch(
-        self, evicted: list[_Reg], slots: list[BlockId], max_slots: int
+        self, evicted: list[_Evicted], slots: list[BlockId], max_slots: int
     ) -> None:
         """Keep evicting while allocations evict, so one offload batch covers the whole need."""
         while len(slots) < max_slots:
@@ -487,20 +628,23 @@ class KvManager:
             victim = self._backend.evict()
             if victim is None:
                 return
-            reg = self._registered.pop(victim)
-            evicted.append(reg)
-            slots.append(reg.block_id)
+            taken = self._take_victim(victim)
+            evicted.append(taken)
+            slots.append(taken[0][_SLOT])
 
-    def _offload_evicted(self, evicted: list[_Reg], slots: list[BlockId]) -> None:
+    def _offload_evicted(self, evicted: list[_Evicted], slots: list[BlockId]) -> None:
         """Hand evicted blocks and their quarantined slots to the offload engine, then publish
         Device Removed and whatever host-tier events the engine queued."""
         offload = self._offload
         assert offload is not None
-        items = [OffloadItem(reg.plh, reg.meta()) for reg in evicted]
+        items = [
+            OffloadItem(rec[_PLH], BlockMeta(rec[_SEQ], _parent_of(rec), rec[_LOCAL], token_ids))
+            for rec, token_ids in evicted
+        ]
         self._num_quarantined += len(slots)
         released = offload.enqueue_evictions(items, slots)
         self._release_quarantined(released)
-        self._emit_removed(_DEVICE, [reg.seq_hash for reg in evicted])
+        self._emit_removed(_DEVICE, [rec[_SEQ] for rec, _ in evicted])
         self._emit_g2_events(offload.take_events())
 
     def _release_quarantined(self, slots: Sequence[BlockId]) -> None:
@@ -511,78 +655,105 @@ class KvManager:
             raise InvariantError("offload engine released more source slots than it held")
         self._reset.extend(slots)
 
-    def _check_deref(self, blocks: list[RawBlock]) -> None:
-        counts = Counter(blocks) if len(blocks) > 1 else None
+    def _check_deref_counted(self, blocks: list[RawBlock]) -> None:
+        """Deref validation when blocks repeat: each name must hold that many handles."""
+        counts = Counter(blocks)
         for block in blocks:
             if type(block) is int:
                 entry = self._active_full.get(block)
-                need = 1 if counts is None else counts[block]
-                if entry is None or entry.num_handles < need:
+                if entry is None or entry[1] < counts[block]:
                     raise SignalError(f"Deref: full block {block:#x} is not held")
             else:
                 partial_id = block.partial_id  # type: ignore[union-attr]
-                if partial_id not in self._active_partial or (
-                    counts is not None and counts[block] > 1
-                ):
+                if partial_id not in self._active_partial or counts[block] > 1:
                     raise SignalError(f"Deref: partial block {partial_id:#x} is not held")
 
     def _deref(self, blocks: list[RawBlock]) -> None:
-        self._check_deref(blocks)
         active_full = self._active_full
-        backend = self._backend
+        active_partial = self._active_partial
+        # Validate everything before changing anything.
+        if len(blocks) > 1 and len(set(blocks)) != len(blocks):
+            self._check_deref_counted(blocks)
+        else:
+            for block in blocks:
+                if type(block) is int:
+                    if block not in active_full:
+                        raise SignalError(f"Deref: full block {block:#x} is not held")
+                elif block.partial_id not in active_partial:  # type: ignore[union-attr]
+                    raise SignalError(
+                        f"Deref: partial block {block.partial_id:#x} is not held"  # type: ignore[union-attr]
+                    )
+        insert = self._backend.insert
+        pop = active_full.pop
+        num_refs = 0
         for block in blocks:
             if type(block) is int:
-                entry = active_full[block]
-                entry.num_handles -= 1
-                self._num_full_refs -= 1
-                if entry.num_handles == 0:
-                    del active_full[block]
-                reg = entry.reg
-                reg.ref_cnt -= 1
-                if reg.ref_cnt == 0:
-                    backend.insert(reg.plh)
+                rec, handles = pop(block)
+                if handles != 1:
+                    active_full[block] = (rec, handles - 1)
+                num_refs += 1
+                refs = rec[_REFS] - 1
+                rec[_REFS] = refs
+                if not refs:
+                    insert(rec[_PLH])
             else:
-                self._reset.append(self._active_partial.pop(block.partial_id))  # type: ignore[union-attr]
+                self._reset.append(active_partial.pop(block.partial_id))  # type: ignore[union-attr]
+        self._num_full_refs -= num_refs
 
     def _promote(self, signal: Promote) -> None:
         slot = self._active_partial.get(signal.partial_id)
         if slot is None:
             raise SignalError(f"Promote: partial block {signal.partial_id:#x} not found")
-        if signal.token_ids is not None and len(signal.token_ids) != self.block_size:
+        token_ids = signal.token_ids
+        if token_ids is not None and len(token_ids) != self.block_size:
             raise SignalError(
-                f"Promote: token_ids must hold {self.block_size} tokens, got {len(signal.token_ids)}"
+                f"Promote: token_ids must hold {self.block_size} tokens, got {len(token_ids)}"
             )
         del self._active_partial[signal.partial_id]
         seq_hash = signal.seq_hash
         entry = self._active_full.get(seq_hash)
         if entry is not None:
             self._reset.append(slot)
-            entry.num_handles += 1
-            entry.reg.ref_cnt += 1
+            rec = entry[0]
+            self._active_full[seq_hash] = (rec, entry[1] + 1)
+            rec[_REFS] += 1
             self._num_full_refs += 1
             return
         plh = signal.plh
-        reg = self._registered.get(plh)
-        if reg is not None:
+        tracker = self._tracker
+        found = self._registered.get(plh)
+        if found is not None:
+            rec = found
             self._reset.append(slot)
-            if reg.ref_cnt == 0:
+            if not rec[_REFS]:
                 self._backend.remove(plh)
-            if self._tracker is not None:
-                self._tracker.touch(plh)
+            if tracker is not None:
+                tracker.touch(plh)
         else:
-            reg = _Reg(slot, plh, seq_hash, signal.parent_hash, signal.local_hash, signal.token_ids)
-            self._registered[plh] = reg
-            if self._tracker is not None:
-                self._tracker.touch(plh)
-            self._emit_stored(
-                _DEVICE,
-                signal.parent_hash,
-                [seq_hash],
-                [signal.local_hash],
-                None if signal.token_ids is None else [signal.token_ids],
-            )
-        reg.ref_cnt += 1
-        self._active_full[seq_hash] = _Entry(reg, 1)
+            parent_hash = signal.parent_hash
+            rec = [
+                slot,
+                plh,
+                seq_hash,
+                _NO_PARENT if parent_hash is None else parent_hash,
+                signal.local_hash,
+                0,
+            ]
+            self._registered[plh] = rec
+            if token_ids is not None:
+                self._token_ids[plh] = token_ids
+            if tracker is not None:
+                tracker.touch(plh)
+            if self._events_enabled:
+                self._emit_stored(
+                    _DEVICE,
+                    parent_hash,
+                    [seq_hash],
+                    [signal.local_hash],
+                    None if token_ids is None else [token_ids],
+                )
+        rec[_REFS] += 1
+        self._active_full[seq_hash] = (rec, 1)
         self._num_full_refs += 1
 
     # ── offload engine (G2) ───────────────────────────────────────────────────────────────
@@ -619,7 +790,7 @@ class KvManager:
         the reservation is abandoned (SWAP_IN_BLOCKED: retry after the copy settles).
         """
         slots: list[BlockId] = []
-        evicted: list[_Reg] = []
+        evicted: list[SeqHash] = []
         while len(slots) < count:
             if self._reset:
                 slots.append(self._reset.popleft())
@@ -627,23 +798,20 @@ class KvManager:
             victim = self._backend.evict()
             if victim is None:
                 self._reset.extend(slots)
-                if evicted:
-                    self._emit_removed(_DEVICE, [r.seq_hash for r in evicted])
+                self._emit_removed(_DEVICE, evicted)
                 return None
-            reg = self._registered.pop(victim)
+            taken = self._take_victim(victim)
             if self._offload is not None:
-                blocked = [reg]
-                blocked_slots = [reg.block_id]
+                blocked = [taken]
+                blocked_slots = [taken[0][_SLOT]]
                 self._extend_blocked_batch(blocked, blocked_slots, 1 + count - len(slots))
                 self._reset.extend(slots)
-                if evicted:
-                    self._emit_removed(_DEVICE, [r.seq_hash for r in evicted])
+                self._emit_removed(_DEVICE, evicted)
                 self._offload_evicted(blocked, blocked_slots)
                 return SWAP_IN_BLOCKED
-            evicted.append(reg)
-            slots.append(reg.block_id)
-        if evicted:
-            self._emit_removed(_DEVICE, [r.seq_hash for r in evicted])
+            evicted.append(taken[0][_SEQ])
+            slots.append(taken[0][_SLOT])
+        self._emit_removed(_DEVICE, evicted)
         self._num_reserved += len(slots)
         return slots
 
@@ -703,10 +871,16 @@ class KvManager:
                 flush()
                 run_parent = entry.seq_hash
             else:
-                reg = _Reg(
-                    slot, entry.plh, entry.seq_hash, prev_hash, entry.local_hash, entry.token_ids
-                )
-                self._registered[entry.plh] = reg
+                self._registered[entry.plh] = [
+                    slot,
+                    entry.plh,
+                    entry.seq_hash,
+                    _NO_PARENT if prev_hash is None else prev_hash,
+                    entry.local_hash,
+                    0,
+                ]
+                if entry.token_ids is not None:
+                    self._token_ids[entry.plh] = entry.token_ids
                 if self._tracker is not None:
                     self._tracker.touch(entry.plh)
                 self._backend.insert(entry.plh)
@@ -724,15 +898,15 @@ class KvManager:
 
     def try_pin_g1_prefix(self, prefix_plhs: Sequence[Plh]) -> list[Plh] | None:
         """Hold every block of a G1 prefix (all must be registered) so it cannot be evicted."""
-        regs = [self._registered.get(plh) for plh in prefix_plhs]
-        if any(reg is None for reg in regs):
+        recs = [self._registered.get(plh) for plh in prefix_plhs]
+        if any(rec is None for rec in recs):
             return None
-        for reg in regs:
-            assert reg is not None
-            if reg.ref_cnt == 0:
-                self._backend.remove(reg.plh)
-            reg.ref_cnt += 1
-            self._prefix_pins[reg.plh] += 1
+        for rec in recs:
+            assert rec is not None
+            if rec[_REFS] == 0:
+                self._backend.remove(rec[_PLH])
+            rec[_REFS] += 1
+            self._prefix_pins[rec[_PLH]] += 1
         return list(prefix_plhs)
 
     def unpin_g1_prefix(self, pinned_plhs: Sequence[Plh]) -> None:
@@ -741,19 +915,19 @@ class KvManager:
             if self._prefix_pins[plh] < count:
                 raise SignalError(f"unpin: block {plh:#x} is not pinned")
         for plh in pinned_plhs:
-            reg = self._registered[plh]
+            rec = self._registered[plh]
             self._prefix_pins[plh] -= 1
             if not self._prefix_pins[plh]:
                 del self._prefix_pins[plh]
-            reg.ref_cnt -= 1
-            if reg.ref_cnt == 0:
+            rec[_REFS] -= 1
+            if rec[_REFS] == 0:
                 self._backend.insert(plh)
 
     # ── invariants ────────────────────────────────────────────────────────────────────────
 
     def check_invariants(self) -> None:
         """Raise InvariantError unless every structure agrees (tests call this after each step)."""
-        registered_ids = [reg.block_id for reg in self._registered.values()]
+        registered_ids = [rec[_SLOT] for rec in self._registered.values()]
         held = (
             len(self._reset)
             + len(registered_ids)
@@ -771,28 +945,29 @@ class KvManager:
         visible = list(self._reset) + registered_ids + list(self._active_partial.values())
         if len(set(visible)) != len(visible):
             raise InvariantError("a slot is in two pools at once")
-        handles_by_reg: Counter[int] = Counter()
-        for seq_hash, entry in self._active_full.items():
-            if entry.num_handles <= 0:
-                raise InvariantError(f"active entry {seq_hash:#x} with {entry.num_handles} handles")
-            if self._registered.get(entry.reg.plh) is not entry.reg:
+        handles_by_rec: Counter[int] = Counter()
+        for seq_hash, (rec, handles) in self._active_full.items():
+            if handles <= 0:
+                raise InvariantError(f"active entry {seq_hash:#x} with {handles} handles")
+            if self._registered.get(rec[_PLH]) is not rec:
                 raise InvariantError(f"active entry {seq_hash:#x} names an unregistered block")
-            handles_by_reg[id(entry.reg)] += entry.num_handles
-        if sum(handles_by_reg.values()) != self._num_full_refs:
+            handles_by_rec[id(rec)] += handles
+        if sum(handles_by_rec.values()) != self._num_full_refs:
             raise InvariantError("num_full_refs disagrees with the active entries")
         num_inactive = 0
-        for plh, reg in self._registered.items():
-            if reg.plh != plh:
-                raise InvariantError(f"registration keyed {plh:#x} holds PLH {reg.plh:#x}")
-            if reg.ref_cnt < handles_by_reg[id(reg)]:
-                raise InvariantError(f"block {reg.seq_hash:#x} has fewer refs than handles")
-            if (reg.ref_cnt == 0) != (plh in self._backend):
-                raise InvariantError(
-                    f"block {reg.seq_hash:#x}: ref_cnt {reg.ref_cnt} vs inactive pool"
-                )
-            num_inactive += reg.ref_cnt == 0
+        for plh, rec in self._registered.items():
+            if len(rec) != _REFS + 1 or rec[_PLH] != plh:
+                raise InvariantError(f"registration keyed {plh:#x} is malformed: {rec}")
+            refs = rec[_REFS]
+            if refs < handles_by_rec[id(rec)]:
+                raise InvariantError(f"block {rec[_SEQ]:#x} has fewer refs than handles")
+            if (refs == 0) != (plh in self._backend):
+                raise InvariantError(f"block {rec[_SEQ]:#x}: ref_cnt {refs} vs inactive pool")
+            num_inactive += refs == 0
         if num_inactive != len(self._backend):
             raise InvariantError("the eviction backend holds blocks that are not registered")
+        if not self._token_ids.keys() <= self._registered.keys():
+            raise InvariantError("token ids are kept for blocks that are not registered")
         self._backend.check_invariants()
 
 

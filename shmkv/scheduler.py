@@ -13,20 +13,35 @@ One `step(now_ms)` is one engine pass:
 
 The scheduler never reads a clock and never does I/O: time comes in as `now_ms`, results go
 out as a `PassResult`. KV events of a pass are returned with it (visible at the pass end).
+
+Decode without a Python loop per token (the *cohort*): a running request in steady decode
+(past its second token, not yet at its last, no planned outputs) joins the cohort. A pass
+schedules every cohort member with one subtraction from the budget and emits their tokens
+with one bulk random draw; their computed / allocated watermarks and last-token pass are
+left implicit (`_leave_cohort` writes them back). Per-member work happens only at events,
+bucketed by pass number in `_due`: at a block boundary (`_CROSS`: promote the full block,
+open a partial one) and the pass after (`_ALLOC`: allocate that partial block), done in
+running order among the other running requests ("explicit" ones, which go through the
+per-request path); and `_LEAVE` for its last token. A pass that cannot be proven
+order-independent (`_bulk_is_exact`) dissolves the cohort first. Results, random draws and
+manager calls are exactly those of scheduling every request one by one.
 """
 
 from __future__ import annotations
 
 import random
+from array import array
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final
 
 from shmkv.config import EngineConfig
-from shmkv.errors import ConfigError
+from shmkv.errors import ConfigError, InvariantError
 from shmkv.events import KvEvent
+from shmkv.hashing import BlockHashes, PrefixHashCache, token_bytes
 from shmkv.ids import RequestId
 from shmkv.manager import (
     KvManager,
@@ -37,7 +52,7 @@ from shmkv.manager import (
 )
 from shmkv.offload import OffloadEngine, SwapInHandle
 from shmkv.perf_model import PerfModel
-from shmkv.sequence import ActiveSequence
+from shmkv.sequence import ActiveSequence, RandomWords, append_random_tokens, append_tokens
 from shmkv.signals import Deref, Promote, RawBlock, Use
 
 
@@ -53,10 +68,15 @@ class _Request:
     __slots__ = (
         "arrival_ms",
         "blocked_until_ms",
+        "event_kind",
+        "event_pass",
+        "in_cohort",
         "last_token_ms",
         "last_token_pass",
+        "leave_pass",
         "num_computed_tokens",
         "num_preemptions",
+        "order",
         "request_id",
         "seq",
         "status",
@@ -72,6 +92,15 @@ class _Request:
         self.blocked_until_ms = -1.0
         self.last_token_pass = -2
         self.last_token_ms = 0.0
+        self.order = -1
+        """Position key in the running list (ascending), set when it starts running."""
+        self.in_cohort = False
+        """In steady decode: watermarks and last-token pass/time are implicit (see module doc)."""
+        self.event_pass = -1
+        """Cohort members: the `_cohort_pass` of their next event (`event_kind`)."""
+        self.event_kind = _LEAVE
+        self.leave_pass = -1
+        """Cohort members: the pass that emits their last token (they leave for it)."""
 
 
 @dataclass(slots=True)
@@ -108,6 +137,14 @@ class PassResult:
 
 _NO_PREFIX: Final = 0
 
+# Cohort member events (see the module doc).
+_CROSS: Final = 0
+"""Its token fills its partial block: promoted, a new partial block opened (emission)."""
+_ALLOC: Final = 1
+"""The pass after: its decode step allocates the new partial block (scheduling)."""
+_LEAVE: Final = 2
+"""Its last token is due (or the cohort cannot serve it): back to the per-request path."""
+
 
 class RankScheduler:
     """Scheduler + G1 manager (+ optional offload engine) of one DP rank.
@@ -140,12 +177,36 @@ class RankScheduler:
         )
         if offload is not None:
             self.manager.attach_offload_engine(offload)
+        self._has_offload = offload is not None
+        """Whether the manager has an offload engine (refreshed at every pass)."""
         self.perf = PerfModel(config.speedup_ratio, config.decode_speedup_ratio)
         self.emit_token_ids = emit_token_ids and enable_events
         self._rng = random.Random(config.seed * 1_000_003 + dp_rank)
+        self._prefix_hashes = PrefixHashCache(config.block_size)
+        """Prompts sharing a prefix with a recent one hash only the rest."""
         self._requests: dict[RequestId, _Request] = {}
         self._waiting: deque[_Request] = deque()
+        # The running list and two parallel lists (same order): each request's `order` key
+        # (ascending, to find positions by bisection) and its token array (for bulk decode).
+        # Change them only through `_run_append` / `_run_remove`.
         self._running: list[_Request] = []
+        self._running_orders: list[int] = []
+        self._running_tokens: list[array[int]] = []
+        self._next_order = 0
+        self._explicit: dict[int, _Request] = {}
+        """Running requests outside the cohort, by `order`."""
+        self._cohort_size = 0
+        self._cohort_len_base = 0
+        """Sum over cohort members of `len(tokens) - _cohort_pass` (constant while a member
+        decodes), so the members' total context length is `base + size * _cohort_pass`."""
+        self._cohort_pass = 0
+        """Number of `step()` calls so far: the cohort's clock."""
+        self._due: dict[int, list[_Request]] = {}
+        """`_cohort_pass` -> members whose next token is an event (stale entries are skipped)."""
+        self._last_emit_ms = 0.0
+        """End of the last pass that emitted tokens (the cohort's last token time)."""
+        self._crossing: list[_Request] = []
+        """Members whose token this pass fills their block (set at the start of `step`)."""
         self._swap_ins: list[_SwapIn] = []
         self.num_preemptions_total = 0
         self._pass_index = 0
@@ -160,10 +221,18 @@ class RankScheduler:
         max_output_tokens: int,
         arrival_ms: float,
         output_token_ids: Sequence[int] | None = None,
+        *,
+        block_hashes: BlockHashes | None = None,
     ) -> None:
-        """Queue a request. Raises ConfigError on a duplicate id or a bad request."""
+        """Queue a request. Raises ConfigError on a duplicate id or a bad request.
+
+        `block_hashes`: the prompt's full-block identities if the caller already computed them
+        (`shmkv.hashing.hash_blocks` with this rank's block size), to skip hashing it again.
+        """
         if request_id in self._requests:
             raise ConfigError(f"request {request_id} is already active on rank {self.dp_rank}")
+        if block_hashes is None and self.config.enable_prefix_caching:
+            block_hashes = self._prefix_hashes.hash_blocks(token_bytes(tokens))
         seq = ActiveSequence(
             tokens,
             max_output_tokens,
@@ -172,6 +241,7 @@ class RankScheduler:
             self.emit_token_ids,
             output_token_ids,
             self._rng,
+            block_hashes=block_hashes,
         )
         request = _Request(request_id, seq, arrival_ms)
         self._requests[request_id] = request
@@ -209,48 +279,79 @@ class RankScheduler:
     # ── one pass ──────────────────────────────────────────────────────────────────────────
 
     def step(self, now_ms: float) -> PassResult:
-        result = PassResult(now_ms, now_ms, False)
+        result = PassResult(
+            now_ms,
+            now_ms,
+            False,
+            admissions=[],
+            first_tokens=[],
+            second_tokens=[],
+            token_gaps=[],
+            completions=[],
+            rejections=[],
+            preemptions=[],
+            events=[],
+        )
         manager = self.manager
-        if manager.has_offload_engine():
+        self._has_offload = manager.has_offload_engine()
+        if self._has_offload:
             manager.tick_offload_engine(now_ms)
             self._promote_swap_ins()
         budget = self.config.max_num_batched_tokens
-        bs = self.block_size
         batch = [0, 0, 0]  # prompt requests, sum of isl, sum of prefix
         scheduled: dict[int, tuple[int, int, int]] = {}
         preempted_any = False
 
+        crossing, allocating = self._take_due_events(now_ms)
         running = self._running
-        index = 0
-        while index < len(running) and budget > 0:
-            request = running[index]
-            seq = request.seq
-            length = len(seq.tokens)
-            computed = request.num_computed_tokens
-            # Fast path: a decode step whose dangling token needs no new block.
-            if (
-                computed == length - 1
-                and length % bs != 1
-                and seq.num_allocated_tokens >= length - 1
-            ):
-                seq.num_allocated_tokens = length
-                request.num_computed_tokens = length
-                scheduled[id(request)] = (1, 0, 0)
-                budget -= 1
-                index += 1
-                continue
-            outcome, used = self._schedule(request, None, budget, scheduled, batch, result, now_ms)
-            if outcome is _Outcome.SCHEDULED:
-                budget -= used
-                index += 1
-            elif outcome is _Outcome.SKIPPED:
-                index += 1
-            elif outcome is _Outcome.BLOCKED:
-                break
-            else:  # the request itself was preempted: the list shifted under us
-                preempted_any = True
-            if result.preemptions:
-                preempted_any = True
+        explicit: list[_Request] = []
+        if self._cohort_size and (self._explicit or allocating or self._cohort_size > budget):
+            explicit = [self._explicit[order] for order in sorted(self._explicit)]
+            if not self._bulk_is_exact(explicit, budget, len(allocating)):
+                self._dissolve_cohort()
+                crossing = allocating = []
+        self._crossing = crossing
+        if self._cohort_size:
+            # Every member takes its decode step (the fast path below: no manager call, except
+            # the partial block of an `_ALLOC` member, in running order among the explicit
+            # requests). By `_bulk_is_exact` nothing exhausts the budget or fails an
+            # allocation, so only the order of the manager calls matters, and it is kept.
+            budget -= self._cohort_size
+            if allocating:
+                explicit = sorted(explicit + allocating, key=_order_of)
+            manager = self.manager
+            for request in explicit:
+                if request.in_cohort:  # an `_ALLOC` member
+                    partial = request.seq.partial_block
+                    if partial is None or not manager.use_partial(partial):
+                        raise InvariantError(f"bulk pass: allocation failed on rank {self.dp_rank}")
+                    continue
+                outcome, used = self._schedule_running(
+                    request, budget, scheduled, batch, result, now_ms
+                )
+                if outcome is _Outcome.SCHEDULED:
+                    budget -= used
+                elif outcome is not _Outcome.SKIPPED or result.preemptions:
+                    raise InvariantError(
+                        f"bulk pass: unexpected {outcome.name} on rank {self.dp_rank}"
+                    )
+        else:
+            index = 0
+            while index < len(running) and budget > 0:
+                outcome, used = self._schedule_running(
+                    running[index], budget, scheduled, batch, result, now_ms
+                )
+                if outcome is _Outcome.SCHEDULED:
+                    budget -= used
+                    index += 1
+                elif outcome is _Outcome.SKIPPED:
+                    index += 1
+                elif outcome is _Outcome.BLOCKED:
+                    break
+                else:  # the request itself was preempted: the list shifted under us
+                    preempted_any = True
+                if result.preemptions:
+                    preempted_any = True
 
         waiting = self._waiting
         max_seqs = self.config.max_num_seqs
@@ -288,8 +389,18 @@ class RankScheduler:
             prefill_ms = self.perf.scaled_prefill_ms(count, batch[1] // count, batch[2] // count)
         decode_start = now_ms + prefill_ms
         result.prev_end_ms = self._prev_end_ms
-        end_ms = self._emit_tokens(result, decode_start)
-        result.did_work = bool(scheduled) or bool(result.completions) or bool(result.rejections)
+        num_members = self._cohort_size
+        emitted: list[_Request] = []
+        end_ms = self._emit_tokens(result, decode_start, emitted)
+        self._cohort_pass += 1
+        for request in emitted:
+            self._try_join_cohort(request)
+        result.did_work = (
+            bool(scheduled)
+            or num_members > 0
+            or bool(result.completions)
+            or bool(result.rejections)
+        )
         if end_ms <= now_ms:
             deadline = self.next_deadline_ms(now_ms)
             if deadline is not None:
@@ -301,7 +412,193 @@ class RankScheduler:
             self._prev_end_ms = end_ms
         return result
 
+    # ── the running list and the cohort ───────────────────────────────────────────────────
+
+    def _run_append(self, request: _Request) -> None:
+        order = self._next_order
+        self._next_order = order + 1
+        request.order = order
+        self._running.append(request)
+        self._running_orders.append(order)
+        self._running_tokens.append(request.seq.tokens)
+        self._explicit[order] = request
+
+    def _run_remove(self, request: _Request) -> None:
+        """Drop a running request that is not a cohort member (materialize it first)."""
+        index = bisect_left(self._running_orders, request.order)
+        if request.in_cohort or self._running[index] is not request:
+            raise InvariantError(f"request {request.request_id} is not an explicit running one")
+        del self._running[index]
+        del self._running_orders[index]
+        del self._running_tokens[index]
+        del self._explicit[request.order]
+
+    def _leave_cohort(self, request: _Request, *, scheduled: bool) -> None:
+        """Write back a member's implicit state: at rest (last token emitted in the previous
+        pass) or, with `scheduled`, after this pass scheduled its decode step."""
+        seq = request.seq
+        length = len(seq.tokens)
+        done = length if scheduled else length - 1
+        request.num_computed_tokens = done
+        seq.num_allocated_tokens = done
+        request.last_token_pass = self._pass_index - 1
+        request.last_token_ms = self._last_emit_ms
+        request.in_cohort = False
+        self._cohort_size -= 1
+        self._cohort_len_base -= length - self._cohort_pass
+        self._explicit[request.order] = request
+
+    def _dissolve_cohort(self) -> None:
+        for request in self._running:
+            if request.in_cohort:
+                self._leave_cohort(request, scheduled=False)
+
+    def _try_join_cohort(self, request: _Request) -> None:
+        """After a pass in which `request` emitted a token: join the cohort if it is past its
+        second token, its next token is not its last, and nothing is planned."""
+        seq = request.seq
+        if request.status is not Status.RUNNING or seq.output_token_ids is not None:
+            return
+        length = len(seq.tokens)
+        generated = length - seq.num_input_tokens
+        # Passes until the one emitting its last token (which it leaves the cohort for).
+        quiet = seq.max_output_tokens - 1 - generated
+        if generated < 2 or quiet < 1:
+            return
+        if request.num_computed_tokens != length - 1 or seq.num_allocated_tokens != length - 1:
+            return
+        request.in_cohort = True
+        request.leave_pass = self._cohort_pass + quiet
+        self._plan_event(request, length, self._cohort_pass)
+        del self._explicit[request.order]
+        self._cohort_size += 1
+        self._cohort_len_base += length - self._cohort_pass
+
+    def _plan_event(self, request: _Request, length: int, at_pass: int) -> None:
+        """Bucket a member's next event, given its length at rest before pass `at_pass`."""
+        offset = length % self.block_size
+        if offset == 0:
+            kind, event_pass = _CROSS, at_pass
+        elif offset == 1:
+            kind, event_pass = _ALLOC, at_pass
+        else:
+            kind, event_pass = _CROSS, at_pass + self.block_size - offset
+        if event_pass >= request.leave_pass:
+            kind, event_pass = _LEAVE, request.leave_pass
+        request.event_kind = kind
+        request.event_pass = event_pass
+        due = self._due.get(event_pass)
+        if due is None:
+            self._due[event_pass] = [request]
+        else:
+            due.append(request)
+
+    def _take_due_events(self, now_ms: float) -> tuple[list[_Request], list[_Request]]:
+        """Members whose event is due this pass: the crossing ones and the allocating ones
+        (next events planned already); leaving ones are made explicit."""
+        crossing: list[_Request] = []
+        allocating: list[_Request] = []
+        clock = self._cohort_pass
+        due = self._due.pop(clock, None)
+        if due is None:
+            return crossing, allocating
+        for request in due:
+            if not request.in_cohort or request.event_pass != clock:
+                continue  # stale: it left the cohort or was rescheduled
+            kind = request.event_kind
+            if kind == _ALLOC and (self._has_offload or request.blocked_until_ms > now_ms):
+                kind = _LEAVE  # an offload can block the allocation: the per-request path
+            if kind == _LEAVE:
+                self._leave_cohort(request, scheduled=False)
+                continue
+            (crossing if kind == _CROSS else allocating).append(request)
+            self._plan_event(request, len(request.seq.tokens) + 1, clock + 1)
+        return crossing, allocating
+
+    def _bulk_is_exact(self, explicit: list[_Request], budget: int, num_allocating: int) -> bool:
+        """True when this pass may schedule the cohort in bulk: every request's whole demand
+        fits the budget (so none is cut short or blocked, whatever the order) and the
+        allocations (explicit requests' counted at their maximum, one block per allocating
+        member) fit the free blocks (so none fails and nothing is preempted while the running
+        list is scheduled)."""
+        bs = self.block_size
+        demand = self._cohort_size
+        blocks = num_allocating
+        for request in explicit:
+            seq = request.seq
+            length = len(seq.tokens)
+            remaining = length - request.num_computed_tokens
+            if remaining <= 0:
+                return False
+            demand += remaining
+            blocks += -(-length // bs) - seq.num_allocated_tokens // bs
+        return demand <= budget and blocks <= self.manager.num_free_blocks()
+
+    def _check_cohort(self) -> None:
+        members = [r for r in self._running if r.in_cohort]
+        if len(members) != self._cohort_size:
+            raise InvariantError(
+                f"cohort holds {len(members)} members, counted {self._cohort_size}"
+            )
+        if len(members) + len(self._explicit) != len(self._running):
+            raise InvariantError("running requests are neither cohort members nor explicit")
+        base = sum(len(r.seq.tokens) - self._cohort_pass for r in members)
+        if base != self._cohort_len_base:
+            raise InvariantError("cohort context length disagrees with its members")
+        if self._running_orders != sorted(self._running_orders) or self._running_orders != [
+            r.order for r in self._running
+        ]:
+            raise InvariantError("running order keys out of step with the running list")
+        if len(self._running_tokens) != len(self._running) or any(
+            t is not r.seq.tokens for t, r in zip(self._running_tokens, self._running, strict=True)
+        ):
+            raise InvariantError("running token arrays out of step with the running list")
+        for request in members:
+            if request.event_pass < self._cohort_pass or request not in self._due.get(
+                request.event_pass, ()
+            ):
+                raise InvariantError(f"cohort member {request.request_id} has no due event")
+
     # ── scheduling one request ────────────────────────────────────────────────────────────
+
+    def _schedule_running(
+        self,
+        request: _Request,
+        budget: int,
+        scheduled: dict[int, tuple[int, int, int]],
+        batch: list[int],
+        result: PassResult,
+        now_ms: float,
+    ) -> tuple[_Outcome, int]:
+        """Schedule a running request's next tokens (a decode step or a prefill chunk).
+
+        `budget` must be > 0. Two decode steps take a fast path with the outcome `_schedule`
+        would give: the dangling token needs no new block; or it opens one (a lone partial
+        block, allocated directly; a failed attempt changes nothing, so `_schedule` then
+        redoes it with preemption)."""
+        seq = request.seq
+        length = len(seq.tokens)
+        computed = request.num_computed_tokens
+        if computed == length - 1:
+            if length % self.block_size != 1:
+                if seq.num_allocated_tokens >= computed:
+                    seq.num_allocated_tokens = length
+                    request.num_computed_tokens = length
+                    scheduled[id(request)] = (1, 0, 0)
+                    return _Outcome.SCHEDULED, 1
+            elif (
+                seq.num_allocated_tokens == computed
+                and computed >= seq.num_input_tokens
+                and request.blocked_until_ms <= now_ms
+                and not self._has_offload
+            ):
+                partial = seq.partial_block
+                if partial is not None and self.manager.use_partial(partial):
+                    seq.num_allocated_tokens = length
+                    request.num_computed_tokens = length
+                    scheduled[id(request)] = (1, 0, seq.num_input_tokens)
+                    return _Outcome.SCHEDULED, 1
+        return self._schedule(request, None, budget, scheduled, batch, result, now_ms)
 
     def _schedule(
         self,
@@ -317,7 +614,6 @@ class RankScheduler:
         if request.blocked_until_ms > now_ms:
             return _Outcome.SKIPPED, 0
         seq = request.seq
-        bs = self.block_size
         from_waiting = cost is not None
         cached = 0
         if request.num_computed_tokens == 0:
@@ -374,9 +670,8 @@ class RankScheduler:
         if from_waiting:
             self._waiting.popleft()
             request.status = Status.RUNNING
-            self._running.append(request)
+            self._run_append(request)
             result.admissions.append((request.request_id, cached))
-        del bs
         return _Outcome.SCHEDULED, used
 
     def _use_all_or_nothing(self, signal: Use) -> int:
@@ -432,7 +727,9 @@ class RankScheduler:
         batch: list[int],
         result: PassResult,
     ) -> None:
-        self._running.remove(victim)
+        if victim.in_cohort:  # this pass already scheduled its decode step
+            self._leave_cohort(victim, scheduled=True)
+        self._run_remove(victim)
         for signal in victim.seq.reset_with_signal():
             self.manager.process(signal)
         victim.num_computed_tokens = 0
@@ -449,33 +746,52 @@ class RankScheduler:
 
     # ── tokens ────────────────────────────────────────────────────────────────────────────
 
-    def _emit_tokens(self, result: PassResult, decode_start_ms: float) -> float:
+    def _emit_tokens(
+        self, result: PassResult, decode_start_ms: float, emitted: list[_Request]
+    ) -> float:
         """Every running request whose known tokens are all computed emits one token.
 
         Decode cost follows Dynamo 1.6.1: only requests already past their first token count,
         with u = (their context tokens) / (G1 tokens); a request finishing its prefill this
         pass gets its first token from the prefill work and adds no decode cost.
+
+        Cohort members (all scheduled, past their second token) emit in bulk between the
+        explicit requests, which go one by one; `emitted` receives the explicit emitters.
         """
-        running = self._running
-        ready: list[_Request] = []
+        members = self._cohort_size
+        if not members:
+            explicit = self._running
+        elif self._explicit:
+            explicit = [self._explicit[order] for order in sorted(self._explicit)]
+        else:
+            explicit = []
+        walk: list[tuple[_Request, int]] = []  # explicit requests left running, crossing members
+        num_ready = 0
         num_decoding = 0
         decoding_tokens = 0
         finished: list[_Request] = []
-        for request in running:
+        for request in explicit:
             seq = request.seq
-            if request.num_computed_tokens < len(seq.tokens):
+            length = len(seq.tokens)
+            if request.num_computed_tokens < length:
+                walk.append((request, _NOT_READY))
                 continue
-            if seq.generated_tokens >= seq.max_output_tokens:
+            generated = length - seq.num_input_tokens
+            if generated >= seq.max_output_tokens:
                 finished.append(request)
                 continue
-            ready.append(request)
-            if seq.generated_tokens:
+            walk.append((request, _READY))
+            num_ready += 1
+            if generated:
                 num_decoding += 1
-                decoding_tokens += len(seq.tokens)
+                decoding_tokens += length
         for request in finished:
             self._complete(request, result)
-        if not ready:
+        if not num_ready and not members:
             return decode_start_ms
+        if members:
+            num_decoding += members
+            decoding_tokens += self._cohort_len_base + members * self._cohort_pass
         decode_ms = 0.0
         if num_decoding:
             bs = self.block_size
@@ -486,34 +802,82 @@ class RankScheduler:
                 self.config.num_gpu_blocks * bs,
             )
         end_ms = decode_start_ms + decode_ms
+        self._last_emit_ms = end_ms
+        if not members:
+            for request, kind in walk:
+                if kind == _READY:
+                    self._emit_one(request, result, end_ms, None)
+                    emitted.append(request)
+            return end_ms
+        crossing = [request for request in self._crossing if request.in_cohort]
+        if not walk and not crossing:  # only members run: plain tokens, in running order
+            append_random_tokens(self._running_tokens, self._rng)
+            result.num_decode_tokens += members
+            return end_ms
+        if crossing:
+            walk = sorted(walk + [(r, _CROSSING) for r in crossing], key=_walk_order)
+        # Positions are taken before any completion below shrinks the running list. All the
+        # pass's random words are drawn at once, in running order: one per plain member, and
+        # what each other emitter's `generate_token` draws, at its place in the stream.
+        orders = self._running_orders
+        positions = [bisect_left(orders, request.order) for request, _ in walk]
+        tokens = list(self._running_tokens)
+        words = RandomWords(
+            self._rng,
+            members
+            - len(crossing)
+            + sum(request.seq.next_token_words() for request, kind in walk if kind),
+        )
         manager = self.manager
-        pass_index = self._pass_index
-        prev_index = pass_index - 1
-        num_consecutive = 0
-        for request in ready:
-            seq = request.seq
-            promote = seq.generate_token()
-            if promote is not None:
-                manager.process(promote)
-            generated = seq.generated_tokens
-            if generated == 1:
-                result.first_tokens.append(request.request_id)
-            else:
-                if request.last_token_pass == prev_index:
-                    num_consecutive += 1
-                else:
-                    result.token_gaps.append((request.request_id, end_ms - request.last_token_ms))
-                if generated == 2:
-                    result.second_tokens.append(request.request_id)
-            request.last_token_pass = pass_index
-            request.last_token_ms = end_ms
-            if generated >= seq.max_output_tokens:
-                self._complete(request, result)
-        result.num_decode_tokens = num_consecutive
+        start = 0
+        for (request, kind), position in zip(walk, positions, strict=True):
+            if position > start:
+                append_tokens(tokens[start:position], words.take(position - start))
+            if kind == _READY:
+                self._emit_one(request, result, end_ms, words.getrandbits)
+                emitted.append(request)
+            elif kind == _CROSSING:
+                promote = request.seq.generate_token(words.getrandbits)
+                if promote is not None:
+                    manager.process(promote)
+            start = position + 1
+        if start < len(tokens):
+            append_tokens(tokens[start:], words.take(len(tokens) - start))
+        if words.remaining:
+            raise InvariantError(f"bulk pass: {words.remaining} random words left unused")
+        result.num_decode_tokens += members
         return end_ms
 
+    def _emit_one(
+        self,
+        request: _Request,
+        result: PassResult,
+        end_ms: float,
+        draw: Callable[[int], int] | None,
+    ) -> None:
+        """One explicit request emits its token (Promote on a block boundary); `draw`: the
+        source of its random bits (None: the rank's rng)."""
+        seq = request.seq
+        promote = seq.generate_token(draw)
+        if promote is not None:
+            self.manager.process(promote)
+        generated = len(seq.tokens) - seq.num_input_tokens
+        if generated == 1:
+            result.first_tokens.append(request.request_id)
+        else:
+            if request.last_token_pass == self._pass_index - 1:
+                result.num_decode_tokens += 1
+            else:
+                result.token_gaps.append((request.request_id, end_ms - request.last_token_ms))
+            if generated == 2:
+                result.second_tokens.append(request.request_id)
+        request.last_token_pass = self._pass_index
+        request.last_token_ms = end_ms
+        if generated >= seq.max_output_tokens:
+            self._complete(request, result)
+
     def _complete(self, request: _Request, result: PassResult) -> None:
-        self._running.remove(request)
+        self._run_remove(request)
         for signal in request.seq.free_signal():
             self.manager.process(signal)
         self._finish(request)
@@ -580,6 +944,21 @@ class RankScheduler:
 
     def check_invariants(self) -> None:
         self.manager.check_invariants()
+        self._check_cohort()
+
+
+_NOT_READY: Final = 0
+_READY: Final = 1
+_CROSSING: Final = 2
+"""Kinds of the emission walk's entries (a crossing member is never an explicit request)."""
+
+
+def _order_of(request: _Request) -> int:
+    return request.order
+
+
+def _walk_order(entry: tuple[_Request, int]) -> int:
+    return entry[0].order
 
 
 class _Outcome(IntEnum):

@@ -14,11 +14,20 @@ Block layout of a sequence with block_size 4 and 10 tokens:
 from __future__ import annotations
 
 import random
+import sys
 from array import array
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 
 from shmkv.errors import ConfigError, SignalError
-from shmkv.hashing import MAX_POSITION, local_hash_of_bytes, make_plh, sequence_hash, token_bytes
+from shmkv.hashing import (
+    MAX_POSITION,
+    BlockHashes,
+    hash_block,
+    hash_blocks,
+    make_plh,
+    token_bytes,
+)
 from shmkv.ids import SEQUENCE_DEFAULT_BLOCK_SIZE, LocalHash, Plh, SeqHash
 from shmkv.signals import (
     Deref,
@@ -32,6 +41,8 @@ from shmkv.signals import (
 )
 
 _shared_rng = random.Random(0x5EED)
+_consume = deque[None](maxlen=0).extend
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 def _is_int(value: object) -> bool:
@@ -53,6 +64,8 @@ class ActiveSequence:
         emit_token_ids: attach per-block token ids to Use/Promote signals (only with caching).
         output_token_ids: planned output tokens; random u32 otherwise.
         rng: source of random tokens, partial ids and (caching off) random hashes.
+        block_hashes: the prompt's full-block identities, already computed by the caller (a
+            router that hashed the prompt to route it); ignored with prefix caching off.
     """
 
     __slots__ = (
@@ -61,7 +74,6 @@ class ActiveSequence:
         "block_size",
         "emit_token_ids",
         "enable_prefix_caching",
-        "generated_tokens",
         "local_hashes",
         "max_output_tokens",
         "num_allocated_tokens",
@@ -81,6 +93,8 @@ class ActiveSequence:
         emit_token_ids: bool = False,
         output_token_ids: Sequence[int] | None = None,
         rng: random.Random | None = None,
+        *,
+        block_hashes: BlockHashes | None = None,
     ) -> None:
         bs = SEQUENCE_DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if not _is_int(bs) or bs < 2:
@@ -100,41 +114,39 @@ class ActiveSequence:
         self._rng = _shared_rng if rng is None else rng
         self.tokens: array[int] = array("I")
         self.tokens.frombytes(data)
-        self.num_input_tokens = len(self.tokens)
-        self.generated_tokens = 0
+        num_tokens = len(self.tokens)
+        self.num_input_tokens = num_tokens
         self.num_allocated_tokens = 0
-        self.seq_hashes: list[SeqHash] = []
-        self.local_hashes: list[LocalHash] = []
-        self.plhs: list[Plh] = []
+        num_full = num_tokens // bs
+        if num_full - 1 > MAX_POSITION:
+            raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
+        if not enable_prefix_caching:
+            self.local_hashes: list[LocalHash] = []
+            self.seq_hashes: list[SeqHash] = []
+            self.plhs: list[Plh] = []
+            rand = self._rng.getrandbits
+            for position in range(num_full):
+                current = rand(64)
+                self.seq_hashes.append(current)
+                self.plhs.append(make_plh(current, None, position))
+        else:
+            if block_hashes is None:
+                block_hashes = hash_blocks(data, bs)
+            elif not (
+                len(block_hashes.seq_hashes)
+                == len(block_hashes.local_hashes)
+                == len(block_hashes.plhs)
+                == num_full
+            ):
+                raise ConfigError(f"block_hashes must describe the prompt's {num_full} full blocks")
+            self.local_hashes = list(block_hashes.local_hashes)
+            self.seq_hashes = list(block_hashes.seq_hashes)
+            self.plhs = list(block_hashes.plhs)
         self._partial: PartialBlock | None = None
-        self._append_full_blocks(data, len(self.tokens) // bs)
-        if len(self.tokens) % bs:
+        if num_tokens % bs:
             self._partial = PartialBlock(self._rng.getrandbits(128))
 
     # ── identities ────────────────────────────────────────────────────────────────────────
-
-    def _append_full_blocks(self, data: bytes | memoryview, count: int) -> None:
-        """Hash `count` whole blocks from `data` (token bytes starting at a block boundary)."""
-        step = self.block_size * 4
-        view = memoryview(data)
-        seqs, locs, plhs = self.seq_hashes, self.local_hashes, self.plhs
-        if len(seqs) + count - 1 > MAX_POSITION:
-            raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
-        if not self.enable_prefix_caching:
-            rand = self._rng.getrandbits
-            for _ in range(count):
-                current = rand(64)
-                seqs.append(current)
-                plhs.append(make_plh(current, None, len(plhs)))
-            return
-        parent = seqs[-1] if seqs else None
-        for i in range(count):
-            local = local_hash_of_bytes(view[i * step : (i + 1) * step])
-            current = sequence_hash(parent, local)
-            locs.append(local)
-            plhs.append(make_plh(current, parent, len(seqs)))
-            seqs.append(current)
-            parent = current
 
     @property
     def num_full_blocks(self) -> int:
@@ -171,20 +183,25 @@ class ActiveSequence:
     def to_completion_blocks(self) -> int:
         return _ceil_div(self.num_input_tokens + self.max_output_tokens, self.block_size)
 
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated so far (kept across preemption)."""
+        return len(self.tokens) - self.num_input_tokens
+
     def is_complete(self) -> bool:
-        return self.generated_tokens >= self.max_output_tokens
+        return len(self.tokens) - self.num_input_tokens >= self.max_output_tokens
 
     # ── allocation (prefill, chunked) ─────────────────────────────────────────────────────
 
     def prepare_allocation(self, cumulative_tokens: int) -> Use | None:
         """The Use covering blocks up to `cumulative_tokens`, beyond the committed watermark."""
         bs = self.block_size
-        num_unique = self.num_unique_blocks
-        to_cover = min(_ceil_div(cumulative_tokens, bs), num_unique)
-        prev = min(_ceil_div(self.num_allocated_tokens, bs), num_unique)
+        num_full = len(self.seq_hashes)
+        num_unique = num_full + (self._partial is not None)
+        to_cover = min(-(-cumulative_tokens // bs), num_unique)
+        prev = min(-(-self.num_allocated_tokens // bs), num_unique)
         if to_cover <= prev:
             return None
-        num_full = len(self.seq_hashes)
         full_end = min(to_cover, num_full)
         raw: list[RawBlock] = list(self.seq_hashes[prev:full_end])
         if to_cover > num_full and self._partial is not None:
@@ -200,6 +217,7 @@ class ActiveSequence:
             self.plhs[prev:full_end],
             token_ids,
             FullBlock(self.seq_hashes[prev - 1]) if prev > 0 else None,
+            full_end - prev,
         )
 
     def commit_allocation(self, cumulative_tokens: int) -> None:
@@ -216,12 +234,6 @@ class ActiveSequence:
 
     # ── decode ────────────────────────────────────────────────────────────────────────────
 
-    def _next_token(self) -> int:
-        planned = self.output_token_ids
-        if planned is not None:
-            return int(planned[self.generated_tokens])
-        return self._rng.getrandbits(32)
-
     def generate(self) -> list[MoveBlock]:
         """Append one generated token; returns Promote/Use on a block boundary and the
         terminal Derefs (tail first) when the request completes."""
@@ -232,51 +244,80 @@ class ActiveSequence:
         length = len(self.tokens)
         if length % self.block_size == 1:
             assert self._partial is not None
-            signals.append(Use.from_raw([self._partial], (), (), None, None))
-        if self.generated_tokens == self.max_output_tokens:
+            signals.append(Use.from_raw([self._partial], (), (), None, None, 0))
+        if length - self.num_input_tokens == self.max_output_tokens:
             self.num_allocated_tokens = length
             signals.extend(self.free_signal())
         return signals
 
-    def generate_token(self) -> Promote | None:
+    def generate_token(self, draw: Callable[[int], int] | None = None) -> Promote | None:
         """Append one generated token (vLLM's dangling token): on a block boundary the full
         block is promoted (returned) and a new partial block is opened but NOT allocated;
-        the next `prepare_allocation(len(self))` covers it."""
-        if self.generated_tokens >= self.max_output_tokens:
+        the next `prepare_allocation(len(self))` covers it.
+
+        `draw(bits)` replaces the sequence's `rng.getrandbits` (a caller drawing the
+        randomness of many sequences at once, see `RandomWords`); it is called for
+        `next_token_words()` 32-bit words in all."""
+        tokens = self.tokens
+        generated = len(tokens) - self.num_input_tokens
+        if generated >= self.max_output_tokens:
             raise SignalError("generate() called on a completed sequence")
-        self.tokens.append(self._next_token())
-        self.generated_tokens += 1
-        if len(self.tokens) % self.block_size != 1:
+        getrandbits = self._rng.getrandbits if draw is None else draw
+        planned = self.output_token_ids
+        tokens.append(getrandbits(32) if planned is None else int(planned[generated]))
+        if len(tokens) % self.block_size != 1:
             return None
-        promote = self._promote_partial() if self._partial is not None else None
-        self._partial = PartialBlock(self._rng.getrandbits(128))
+        promote = self._promote_partial(getrandbits) if self._partial is not None else None
+        self._partial = PartialBlock(getrandbits(128))
         return promote
 
-    def _promote_partial(self) -> Promote:
+    def next_token_words(self) -> int:
+        """How many 32-bit random words the next `generate_token()` draws: one for a random
+        token, and on a block boundary two for a random block hash (prefix caching off) and
+        four for the new partial block's id."""
+        words = 1 if self.output_token_ids is None else 0
+        if (len(self.tokens) + 1) % self.block_size == 1:
+            if self._partial is not None and not self.enable_prefix_caching:
+                words += 2
+            words += 4
+        return words
+
+    def _promote_partial(self, getrandbits: Callable[[int], int]) -> Promote:
         """The partial block just became full: give it its identity."""
         partial = self._partial
         assert partial is not None
-        index = len(self.seq_hashes)
+        seqs = self.seq_hashes
+        index = len(seqs)
+        if index > MAX_POSITION:
+            raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
         bs = self.block_size
-        parent = self.seq_hashes[-1] if self.seq_hashes else None
+        parent = seqs[-1] if seqs else None
         block = self.tokens[index * bs : (index + 1) * bs]
-        self._append_full_blocks(block.tobytes(), 1)
+        if self.enable_prefix_caching:
+            data = token_bytes(block) if _BIG_ENDIAN else block.tobytes()
+            local, current, plh = hash_block(data, parent, index)
+            self.local_hashes.append(local)
+        else:
+            local = 0
+            current = getrandbits(64)
+            plh = make_plh(current, None, index)
+        seqs.append(current)
+        self.plhs.append(plh)
         self._partial = None
         return Promote(
             partial.partial_id,
-            self.seq_hashes[-1],
+            current,
             parent,
-            self.local_hashes[-1] if self.enable_prefix_caching else 0,
-            self.plhs[-1],
+            local,
+            plh,
             block.tolist() if self.emit_token_ids else None,
         )
 
     def pop(self) -> None:
         """Undo the last generated token after a failed decode allocation."""
-        if self.generated_tokens == 0:
+        if len(self.tokens) == self.num_input_tokens:
             raise SignalError("pop() with no generated token")
         self.tokens.pop()
-        self.generated_tokens -= 1
         if len(self.tokens) % self.block_size == 0:
             self._partial = None
         self.num_allocated_tokens = min(self.num_allocated_tokens, len(self.tokens))
@@ -299,3 +340,63 @@ class ActiveSequence:
         signals = self.free_signal()
         self.num_allocated_tokens = 0
         return signals
+
+
+class RandomWords:
+    """`count` 32-bit words drawn from `rng` in one call, handed out in order.
+
+    Interchangeable with the draws it replaces: `getrandbits(k)` (k a multiple of 32)
+    returns what `rng.getrandbits(k)` would have returned at that point of the stream, and
+    `take(n)` the next n words as `n` calls of `getrandbits(32)` would. The caller must
+    consume exactly `count` words (`remaining` tells).
+    """
+
+    __slots__ = ("_position", "_words")
+
+    def __init__(self, rng: random.Random, count: int) -> None:
+        self._words = array("I")
+        self._words.frombytes(rng.randbytes(4 * count))
+        if _BIG_ENDIAN:  # pragma: no cover - randbytes packs the 32-bit words little-endian
+            self._words.byteswap()
+        self._position = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self._words) - self._position
+
+    def take(self, count: int) -> array[int]:
+        start = self._position
+        if start + count > len(self._words):
+            raise SignalError("RandomWords: drew more words than were reserved")
+        self._position = start + count
+        return self._words[start : start + count]
+
+    def getrandbits(self, bits: int) -> int:
+        start = self._position
+        end = start + (bits >> 5)
+        if bits & 31 or end > len(self._words):
+            raise SignalError(f"RandomWords: cannot serve {bits} more bits")
+        self._position = end
+        if end == start + 1:
+            return self._words[start]
+        if _BIG_ENDIAN:  # pragma: no cover
+            return sum(w << (32 * i) for i, w in enumerate(self._words[start:end]))
+        return int.from_bytes(self._words[start:end].tobytes(), "little")
+
+
+def append_tokens(token_arrays: Sequence[array[int]], tokens: Sequence[int]) -> None:
+    """Bulk decode step: append `tokens[i]` to `token_arrays[i]` (one C-level pass).
+
+    Only for sequences whose new token neither crosses a block boundary (`len % block_size`
+    stays != 1) nor completes them: the caller guarantees it."""
+    _consume(map(array.append, token_arrays, tokens))
+
+
+def append_random_tokens(token_arrays: Sequence[array[int]], rng: random.Random) -> None:
+    """`append_tokens` with one random token each, drawn from `rng` exactly as one
+    `generate_token()` per sequence in that order would (one 32-bit word each)."""
+    count = len(token_arrays)
+    if count == 1:
+        token_arrays[0].append(rng.getrandbits(32))
+        return
+    append_tokens(token_arrays, RandomWords(rng, count).take(count))

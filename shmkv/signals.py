@@ -63,7 +63,7 @@ class Use:
         parent: UniqueBlock | None = None,
     ) -> None:
         raw = [to_raw(b) for b in blocks]
-        self._init(raw, local_hashes, plhs, token_ids, parent)
+        self._init(raw, local_hashes, plhs, token_ids, parent, None)
 
     def _init(
         self,
@@ -72,9 +72,12 @@ class Use:
         plhs: Sequence[Plh],
         token_ids: Sequence[Sequence[int]] | None,
         parent: UniqueBlock | None,
+        num_full: int | None,
     ) -> None:
         self.raw_blocks = raw_blocks
-        self.num_full = sum(1 for b in raw_blocks if type(b) is int)
+        self.num_full = (
+            sum(1 for b in raw_blocks if type(b) is int) if num_full is None else num_full
+        )
         self.local_hashes = local_hashes
         self.plhs = plhs
         self.token_ids = token_ids
@@ -88,9 +91,12 @@ class Use:
         plhs: Sequence[Plh],
         token_ids: Sequence[Sequence[int]] | None,
         parent: UniqueBlock | None,
+        num_full: int | None = None,
     ) -> Use:
+        """Build from internal blocks without conversion. `num_full`, when given, must be the
+        number of int (full) blocks in `raw_blocks`: the caller vouches for it."""
         self = cls.__new__(cls)
-        self._init(raw_blocks, local_hashes, plhs, token_ids, parent)
+        self._init(raw_blocks, local_hashes, plhs, token_ids, parent, num_full)
         return self
 
     @property
