@@ -247,3 +247,39 @@ def test_instant_swap_ins_under_g1_pressure_never_park_a_rank(fleet_id: str) -> 
     assert not outcome.stalled
     assert outcome.collector.num_completed == 240
     assert sum(s.g2_onboard_blocks for s in outcome.rank_status) > 0, "swap-ins happened"
+
+
+def test_metrics_endpoint_exposes_rank_and_g2_figures(fleet_id: str) -> None:
+    import urllib.request
+
+    engine = EngineConfig(
+        num_gpu_blocks=64,
+        block_size=16,
+        speedup_ratio=math.inf,
+        num_g2_blocks=128,
+        kv_bytes_per_token=1 << 12,
+    )
+    options = FleetOptions(
+        engine=engine, data_parallel_size=2, replay_concurrency=4, metrics_port=0, fleet_id=fleet_id
+    )
+    sessions = synthetic_sessions(
+        input_tokens=256, output_tokens=8, request_count=40, block_size=16
+    )
+    with Fleet(options) as fleet:
+        fleet.run(sessions)
+        server = fleet._metrics
+        assert server is not None
+        assert server.host == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    for name in (
+        'vllm:num_requests_running{dp_rank="0"}',
+        'vllm:num_requests_waiting{dp_rank="1"}',
+        'vllm:gpu_cache_usage_perc{dp_rank="0"}',
+        'vllm:num_preemptions_total{dp_rank="1"}',
+        "shmkv:g2_capacity 128.0",
+        "shmkv:g2_offloaded",
+        "shmkv:g2_dropped",
+        "shmkv:g2_pins_total",
+    ):
+        assert name in text, name
