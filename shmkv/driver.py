@@ -85,6 +85,11 @@ class SessionDriver:
             self._start(self._waiting_sessions.popleft(), time_ms)
 
     @property
+    def num_pending(self) -> int:
+        """Released into the future but not yet due."""
+        return len(self._arrivals)
+
+    @property
     def num_outstanding(self) -> int:
         """Released but not finished."""
         return self.num_released - self.num_finished

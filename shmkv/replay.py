@@ -13,7 +13,6 @@ which can observe every pass through `on_pass` and every event batch through `on
 from __future__ import annotations
 
 import gc
-import heapq
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from shmkv.config import EngineConfig
+from shmkv.driver import SessionDriver
 from shmkv.errors import ConfigError
 from shmkv.events import KvEvent, StorageTier
 from shmkv.hashing import BlockHashes, PrefixHashCache, token_bytes
@@ -28,6 +28,7 @@ from shmkv.indexer import KvIndex
 from shmkv.offload_local import LocalG2Engine, OffloadConfig
 from shmkv.report import MetricsCollector
 from shmkv.scheduler import PassResult, RankScheduler
+from shmkv.stats import record_pass
 from shmkv.workload import RequestSpec, Session
 
 ROUTER_MODES: Final = ("round_robin", "kv")
@@ -146,32 +147,16 @@ class Replay:
             )
             ranks.append(_Rank(index, scheduler))
         self._ranks = ranks
-        self._sessions = sorted(sessions, key=lambda s: (s.first_arrival_ms, s.session_id))
+        self._sessions = sessions
         self._on_events = on_events
         self._on_pass = on_pass
         self._index = KvIndex(len(ranks)) if options.router_mode == "kv" else None
         self._prefix_hashes = PrefixHashCache(engine.block_size)
         self._pending_events: deque[tuple[float, int, list[KvEvent]]] = deque()
         self.collector = MetricsCollector()
-        self._arrivals: list[tuple[float, int, RequestSpec]] = []
-        self._arrival_seq = 0
-        self._next_turn: dict[int, tuple[Session, int]] = {}
-        self._request_session: dict[int, Session] = {}
-        self._request_rank: dict[int, _Rank] = {}
         self._rr_next = 0
-        self.num_requests_total = sum(len(s.turns) for s in sessions)
 
     # ── arrivals ──────────────────────────────────────────────────────────────────────────
-
-    def _push_arrival(self, time_ms: float, spec: RequestSpec) -> None:
-        heapq.heappush(self._arrivals, (time_ms, self._arrival_seq, spec))
-        self._arrival_seq += 1
-
-    def _start_session(self, session: Session, time_ms: float) -> None:
-        if not session.turns:
-            return
-        self._push_arrival(time_ms, session.turns[0])
-        self._next_turn[session.session_id] = (session, 1)
 
     def _route(self, spec: RequestSpec, block_hashes: BlockHashes | None) -> _Rank:
         """Pick the rank; `block_hashes` = the prompt's identities (kv router, caching on)."""
@@ -226,8 +211,6 @@ class Replay:
             block_hashes=block_hashes,
         )
         rank.busy = True
-        self._request_rank[spec.request_id] = rank
-        self._request_session[spec.request_id] = self._next_turn[spec.session_id][0]
 
     def _flush_events(self, time_ms: float) -> None:
         pending = self._pending_events
@@ -250,19 +233,10 @@ class Replay:
 
     def _run(self) -> ReplayOutcome:
         options = self.options
-        sessions = deque(self._sessions)
-        concurrency = options.replay_concurrency
-        if concurrency is None:
-            for session in sessions:
-                self._start_session(session, session.first_arrival_ms)
-            sessions.clear()
-        else:
-            for _ in range(min(concurrency, len(sessions))):
-                self._start_session(sessions.popleft(), 0.0)
+        driver = SessionDriver(self._sessions, options.replay_concurrency)
         outcome = ReplayOutcome(self.collector, [r.scheduler for r in self._ranks], self._g2)
         collector = self.collector
         max_time = options.max_sim_time_ms if options.max_sim_time_ms is not None else math.inf
-        arrivals = self._arrivals
         ranks = self._ranks
         while True:
             best: _Rank | None = None
@@ -271,14 +245,16 @@ class Replay:
                     continue
                 if best is None or rank.clock_ms < best.clock_ms:
                     best = rank
-            next_arrival = arrivals[0][0] if arrivals else math.inf
-            if best is None and not arrivals:
+            next_arrival = driver.next_arrival_ms()
+            if best is None and math.isinf(next_arrival):
                 break
             if best is None or next_arrival <= best.clock_ms:
                 if next_arrival > max_time:
                     break
-                time_ms, _seq, spec = heapq.heappop(arrivals)
-                self._dispatch(time_ms, spec)
+                # every request due at that time, in release order (the rank clocks cannot
+                # move between them: a dispatch only wakes idle ranks at that time)
+                for time_ms, spec in driver.pop_due(next_arrival):
+                    self._dispatch(time_ms, spec)
                 continue
             if best.clock_ms > max_time:
                 break
@@ -297,25 +273,25 @@ class Replay:
             best.idle_retries = 0
             best.clock_ms = result.end_ms
             end = result.end_ms
-            for request_id, reused in result.admissions:
-                collector.on_admission(request_id, result.start_ms, reused)
-            for request_id in result.first_tokens:
-                collector.on_first_token(request_id, end)
-            for request_id in result.second_tokens:
-                collector.on_second_token(request_id, end)
-            if result.num_decode_tokens:
-                collector.on_decode_tokens(end - result.prev_end_ms, result.num_decode_tokens)
-            for _request_id, gap in result.token_gaps:
-                collector.on_decode_tokens(gap, 1)
-            for request_id in result.preemptions:
-                collector.on_preemption(request_id, result.start_ms)
+            record_pass(
+                collector,
+                start_ms=result.start_ms,
+                end_ms=end,
+                prev_end_ms=result.prev_end_ms,
+                admissions=result.admissions,
+                first_tokens=result.first_tokens,
+                second_tokens=result.second_tokens,
+                num_decode_tokens=result.num_decode_tokens,
+                token_gaps=result.token_gaps,
+                completions=result.completions,
+                preemptions=result.preemptions,
+            )
             outcome.num_preemptions += len(result.preemptions)
+            outcome.num_rejected += len(result.rejections)
             for request_id in result.rejections:
-                outcome.num_rejected += 1
-                self._release_next(request_id, end, sessions, rejected=True)
-            for request_id, num_output in result.completions:
-                collector.on_completion(request_id, end, num_output)
-                self._release_next(request_id, end, sessions, rejected=False)
+                driver.on_finished(request_id, end, ended_session=True)
+            for request_id, _num_output in result.completions:
+                driver.on_finished(request_id, end)
             if result.events:
                 self._pending_events.append((end, best.index, result.events))
                 if self._on_events is not None:
@@ -324,25 +300,9 @@ class Replay:
                 self._on_pass(best.index, result)
         self._flush_events(math.inf)
         outcome.final_time_ms = max((r.clock_ms for r in ranks), default=0.0)
-        outcome.num_incomplete = sum(r.scheduler.num_requests for r in ranks) + len(arrivals)
+        outcome.num_incomplete = sum(r.scheduler.num_requests for r in ranks) + driver.num_pending
         outcome.per_rank_requests = [r.num_routed for r in ranks]
         return outcome
-
-    def _release_next(
-        self, request_id: int, time_ms: float, sessions: deque[Session], *, rejected: bool
-    ) -> None:
-        """A request ended: release its session's next turn, or (closed loop) a new session."""
-        session = self._request_session.pop(request_id)
-        del self._request_rank[request_id]
-        _session, next_index = self._next_turn[session.session_id]
-        if not rejected and next_index < len(session.turns):
-            turn = session.turns[next_index]
-            self._next_turn[session.session_id] = (session, next_index + 1)
-            self._push_arrival(time_ms + turn.delay_ms, turn)
-            return
-        del self._next_turn[session.session_id]
-        if self.options.replay_concurrency is not None and sessions:
-            self._start_session(sessions.popleft(), time_ms)
 
 
 def run_replay(
