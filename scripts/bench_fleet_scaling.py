@@ -2,7 +2,14 @@
 
 W1 = 1000 requests x 1024 input / 128 output tokens, 32 in flight (closed loop), round robin,
 8192 G1 blocks per rank, block size 16. Prints one JSON line per rank count with the median
-over `--repeats` runs of simulated output tokens per wall second, and the ratio to 1 rank.
+over `--repeats` runs of simulated output tokens per wall second, and the ratio to the first
+rank count. The repeats are interleaved (1, 2, 4, 1, 2, 4, ...) so a noisy neighbour slows
+every rank count alike.
+
+Each line also gives the median CPU seconds each process spent during the run (psutil
+`cpu_times`, user + system, from just before `run()` to just after it): the supervisor, the
+coordinator (0 when G2 is off: there is none) and the ranks summed. CPU seconds do not
+depend on how busy the machine is, so they show where the work goes even on a shared box.
 
     .venv/bin/python scripts/bench_fleet_scaling.py [--ranks 1 2 4] [--repeats 3]
 """
@@ -12,29 +19,68 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
+
+import psutil
 
 from shmkv.config import EngineConfig
 from shmkv.fleet import Fleet, FleetOptions
 from shmkv.workload import synthetic_sessions
 
 
-def run_once(num_ranks: int, request_count: int) -> dict[str, float]:
+def _cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def _process_pids(fleet: Fleet, num_ranks: int) -> dict[str, int | None]:
+    pids: dict[str, int | None] = {
+        "supervisor": os.getpid(),
+        "coordinator": fleet.coordinator_pid(),
+    }
+    for rank in range(num_ranks):
+        pids[f"rank{rank}"] = fleet.rank_pid(rank)
+    return pids
+
+
+def run_once(num_ranks: int, request_count: int, num_g2_blocks: int) -> dict[str, float]:
     sessions = synthetic_sessions(input_tokens=1024, output_tokens=128, request_count=request_count)
     options = FleetOptions(
-        engine=EngineConfig(num_gpu_blocks=8192, block_size=16, speedup_ratio=math.inf),
+        engine=EngineConfig(
+            num_gpu_blocks=8192,
+            block_size=16,
+            speedup_ratio=math.inf,
+            num_g2_blocks=num_g2_blocks,
+        ),
         data_parallel_size=num_ranks,
         replay_concurrency=32,
     )
     with Fleet(options) as fleet:
         fleet.start()  # process start-up is not part of the figure
+        pids = _process_pids(fleet, num_ranks)
+        cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         outcome = fleet.run(sessions)
         wall_s = time.perf_counter() - started
+        cpu = {name: _cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
     report = outcome.collector.build_report(wall_time_ms=wall_s * 1000)
     tokens = float(report["total_output_tokens"])
-    return {"wall_s": wall_s, "output_tokens": tokens, "tokens_per_wall_s": tokens / wall_s}
+    ranks_cpu_s = sum(v for k, v in cpu.items() if k.startswith("rank"))
+    return {
+        "wall_s": wall_s,
+        "output_tokens": tokens,
+        "tokens_per_wall_s": tokens / wall_s,
+        "supervisor_cpu_s": cpu["supervisor"],
+        "coordinator_cpu_s": cpu["coordinator"],
+        "ranks_cpu_s": ranks_cpu_s,
+    }
 
 
 def main() -> None:
@@ -42,22 +88,37 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--request-count", type=int, default=1000)
+    parser.add_argument(
+        "--num-g2-blocks", type=int, default=0, help="shared G2 (0 = off, as in W1)"
+    )
     args = parser.parse_args()
+    runs: dict[int, list[dict[str, float]]] = {n: [] for n in args.ranks}
+    for _ in range(args.repeats):
+        for num_ranks in args.ranks:
+            runs[num_ranks].append(run_once(num_ranks, args.request_count, args.num_g2_blocks))
     baseline: float | None = None
     for num_ranks in args.ranks:
-        runs = [run_once(num_ranks, args.request_count) for _ in range(args.repeats)]
-        rate = statistics.median(r["tokens_per_wall_s"] for r in runs)
+        rate = statistics.median(r["tokens_per_wall_s"] for r in runs[num_ranks])
         if baseline is None:
             baseline = rate
+
+        def med(key: str, n: int = num_ranks) -> float:
+            return round(statistics.median(r[key] for r in runs[n]), 3)
+
         print(
             json.dumps(
                 {
                     "bench": "fleet_w1_scaling",
                     "ranks": num_ranks,
                     "median_output_tokens_per_wall_s": round(rate),
-                    "median_wall_s": round(statistics.median(r["wall_s"] for r in runs), 3),
+                    "median_wall_s": med("wall_s"),
                     "ratio_to_first": round(rate / baseline, 3),
-                    "runs": [round(r["tokens_per_wall_s"]) for r in runs],
+                    "runs": [round(r["tokens_per_wall_s"]) for r in runs[num_ranks]],
+                    "cpu_s": {
+                        "supervisor": med("supervisor_cpu_s"),
+                        "coordinator": med("coordinator_cpu_s"),
+                        "ranks": med("ranks_cpu_s"),
+                    },
                 }
             ),
             flush=True,

@@ -55,7 +55,11 @@ class MonotonicClock:
         return elapsed_ms if self.never_sleeps else elapsed_ms * self.speedup_ratio
 
     def wall_ms_until(self, sim_ms: float) -> float:
-        """Wall-clock milliseconds until simulated time `sim_ms` (<= 0 if already past)."""
+        """Wall-clock milliseconds until simulated time `sim_ms` (<= 0 if already past).
+
+        A clock that never sleeps still moves at wall speed between passes (a pass takes no
+        simulated time), so a future `sim_ms` is that far away in wall time: callers block
+        until then instead of spinning."""
         if self.never_sleeps:
-            return 0.0
+            return sim_ms - self.now_ms()
         return sim_ms / self.speedup_ratio - (time.monotonic() - self.start_monotonic_s) * 1000.0

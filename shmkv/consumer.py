@@ -17,6 +17,11 @@ Rules (`wire.md` §4, `shm.md` Part A.3):
   joiner fetches the history it missed); None adopts the first seq seen.
 * Stored adds hashes to (rank, tier), Removed discards them, Cleared wipes every tier of the
   rank. The rank is the one the endpoint was configured for.
+* A Stored whose parent this rank never announced (or already removed) in any tier is an
+  *orphan store*: an error (a router drops it: Dynamo answers "parent block not found", llm-d
+  skips the event), counted in `orphan_stores` (one of `ERROR_COUNTERS`; host-tier ones also
+  in `orphan_stores_host`) and logged. A parent announced on the rank in another tier only
+  counts as `cross_tier_parents` (`cross_tier_parents_host` for host-tier stores).
 * Replay is synchronous: the consumer waits for the end marker, giving up (and counting a
   replay failure) when the replay socket stays silent for `replay_timeout_s`. A publisher in
   the same thread must therefore serve replay from its background thread.
@@ -48,7 +53,7 @@ from shmkv.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from shmkv.ids import DEFAULT_BLOCK_SIZE
 from shmkv.publisher import END_SEQ, pack_seq, unpack_seq
 
-__all__ = ["CONSUMER_CODECS", "EventConsumer", "RankEndpoint"]
+__all__ = ["CONSUMER_CODECS", "ERROR_COUNTERS", "EventConsumer", "RankEndpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,8 @@ CONSUMER_CODECS: Final = ("auto", "json", "vllm")
 _MAX_MESSAGES_PER_SOCKET: Final = 1024
 """Messages read from one rank per poll before the next rank gets its turn."""
 _EXAMPLES: Final = 5
+ERROR_COUNTERS: Final = ("lost_batches", "orphan_stores")
+"""Counters that must stay 0 for a stream a router can rebuild (`shmkv events` exits 1)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,7 +102,9 @@ _COUNTERS: Final = (
     "replay_requests",
     "replay_failures",
     "orphan_stores",
+    "orphan_stores_host",
     "cross_tier_parents",
+    "cross_tier_parents_host",
     "unknown_removes",
 )
 
@@ -465,10 +474,24 @@ class EventConsumer:
                 hashes = index[(rank, event.tier)]
                 parent = event.parent_hash
                 if parent is not None and parent not in hashes:
+                    host = event.tier is StorageTier.HOST_PINNED
                     if any(parent in index[(rank, tier)] for tier in StorageTier):
                         counters["cross_tier_parents"] += 1  # e.g. a host copy of a G1 child
+                        counters["cross_tier_parents_host"] += host
                     else:
                         counters["orphan_stores"] += 1  # the parent is in no tier here
+                        counters["orphan_stores_host"] += host
+                        if counters["orphan_stores"] == 1:
+                            logger.warning(
+                                "rank %d: ORPHAN store in batch seq %d: parent %#018x of %s "
+                                "block %#018x was never announced on this rank (more are "
+                                "only counted)",
+                                rank,
+                                seq,
+                                parent,
+                                event.tier.value,
+                                event.block_hashes[0] if event.block_hashes else 0,
+                            )
                 hashes.update(event.block_hashes)
                 counters["blocks_stored"] += len(event.block_hashes)
             elif isinstance(event, BlockRemoved):

@@ -27,7 +27,7 @@ import struct
 import time
 from array import array
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import zmq
@@ -46,11 +46,21 @@ from shmkv.scheduler import PassResult, RankScheduler
 
 logger = logging.getLogger(__name__)
 
-RESULTS_MAX_PASSES = 64
+RESULTS_MAX_PASSES = 1024
+"""Pending pass records that force a RESULTS message (else one goes every
+`RESULTS_MAX_DELAY_S`, and at once for a completion or rejection)."""
 RESULTS_MAX_DELAY_S = 0.02
 IDLE_POLL_MS = 200
 BURST_S = 0.002
+"""A clock that never waits runs passes in bursts of up to this long between socket polls."""
+SUPERVISOR_CHECK_S = 0.0003
+"""Inside a burst, look for a supervisor message (new requests) this often: a request
+submitted mid-burst starts within ~0.3 ms, not at the end of the burst. (A readiness check
+costs ~5 us, so not after every pass.)"""
 FENCE_TIMEOUT_S = 10.0
+
+_ZMQ_EVENTS: Final = int(zmq.EVENTS)
+_ZMQ_POLLIN: Final = int(zmq.POLLIN)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +137,19 @@ def read_seq_file(path: str) -> int:
     return struct.unpack("<Q", data)[0] if len(data) == 8 else 0
 
 
+def _has_records(result: PassResult) -> bool:
+    """Whether a pass did more than plain decode (its record must travel in full)."""
+    return bool(
+        result.admissions
+        or result.first_tokens
+        or result.second_tokens
+        or result.token_gaps
+        or result.completions
+        or result.preemptions
+        or result.rejections
+    )
+
+
 def _pass_record(result: PassResult) -> list[Any]:
     return [
         result.start_ms,
@@ -175,7 +198,14 @@ class RankEngine:
             self.close()
             raise
         self._pending: list[list[Any]] = []
+        """Full records of the passes not yet reported (passes with more than decode)."""
+        self._pending_decode: list[float] = []
+        """Plain decode passes not yet reported, flat: [itl_ms, num_tokens, itl_ms, ...]."""
+        self._num_pending = 0
         self._pending_since = 0.0
+        self._urgent = False
+        """A completion or rejection waits in `_pending`: the supervisor releases the next
+        request on it, so it is reported at once."""
         self._next_pass_ms = 0.0
         self._idle_pass = False
         self._draining = False
@@ -326,8 +356,7 @@ class RankEngine:
             poller.register(self._g2_socket, zmq.POLLIN)
         scheduler = self.scheduler
         while not self._stopping:
-            timeout_ms = self._poll_timeout_ms()
-            ready = dict(poller.poll(timeout_ms))
+            ready = dict(poller.poll(self._poll_timeout_ms()))
             if self._sup in ready:
                 self._drain_supervisor()
             if self._g2_socket is not None and self._g2_socket in ready:
@@ -338,18 +367,11 @@ class RankEngine:
                 break
             now = self.clock.now_ms()
             if scheduler.has_work() and now >= self._next_pass_ms:
-                # A clock that never waits (speedup 0/inf) runs passes in bursts of up to
-                # BURST_S between socket polls, so the fixed cost of a loop turn is shared.
-                burst_end = time.monotonic() + BURST_S if self.clock.never_sleeps else 0.0
-                while True:
-                    result = scheduler.step(now)
-                    self._after_pass(result, now)
-                    if not result.did_work or not scheduler.has_work():
-                        break
-                    now = self.clock.now_ms()
-                    if now < self._next_pass_ms or time.monotonic() >= burst_end:
-                        break
-            self._maybe_flush_results(force=False)
+                if self.clock.never_sleeps:
+                    self._run_burst(now)
+                else:
+                    self._after_pass(scheduler.step(now), now)
+            self._maybe_flush_results(force=self._urgent)
             if self._draining and not scheduler.has_work() and not self._drained_sent:
                 self._maybe_flush_results(force=True)
                 self._send(tp.DRAIN, {"rank": self.spec.rank, "drained": True})
@@ -357,21 +379,57 @@ class RankEngine:
         self._maybe_flush_results(force=True)
         return 0
 
+    def _run_burst(self, now: float) -> None:
+        """A clock that never waits (speedup 0/inf): passes back to back for up to BURST_S,
+        so the fixed cost of a loop turn (polls, replay service, flush checks) is shared.
+
+        The burst ends early when a pass reports a completion or rejection (the supervisor
+        waits for it to release the next request), when nothing moved, when the next pass
+        is not due yet, or when the supervisor has sent something (looked at every
+        SUPERVISOR_CHECK_S). Simulated time is wall time since the fleet start here.
+        """
+        scheduler = self.scheduler
+        step = scheduler.step
+        has_work = scheduler.has_work
+        after_pass = self._after_pass
+        monotonic = time.monotonic
+        getsockopt = self._sup.getsockopt
+        start_s = self.clock.start_monotonic_s
+        wall_s = monotonic()
+        burst_end_s = wall_s + BURST_S
+        next_check_s = wall_s + SUPERVISOR_CHECK_S
+        while True:
+            result = step(now)
+            after_pass(result, now)
+            if not result.did_work or self._urgent or not has_work():
+                return
+            wall_s = monotonic()
+            now = (wall_s - start_s) * 1000.0
+            if now < self._next_pass_ms or wall_s >= burst_end_s:
+                return
+            if wall_s >= next_check_s:
+                if int(getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
+                    return
+                next_check_s = wall_s + SUPERVISOR_CHECK_S
+
     def stop_requested(self) -> bool:
         return self._stopping
 
     def _poll_timeout_ms(self) -> int:
-        if self._pending and time.monotonic() - self._pending_since > RESULTS_MAX_DELAY_S:
-            return 0
-        scheduler = self.scheduler
-        if not scheduler.has_work():
-            return IDLE_POLL_MS
-        if math.isinf(self._next_pass_ms):
-            return IDLE_POLL_MS
+        """How long the loop may block in poll: until the next pass is due, the pending
+        results must go, or IDLE_POLL_MS (a message wakes it earlier)."""
+        limit_ms = IDLE_POLL_MS
+        if self._num_pending:
+            left_s = self._pending_since + RESULTS_MAX_DELAY_S - time.monotonic()
+            if left_s <= 0:
+                return 0
+            limit_ms = min(limit_ms, math.ceil(left_s * 1000.0))
+        if not self.scheduler.has_work() or math.isinf(self._next_pass_ms):
+            return limit_ms
         wait_ms = self.clock.wall_ms_until(self._next_pass_ms)
         if wait_ms <= 0:
             return 1 if self._idle_pass else 0
-        return max(0, min(IDLE_POLL_MS, math.ceil(wait_ms)))
+        return max(0, min(limit_ms, math.ceil(wait_ms)))
 
     def _check_invariants(self) -> None:
         """Stress mode: check the G1 pools (and the G2 client's pin ledger) every N passes."""
@@ -397,30 +455,40 @@ class RankEngine:
             self._check_invariants()
         if result.events:
             self._publish(result.events)
-        if result.did_work:
-            self._next_pass_ms = result.end_ms
-        else:
+        if not result.did_work:
             deadline = self.scheduler.next_deadline_ms(now)
             # Nothing moved: wait for a message (new request, offload ack) or the deadline. A
             # deadline at or before now (an instant transfer started by this very pass) means
             # "run again now": the next tick lands it. `_idle_pass` keeps that from spinning.
             self._next_pass_ms = math.inf if deadline is None else max(deadline, now)
-        self._idle_pass = not result.did_work
-        if result.did_work:
-            record = _pass_record(result)
-            if not self._pending:
-                self._pending_since = time.monotonic()
-            self._pending.append(record)
-            if result.completions or result.rejections or result.first_tokens:
-                self._maybe_flush_results(force=True)
+            self._idle_pass = True
+            return
+        self._next_pass_ms = result.end_ms
+        self._idle_pass = False
+        if _has_records(result):
+            self._pending.append(_pass_record(result))
+            if result.completions or result.rejections:
+                self._urgent = True
+        elif result.num_decode_tokens:
+            self._pending_decode.append(result.end_ms - result.prev_end_ms)
+            self._pending_decode.append(result.num_decode_tokens)
+        else:
+            return  # nothing to account (e.g. a prefill chunk that emitted no token)
+        if not self._num_pending:
+            self._pending_since = time.monotonic()
+        self._num_pending += 1
+        if self._num_pending >= RESULTS_MAX_PASSES:
+            self._urgent = True
 
     def _maybe_flush_results(self, *, force: bool) -> None:
-        if not self._pending:
+        """Send the pending pass records (one RESULTS message) when forced, when the oldest
+        waited RESULTS_MAX_DELAY_S, or at RESULTS_MAX_PASSES."""
+        if not self._num_pending:
             return
         if (
             not force
-            and len(self._pending) < RESULTS_MAX_PASSES
-            and (time.monotonic() - self._pending_since < RESULTS_MAX_DELAY_S)
+            and self._num_pending < RESULTS_MAX_PASSES
+            and time.monotonic() - self._pending_since < RESULTS_MAX_DELAY_S
         ):
             return
         scheduler = self.scheduler
@@ -432,6 +500,7 @@ class RankEngine:
                 "rank": self.spec.rank,
                 "epoch": self.spec.epoch,
                 "passes": self._pending,
+                "decode": self._pending_decode,
                 "running": scheduler.num_running,
                 "waiting": scheduler.num_waiting,
                 "active_blocks": manager.num_active_blocks(),
@@ -443,6 +512,9 @@ class RankEngine:
             },
         )
         self._pending = []
+        self._pending_decode = []
+        self._num_pending = 0
+        self._urgent = False
 
     def debug_state(self) -> dict[str, Any]:
         """What a stalled rank is waiting for (answer to PING)."""
@@ -540,9 +612,11 @@ class RankEngine:
         if self.publisher is not None:
             self.publisher.flush(timeout_s=5.0)
         engine = self._offload
-        host: list[int] = []
+        host: list[int] = []  # the host blocks this rank announced: what its stream says
         if isinstance(engine, LocalG2Engine):
             host = sorted(engine.held_seq_hashes())
+        elif isinstance(engine, SharedG2Client):
+            host = sorted(engine.announced_seq_hashes())
         self._send(
             tp.STATE,
             {

@@ -18,7 +18,7 @@ from typing import Any
 
 from shmkv.codec import make_codec
 from shmkv.config import EngineConfig
-from shmkv.consumer import EventConsumer, RankEndpoint
+from shmkv.consumer import ERROR_COUNTERS, EventConsumer, RankEndpoint
 from shmkv.errors import ConfigError
 from shmkv.events import EventBatch, KvEvent
 from shmkv.publisher import EventPublisher, PublisherConfig, offset_endpoint
@@ -35,7 +35,8 @@ def register(sub: Any) -> None:
         description="The reference consumer: subscribes to N ranks (rank r at the base endpoint's "
         "port + r), decodes json or vllm events, detects seq gaps and recovers them through the "
         "replay sockets, and keeps a per-(rank, tier) index. With --compare STATE.json it checks "
-        "that index against a state dump and exits 1 on any difference or unrecovered gap.",
+        "that index against a state dump. Exits 1 on any difference, unrecovered gap, or orphan "
+        "store (a block whose parent the rank never announced).",
     )
     parser.add_argument(
         "--endpoint",
@@ -140,9 +141,12 @@ def cmd_events(args: argparse.Namespace) -> int:
             state = _load_state(args.compare, args.wait_for_state)
             differences = consumer.compare(state)
     lost = stats.get("lost_batches", 0)
+    orphans = stats.get("orphan_stores", 0)
+    errors = sum(stats.get(name, 0) for name in ERROR_COUNTERS)
     result = {
         **stats,
         "differences": len(differences),
+        "errors": errors,
         "elapsed_s": round(time.monotonic() - started, 3),
     }
     if args.json:
@@ -156,11 +160,16 @@ def cmd_events(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     if lost:
         print(f"shmkv events: {lost} batch(es) lost beyond the replay buffer", file=sys.stderr)
+    if orphans:
+        print(
+            f"shmkv events: {orphans} orphan store(s): a parent the rank never announced",
+            file=sys.stderr,
+        )
     if differences:
         print(
             f"shmkv events: {len(differences)} difference(s) from {args.compare}", file=sys.stderr
         )
-    return EXIT_MISMATCH if differences or lost else EXIT_OK
+    return EXIT_MISMATCH if differences or errors else EXIT_OK
 
 
 def _print_progress(stats: dict[str, int], elapsed_s: float) -> None:
@@ -168,7 +177,7 @@ def _print_progress(stats: dict[str, int], elapsed_s: float) -> None:
     print(
         f"[{elapsed_s:7.1f}s] batches {stats.get('batches', 0)}  events {stats.get('events', 0)} "
         f"({rate:,.0f}/s)  gaps {stats.get('gaps', 0)}  recovered {stats.get('recovered_batches', 0)}  "
-        f"lost {stats.get('lost_batches', 0)}",
+        f"lost {stats.get('lost_batches', 0)}  orphans {stats.get('orphan_stores', 0)}",
         file=sys.stderr,
     )
 

@@ -57,6 +57,9 @@ READY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 LOOP_POLL_MS = 20
+"""The supervisor's loop blocks in poll at most this long (a message wakes it at once)."""
+PROCESS_CHECK_S = 0.02
+"""How often the supervisor's loop looks for dead processes (waitpid per process)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -283,13 +286,11 @@ class Fleet:
     # ── messages ──────────────────────────────────────────────────────────────────────────
 
     def _poll_messages(self, timeout_ms: int) -> int:
+        """Block up to `timeout_ms` for messages (the router, and the serve driver's socket),
+        then handle every message already there; returns how many."""
         handled = 0
         extra = getattr(getattr(self, "_driver", None), "socket", None)
-        if extra is not None:
-            ready = dict(self._extra_poller(extra).poll(timeout_ms))
-            if self._router not in ready:
-                return 0
-        elif not self._router.poll(timeout_ms):
+        if not self._poller(extra).poll(timeout_ms):
             return 0
         while True:
             try:
@@ -353,13 +354,18 @@ class Fleet:
 
     # ── the run ───────────────────────────────────────────────────────────────────────────
 
-    def _extra_poller(self, sock: zmq.Socket[bytes]) -> zmq.Poller:
-        poller = getattr(self, "_poller_cache", None)
-        if poller is None:
-            poller = zmq.Poller()
-            poller.register(self._router, zmq.POLLIN)
-            poller.register(sock, zmq.POLLIN)
-            self._poller_cache = poller
+    def _poller(self, extra: zmq.Socket[bytes] | None) -> zmq.Poller:
+        """A poller on the router (and `extra`), made once per socket set."""
+        cached: tuple[zmq.Socket[bytes] | None, zmq.Poller] | None = getattr(
+            self, "_poller_cache", None
+        )
+        if cached is not None and cached[0] is extra:
+            return cached[1]
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        if extra is not None:
+            poller.register(extra, zmq.POLLIN)
+        self._poller_cache = (extra, poller)
         return poller
 
     def ping_ranks(self, timeout_s: float = 3.0) -> list[dict[str, Any]]:
@@ -420,6 +426,8 @@ class Fleet:
         driver = self._driver
         max_wall_s = self.options.max_wall_s
         self.stalled = False
+        restart = not self.options.no_restart
+        next_check_s = 0.0
         while not driver.done() and not self._stopping:
             now = self.clock.now_ms()
             if now > max_time:
@@ -439,7 +447,10 @@ class Fleet:
                 self._router_index.poll(0)
             if on_tick is not None:
                 on_tick(self, now)
-            self._check_processes(restart=not self.options.no_restart)
+            wall_s = time.monotonic()
+            if wall_s >= next_check_s:
+                self._check_processes(restart=restart)
+                next_check_s = wall_s + PROCESS_CHECK_S
             next_arrival = driver.next_arrival_ms()
             wait_ms = LOOP_POLL_MS
             if not math.isinf(next_arrival):
@@ -571,6 +582,9 @@ class Fleet:
         status.g2_onboard_blocks = status.g2_onboard_base + int(body.get("g2_onboard_blocks", 0))
         driver = self._driver
         finished = 0
+        decode = body.get("decode")
+        if decode:
+            self._record_decode_passes(decode)
         for record in body.get("passes", []):
             (
                 start,
@@ -609,6 +623,18 @@ class Fleet:
                     finished += 1
         if finished and self._on_progress is not None:
             self._on_progress(finished)
+
+    def _record_decode_passes(self, decode: object) -> None:
+        """Plain decode passes of a RESULTS message, flat [itl_ms, num_tokens, ...]: all
+        they carry is ITL samples (everything else of a pass travels in `passes`)."""
+        if not isinstance(decode, list) or len(decode) % 2:
+            raise ProtocolError("RESULTS: decode must be a flat list of [itl_ms, num_tokens]")
+        on_decode_tokens = self.collector.on_decode_tokens
+        try:
+            for index in range(0, len(decode), 2):
+                on_decode_tokens(float(decode[index]), int(decode[index + 1]))
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"RESULTS: bad decode entry: {exc}") from exc
 
     # ── failures ──────────────────────────────────────────────────────────────────────────
 
@@ -731,13 +757,21 @@ class Fleet:
                 proc.info["state"].get("violations", 0)
             )
         dump: dict[str, Any] = {"block_size": self.engine.block_size, "ranks": {}}
+        pool = set(host)
         for proc in sorted(ranks, key=lambda p: p.rank):
             body = proc.info["state"]
+            # Host tier: what this rank announced (its parent chain is announced on it too),
+            # which must be part of what the shared pool holds.
+            announced = sorted(body.get("host_pinned", []))
+            unheld = [h for h in announced if h not in pool] if coord is not None else []
+            if unheld:
+                self.status[proc.rank].violations += 1
+                self._violation_examples.append(
+                    f"rank {proc.rank} announces {len(unheld)} host block(s) G2 does not hold"
+                )
             dump["ranks"][str(proc.rank)] = {
                 "device": sorted(body.get("device", [])),
-                "host_pinned": sorted(host)
-                if coord is not None
-                else sorted(body.get("host_pinned", [])),
+                "host_pinned": announced,
             }
             self.status[proc.rank].next_event_seq = int(body.get("next_event_seq", 0))
         return dump

@@ -13,6 +13,14 @@ replica `plh -> seq hash` (plh = `make_plh(seq, parent, position)`), which turns
 PLHs into the sequence hashes the shared index is keyed by. A stale replica entry costs a miss,
 never wrong data: `pin_prefix` pins in this rank's own row, fences, and re-validates.
 
+Host-tier events (`take_events`, republished on this rank's stream) follow a per-rank policy,
+`shmkv.offload_local.HostTierAnnouncer`: a G2 block is announced on this rank only once its
+parent is announced on this rank in the host tier, so a router never sees a parent it does not
+know (a block offloaded by another rank usually has its parent in *that* rank's G1); waiting
+descendants follow their parent parent-first; a Removed goes out only for announced blocks,
+descendants first. `announced_seq_hashes()` is what this rank's stream says it holds in the
+host tier (its state dump). A restarted rank gets the snapshot and re-announces the same way.
+
 Source slots: `enqueue_evictions` returns only the slots beyond the items (the batch's extras);
 every other slot stays quarantined until `tick` returns it: a rejected item (deduped or dropped
 for capacity) as soon as the ACK arrives, an accepted one once OFFLOAD_DONE says its copy
@@ -54,12 +62,11 @@ from shmkv.ids import U64_MASK, BlockId, DpRank, Plh, SeqHash
 from shmkv.offload import (
     BlockMeta,
     G2Event,
-    G2Removed,
-    G2Stored,
     OffloadItem,
     OnboardPlan,
     SwapInHandle,
 )
+from shmkv.offload_local import HostTierAnnouncer
 from shmkv.shm import G2Segment
 
 HELLO_TIMEOUT_S: Final = 30.0
@@ -99,6 +106,10 @@ class ClientStats:
     pin_violations: int
     """Pinned slots found evicted or reused when their onboard ended (must stay 0)."""
     replica_size: int
+    host_announced: int
+    """G2 blocks this rank announces (host tier): their whole parent chain is in G2."""
+    host_waiting: int
+    """G2 blocks held back because their parent is not announced on this rank."""
 
 
 class SharedG2Client:
@@ -144,6 +155,7 @@ class SharedG2Client:
         self._batches: dict[int, _Batch] = {}
         self._released: list[BlockId] = []
         self._events: list[G2Event] = []
+        self._announcer = HostTierAnnouncer()
         self._plh_to_seq: dict[Plh, SeqHash] = {}
         self._seq_to_plh: dict[SeqHash, Plh] = {}
         self._runs: dict[int, PinnedRun] = {}
@@ -247,6 +259,8 @@ class SharedG2Client:
             **self._counts,
             fences_received=self._fences_received,
             replica_size=len(self._plh_to_seq),
+            host_announced=self._announcer.num_announced,
+            host_waiting=self._announcer.num_waiting,
         )
 
     def _socket(self) -> zmq.Socket[bytes]:
@@ -432,6 +446,7 @@ class SharedG2Client:
             raise ProtocolError("G2_EVENTS: a token frame without stores")
         plh_to_seq, seq_to_plh = self._plh_to_seq, self._seq_to_plh
         out = self._events
+        announcer = self._announcer
         store = 0
         for is_store, seq, parent, local, position, has_tokens in parsed:
             if is_store:
@@ -446,12 +461,12 @@ class SharedG2Client:
                 if has_tokens and tokens is not None:
                     ids = tokens[store * bs : (store + 1) * bs]
                 store += 1
-                out.append(G2Stored(BlockMeta(seq, parent_hash, local, ids)))
+                announcer.stored(BlockMeta(seq, parent_hash, local, ids), out)
             else:
                 old = seq_to_plh.pop(seq, None)
                 if old is not None:
                     plh_to_seq.pop(old, None)
-                out.append(G2Removed(seq))
+                announcer.removed(seq, out)
         self._counts["events_received"] += len(parsed)
         self._counts["stores_received"] += num_stores
         self._counts["removals_received"] += len(parsed) - num_stores
@@ -591,6 +606,11 @@ class SharedG2Client:
     def replica_seq_hashes(self) -> list[SeqHash]:
         """The sequence hashes this client believes G2 holds (from the event stream)."""
         return list(self._seq_to_plh)
+
+    def announced_seq_hashes(self) -> list[SeqHash]:
+        """The G2 blocks this rank has announced (host-tier Stored, not yet Removed): what its
+        event stream says it can onboard, and what its state dump reports."""
+        return self._announcer.announced_seq_hashes()
 
     def check_invariants(self) -> None:
         """Raise InvariantError unless this rank's pin row equals the pins it holds (its

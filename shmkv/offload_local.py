@@ -11,7 +11,11 @@ Implements `OffloadEngine` (behavior.md §8.1-§8.5) in one process:
   reservation released, and its G1 source slot handed back.
   Host-tier order: G1 evicts leaf-first, so a child's copy often lands before its parent's. A
   block whose parent is still in flight waits (keeps its reservation) and lands right after
-  the parent, so a router always sees the parent announced in the host tier first.
+  the parent. Every block here is this rank's own eviction, so its parent is announced on this
+  rank before it: in G1 (where G1's leaf-first eviction left it: a cross-tier parent, as in
+  Dynamo's per-worker G2, behavior.md §6.2) or in G2. Every held block is announced (the state
+  dump's host tier is `held_seq_hashes()`). The shared G2 of a fleet is different: its blocks
+  come from every rank, so its ranks filter with `HostTierAnnouncer` (below).
 * G2->G1: the longest contiguous G2 prefix is pinned (removed from the evictable pool) for
   the modeled copy time on the G2->G1 link, then unpinned (re-enters the pool, new tick).
 
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from shmkv.bandwidth import BandwidthModel
 from shmkv.errors import ConfigError, InvariantError
 from shmkv.eviction import make_backend
-from shmkv.ids import BlockId, Plh
+from shmkv.ids import BlockId, Plh, SeqHash
 from shmkv.offload import (
     BlockMeta,
     G2Event,
@@ -64,6 +68,120 @@ class OffloadConfig:
 class _Batch:
     items: list[OffloadItem]
     slots: list[BlockId]
+
+
+class HostTierAnnouncer:
+    """Which host-tier (G2) blocks one rank announces, and in which order (issue 4 §4).
+
+    Used by every rank of a shared G2 (`shmkv.g2_client`), whose pool holds blocks offloaded
+    by all ranks: a block's parent may live only in another rank's G1.
+
+    Rule: a block is announced once its parent is announced on this rank *in the host tier*
+    (a root, with no parent, at once). Feed it the pool's stores and removals in pool order;
+    it appends the host-tier events the rank must publish to `out`:
+
+    * `stored(meta)`: the block is held; if its parent is announced it is announced now,
+      followed (parent first) by every held descendant that waited for it. Otherwise it waits.
+    * `removed(seq)`: the block is gone. If it was announced, its announced descendants are
+      withdrawn first, deepest first, then the block, so no announced block ever outlives its
+      parent (a router drops a removed block's descendants with it: Dynamo's RadixTree then
+      answers "block not found" for them). Descendants still held wait again and come back
+      if the block does. A block never announced goes silently.
+
+    The announced set is therefore a function of what the pool holds: every held block whose
+    whole parent chain is held. Hashes are sequence hashes; a block whose parent hash equals
+    its own never gets announced.
+    """
+
+    __slots__ = ("_announced", "_children", "_held")
+
+    def __init__(self) -> None:
+        self._held: dict[SeqHash, BlockMeta] = {}
+        self._children: dict[SeqHash, dict[SeqHash, None]] = {}
+        """parent -> held children (announced or waiting), in arrival order."""
+        self._announced: set[SeqHash] = set()
+
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
+
+    @property
+    def num_announced(self) -> int:
+        return len(self._announced)
+
+    @property
+    def num_waiting(self) -> int:
+        """Held blocks not announced: their parent is not announced in the host tier."""
+        return len(self._held) - len(self._announced)
+
+    def is_announced(self, seq_hash: SeqHash) -> bool:
+        return seq_hash in self._announced
+
+    def announced_seq_hashes(self) -> list[SeqHash]:
+        """What this rank's host-tier events say it holds (Stored minus Removed)."""
+        return list(self._announced)
+
+    def stored(self, meta: BlockMeta, out: list[G2Event]) -> None:
+        seq = meta.seq_hash
+        parent = meta.parent_hash
+        if seq in self._held:
+            self._held[seq] = meta
+            if seq in self._announced:
+                return
+        else:
+            self._held[seq] = meta
+            if parent is not None:
+                self._children.setdefault(parent, {})[seq] = None
+        if parent is None or (parent != seq and parent in self._announced):
+            self._announce_from(seq, out)
+
+    def _announce_from(self, first: SeqHash, out: list[G2Event]) -> None:
+        held, children, announced = self._held, self._children, self._announced
+        stack = [first]
+        while stack:
+            seq = stack.pop()
+            if seq in announced:
+                continue
+            announced.add(seq)
+            out.append(G2Stored(held[seq]))
+            waiting = children.get(seq)
+            if waiting:
+                stack.extend(c for c in reversed(waiting) if c not in announced)
+
+    def removed(self, seq_hash: SeqHash, out: list[G2Event]) -> None:
+        meta = self._held.pop(seq_hash, None)
+        if meta is None:
+            return
+        parent = meta.parent_hash
+        if parent is not None:
+            siblings = self._children.get(parent)
+            if siblings is not None:
+                siblings.pop(seq_hash, None)
+                if not siblings:
+                    del self._children[parent]
+        if seq_hash in self._announced:
+            self._withdraw(seq_hash, out)
+
+    def _withdraw(self, root: SeqHash, out: list[G2Event]) -> None:
+        """Removed for `root` and its announced descendants, every child before its parent."""
+        children, announced = self._children, self._announced
+        order: list[SeqHash] = []
+        stack = [root]
+        while stack:
+            seq = stack.pop()
+            if seq not in announced:
+                continue
+            announced.discard(seq)
+            order.append(seq)
+            below = children.get(seq)
+            if below:
+                stack.extend(c for c in below if c in announced)
+        out.extend(G2Removed(seq) for seq in reversed(order))
+
+    def clear(self) -> None:
+        self._held.clear()
+        self._children.clear()
+        self._announced.clear()
 
 
 class LocalG2Engine:

@@ -4,7 +4,9 @@ The driver releases requests (open loop: at their timestamps; closed loop: at mo
 `replay_concurrency` sessions in flight, the next one released when a slot frees; later turns
 of a session: `delay_ms` after the previous turn completes), routes each to a rank, and always
 runs the pass of the rank that can start earliest. A rank's KV events become visible to the
-router at the end of the pass that produced them.
+router at the end of the pass that produced them. A rank in steady decode runs, in one call,
+the stretch of passes the loop would give it in a row (`RankScheduler.run_decode_passes`):
+the same passes and results, without a loop iteration per pass.
 
 Pure: no clock, no I/O. Wall time, files, sockets and progress bars belong to the caller,
 which can observe every pass through `on_pass` and every event batch through `on_events`.
@@ -27,13 +29,15 @@ from shmkv.hashing import BlockHashes, PrefixHashCache, token_bytes
 from shmkv.indexer import KvIndex
 from shmkv.offload_local import LocalG2Engine, OffloadConfig
 from shmkv.report import MetricsCollector
-from shmkv.scheduler import PassResult, RankScheduler
+from shmkv.scheduler import DecodeRun, PassResult, RankScheduler
 from shmkv.stats import record_pass
 from shmkv.workload import RequestSpec, Session
 
 ROUTER_MODES: Final = ("round_robin", "kv")
 HOST_TIER_CREDIT: Final = 0.75
 """How much a host-tier (G2) prefix block is worth to the KV router, relative to a device hit."""
+DECODE_RUN_SKIPS: Final = 8
+"""After a decode run of a single pass, a rank's next 8 steady passes go through `step`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,7 +99,16 @@ PassHook = Callable[[int, PassResult], None]
 
 
 class _Rank:
-    __slots__ = ("busy", "clock_ms", "idle_retries", "index", "num_routed", "scheduler", "stalled")
+    __slots__ = (
+        "busy",
+        "clock_ms",
+        "decode_run_skips",
+        "idle_retries",
+        "index",
+        "num_routed",
+        "scheduler",
+        "stalled",
+    )
 
     def __init__(self, index: int, scheduler: RankScheduler) -> None:
         self.index = index
@@ -107,6 +120,9 @@ class _Rank:
         """`scheduler.has_work()`, refreshed after each of its passes and submissions (nothing
         else changes it)."""
         self.num_routed = 0
+        self.decode_run_skips = 0
+        """Steady passes left to run through `step` before trying `run_decode_passes` again
+        (after a run of one pass: ranks taking turns pass by pass gain nothing from it)."""
 
 
 class Replay:
@@ -168,15 +184,31 @@ class Replay:
         bs = self.options.engine.block_size
         hashes = [] if block_hashes is None else block_hashes.seq_hashes
         num_blocks = -(-len(spec.tokens) // bs)
+        # cost = (num_blocks - device - HOST_TIER_CREDIT * host) + load, lowest wins, the
+        # first rank on a tie. A rank's cost is at least `num_blocks - len(hashes) + load`,
+        # so ranks are visited by load and the prefix walk is skipped for those that cannot
+        # win: the same pick as computing every cost.
+        by_load = sorted(
+            (
+                rank.scheduler.manager.num_active_blocks()
+                + rank.scheduler.num_waiting * num_blocks,
+                rank.index,
+            )
+            for rank in ranks
+        )
         best: _Rank | None = None
         best_cost = math.inf
-        for rank in ranks:
-            device, host = self._index.overlap_blocks(rank.index, hashes)
-            manager = rank.scheduler.manager
-            load = manager.num_active_blocks() + rank.scheduler.num_waiting * num_blocks
+        floor = num_blocks - len(hashes)
+        for load, index in by_load:
+            lowest = floor + load
+            if lowest > best_cost or (
+                lowest == best_cost and best is not None and index > best.index
+            ):
+                break
+            device, host = self._index.overlap_blocks(index, hashes)
             cost = (num_blocks - device - HOST_TIER_CREDIT * host) + load
-            if cost < best_cost:
-                best, best_cost = rank, cost
+            if cost < best_cost or (cost == best_cost and best is not None and index < best.index):
+                best, best_cost = ranks[index], cost
         assert best is not None
         return best
 
@@ -231,6 +263,43 @@ class Replay:
         finally:
             gc.enable()
 
+    def _run_decode_passes(
+        self, rank: _Rank, next_arrival_ms: float, max_time_ms: float
+    ) -> DecodeRun | None:
+        """Let `rank` fast-forward through plain decode passes (`run_decode_passes`) for as
+        long as the loop would keep picking it: each pass starts before the next arrival and
+        before the clock of every other running rank (or at it, for a rank listed after it,
+        which loses ties), and not after `max_time_ms`. Accounts the passes; None = not one."""
+        before_ms = next_arrival_ms
+        until_ms = max_time_ms
+        for other in self._ranks:
+            if other is rank or other.stalled or not other.busy:
+                continue
+            if other.index < rank.index:
+                before_ms = min(before_ms, other.clock_ms)
+            else:
+                until_ms = min(until_ms, other.clock_ms)
+        run = rank.scheduler.run_decode_passes(rank.clock_ms, before_ms, until_ms)
+        if run is None:
+            return None
+        rank.idle_retries = 0
+        rank.clock_ms = run.ends_ms[-1]
+        on_decode_tokens = self.collector.on_decode_tokens
+        num_tokens = run.num_decode_tokens
+        prev_end_ms = run.prev_end_ms
+        for end_ms in run.ends_ms:
+            on_decode_tokens(end_ms - prev_end_ms, num_tokens)
+            prev_end_ms = end_ms
+        for index, events in run.events:
+            end_ms = run.ends_ms[index]
+            self._pending_events.append((end_ms, rank.index, events))
+            if self._on_events is not None:
+                self._on_events(rank.index, end_ms, events)
+        if self._on_pass is not None:
+            for result in run.pass_results():
+                self._on_pass(rank.index, result)
+        return run
+
     def _run(self) -> ReplayOutcome:
         options = self.options
         driver = SessionDriver(self._sessions, options.replay_concurrency)
@@ -259,10 +328,24 @@ class Replay:
             if best.clock_ms > max_time:
                 break
             scheduler = best.scheduler
+            if scheduler.in_steady_decode():
+                if best.decode_run_skips:
+                    best.decode_run_skips -= 1
+                else:
+                    run = self._run_decode_passes(best, next_arrival, max_time)
+                    if run is not None:
+                        outcome.num_passes += len(run.ends_ms)
+                        if len(run.ends_ms) == 1:
+                            best.decode_run_skips = DECODE_RUN_SKIPS
+                        continue
             result = scheduler.step(best.clock_ms)
             best.busy = scheduler.has_work()
             outcome.num_passes += 1
             if not result.did_work and result.end_ms <= result.start_ms:
+                if result.events:  # e.g. host-tier landings this tick: the router sees them
+                    self._pending_events.append((result.end_ms, best.index, result.events))
+                    if self._on_events is not None:
+                        self._on_events(best.index, result.end_ms, result.events)
                 # A deadline at this very time (an instant transfer this pass started) lands
                 # at the next tick: run again, a few times at most, before calling it a stall.
                 deadline = scheduler.next_deadline_ms(result.start_ms)

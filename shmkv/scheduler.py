@@ -25,6 +25,14 @@ running order among the other running requests ("explicit" ones, which go throug
 per-request path); and `_LEAVE` for its last token. A pass that cannot be proven
 order-independent (`_bulk_is_exact`) dissolves the cohort first. Results, random draws and
 manager calls are exactly those of scheduling every request one by one.
+
+Steady decode without a Python call per pass (`run_decode_passes`, used by the offline
+replay): while every running request is a cohort member and no member leaves, a stretch of
+passes is run in one call. Passes with no block event cost only their duration (their tokens
+are drawn for the whole stretch at once and appended with one slice per member); passes with
+block crossings / allocations go through `step`'s bulk path. The caller bounds the stretch
+in time (the next arrival, other ranks' clocks), so the passes and their results are exactly
+those of calling `step` once per pass.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from shmkv.config import EngineConfig
 from shmkv.errors import ConfigError, InvariantError
 from shmkv.events import KvEvent
 from shmkv.hashing import BlockHashes, PrefixHashCache, token_bytes
-from shmkv.ids import RequestId
+from shmkv.ids import Plh, RequestId
 from shmkv.manager import (
     KvManager,
     PrefillCost,
@@ -109,6 +117,10 @@ class _SwapIn:
     handle: SwapInHandle
     slots: list[int]
     skip_blocks: int
+    pinned_prefix: list[Plh]
+    """The request's G1 prefix (blocks `[0, skip_blocks)`), held until the onboarded blocks are
+    registered behind it: evicting it meanwhile would orphan them (their Stored would name a
+    parent the router was told is gone)."""
 
 
 @dataclass(slots=True)
@@ -134,6 +146,43 @@ class PassResult:
     preemptions: list[RequestId] = field(default_factory=list)
     events: list[KvEvent] = field(default_factory=list)
 
+
+@dataclass(slots=True)
+class DecodeRun:
+    """What `RankScheduler.run_decode_passes` did: consecutive steady decode passes, pass k
+    from `ends_ms[k - 1]` (`start_ms` for the first) to `ends_ms[k]`, each emitting
+    `num_decode_tokens` tokens whose ITL is the pass end minus the previous pass end
+    (`prev_end_ms` before the first)."""
+
+    start_ms: float
+    prev_end_ms: float
+    ends_ms: list[float]
+    num_decode_tokens: int
+    events: list[tuple[int, list[KvEvent]]]
+    """(pass index in the run, that pass's KV events) for the passes that have some."""
+
+    def pass_results(self) -> list[PassResult]:
+        """The `PassResult` that `step` would have returned for each pass."""
+        events_of = dict(self.events)
+        results: list[PassResult] = []
+        start, prev = self.start_ms, self.prev_end_ms
+        for index, end in enumerate(self.ends_ms):
+            results.append(
+                PassResult(
+                    start,
+                    end,
+                    True,
+                    num_decode_tokens=self.num_decode_tokens,
+                    prev_end_ms=prev,
+                    events=events_of.get(index, []),
+                )
+            )
+            start = prev = end
+        return results
+
+
+_MAX_DECODE_RUN: Final = 4096
+"""At most this many passes per `run_decode_passes` call (bounds its token draw)."""
 
 _NO_PREFIX: Final = 0
 
@@ -279,6 +328,13 @@ class RankScheduler:
     # ── one pass ──────────────────────────────────────────────────────────────────────────
 
     def step(self, now_ms: float) -> PassResult:
+        if self._cohort_size and not self._explicit and self._cohort_pass not in self._due:
+            run = self.run_decode_passes(now_ms, now_ms, now_ms)  # one plain pass
+            if run is not None:
+                return run.pass_results()[0]
+        return self._step(now_ms)
+
+    def _step(self, now_ms: float) -> PassResult:
         result = PassResult(
             now_ms,
             now_ms,
@@ -411,6 +467,140 @@ class RankScheduler:
             self._pass_index += 1
             self._prev_end_ms = end_ms
         return result
+
+    def in_steady_decode(self) -> bool:
+        """Whether `run_decode_passes` may apply: every running request is a cohort member and
+        nothing is swapping in (a cheap test, before the caller works out its limits)."""
+        return bool(self._cohort_size) and not self._explicit and not self._swap_ins
+
+    def run_decode_passes(
+        self, now_ms: float, before_ms: float, until_ms: float
+    ) -> DecodeRun | None:
+        """Fast-forward through consecutive *steady decode passes*: every running request is
+        a cohort member whose next token is not its last, nothing can be admitted and there
+        is no offload engine. Such a pass emits one token per member and, at most, promotes
+        the blocks its tokens fill and allocates the blocks opened the pass before (in bulk,
+        as `step` does). It calls no manager method that depends on another rank, and its
+        result holds nothing but those tokens and the KV events of the manager calls.
+
+        A *plain* pass (no member at a block boundary) costs no per-request work here: its
+        tokens are drawn and appended for a whole stretch of such passes at once. A pass with
+        block events runs through `step`'s bulk path.
+
+        The first pass starts at `now_ms`; each next one starts when the previous ends, and
+        runs only while that start is `< before_ms` and `<= until_ms` (the caller's limits:
+        e.g. the next arrival and other ranks' clocks) and the pass is still a steady one.
+
+        Returns None (and changes nothing) when the pass at `now_ms` is not steady or a plain
+        one taking no time: call `step`. Otherwise the passes run are exactly those `step`
+        would have run, with the same results (see `DecodeRun`).
+        """
+        members = self._cohort_size
+        if not members or self._explicit or self._swap_ins:
+            return None
+        config = self.config
+        if members > config.max_num_batched_tokens or (
+            self._waiting and len(self._running) < config.max_num_seqs
+        ):
+            return None
+        manager = self.manager
+        if manager.has_offload_engine():
+            return None
+        due = self._due
+        scaled_decode_ms = self.perf.scaled_decode_ms
+        total_kv_tokens = config.num_gpu_blocks * self.block_size
+        base = self._cohort_len_base
+        prev_end_ms = self._prev_end_ms
+        ends: list[float] = []
+        events: list[tuple[int, list[KvEvent]]] = []
+        num_plain = 0
+        """Plain passes run but not yet committed (tokens, clocks): see `_commit_plain`."""
+        clock = self._cohort_pass
+        start = now_ms
+        while len(ends) < _MAX_DECODE_RUN:
+            if clock in due:
+                if not self._bulk_events_only(clock, start):
+                    break
+                self._commit_plain(num_plain, clock, ends)
+                num_plain = 0
+                result = self._step(start)
+                self._check_steady_result(result, members)
+                end = result.end_ms
+                if result.events:
+                    events.append((len(ends), result.events))
+                clock = self._cohort_pass
+                ends.append(end)
+                if self._explicit or self._cohort_size != members or end <= start:
+                    break
+            else:
+                tokens = base + members * clock
+                end = start + scaled_decode_ms(members, tokens, tokens // members, total_kv_tokens)
+                if end <= start:  # a plain pass taking no time: `step` handles deadlines
+                    break
+                if not ends:  # recorded before the run: they belong to its first pass
+                    early = manager.take_events()
+                    if early:
+                        events.append((0, early))
+                num_plain += 1
+                clock += 1
+                ends.append(end)
+            if not (end < before_ms and end <= until_ms):
+                break
+            start = end
+        if not ends:
+            return None
+        self._commit_plain(num_plain, clock, ends)
+        return DecodeRun(now_ms, prev_end_ms, ends, members, events)
+
+    def _bulk_events_only(self, clock: int, start_ms: float) -> bool:
+        """Whether the events due at pass `clock` are only block crossings and allocations
+        that `step`'s bulk path serves (no member leaves; the allocations fit)."""
+        num_allocating = 0
+        for request in self._due[clock]:
+            if not request.in_cohort or request.event_pass != clock:
+                continue
+            kind = request.event_kind
+            if kind == _LEAVE:
+                return False
+            if kind == _ALLOC:
+                if request.blocked_until_ms > start_ms:
+                    return False
+                num_allocating += 1
+        return not num_allocating or num_allocating <= self.manager.num_free_blocks()
+
+    def _commit_plain(self, num_passes: int, clock: int, ends: list[float]) -> None:
+        """Apply the last `num_passes` plain passes of a run (ending at `ends[-1]`, the
+        cohort's clock now `clock`): draw their tokens, one word per member per pass in
+        running order, as `step` would have drawn them pass by pass."""
+        if not num_passes:
+            return
+        members = self._cohort_size
+        count = members * num_passes
+        words = RandomWords(self._rng, count).take(count)
+        if num_passes == 1:
+            append_tokens(self._running_tokens, words)
+        else:
+            for position, tokens_of in enumerate(self._running_tokens):
+                tokens_of.extend(words[position::members])
+        self._has_offload = False
+        self._crossing = []
+        self._cohort_pass = clock
+        self._pass_index += num_passes
+        self._prev_end_ms = self._last_emit_ms = ends[-1]
+
+    def _check_steady_result(self, result: PassResult, members: int) -> None:
+        if (
+            result.admissions
+            or result.first_tokens
+            or result.second_tokens
+            or result.token_gaps
+            or result.completions
+            or result.rejections
+            or result.preemptions
+            or result.num_decode_tokens != members
+            or not result.did_work
+        ):
+            raise InvariantError(f"steady decode pass did more than decode on rank {self.dp_rank}")
 
     # ── the running list and the cohort ───────────────────────────────────────────────────
 
@@ -898,12 +1088,20 @@ class RankScheduler:
         skip = cost.cached_blocks
         if skip >= len(seq.plhs):
             return False
+        # Hold the G1 prefix first: reserving destination slots may evict inactive blocks,
+        # and the prefix must outlive the transfer (behavior.md §8.4 step 2).
+        pinned = self.manager.try_pin_g1_prefix(seq.plhs[:skip])
+        if pinned is None:
+            return False
         outcome = self.manager.try_batch_swap_in(seq.plhs[skip:], now_ms)
         if isinstance(outcome, SwapInScheduled):
             self._waiting.popleft()
             request.status = Status.SWAPPING_IN
-            self._swap_ins.append(_SwapIn(request, outcome.handle, outcome.destination_slots, skip))
+            self._swap_ins.append(
+                _SwapIn(request, outcome.handle, outcome.destination_slots, skip, pinned)
+            )
             return True
+        self.manager.unpin_g1_prefix(pinned)
         if isinstance(outcome, SwapInBlocked):
             deadline = self.manager.earliest_offload_deadline()
             request.blocked_until_ms = now_ms if deadline is None else deadline
@@ -937,6 +1135,7 @@ class RankScheduler:
             ]
             parent = seq.seq_hashes[start - 1] if start > 0 else None
             self.manager.register_swapped_in_blocks(entries, parent, swap.slots)
+            self.manager.unpin_g1_prefix(swap.pinned_prefix)
             swap.request.status = Status.WAITING
             self._waiting.appendleft(swap.request)
 
@@ -974,4 +1173,4 @@ class _Admission(IntEnum):
     REJECT = 2
 
 
-__all__ = ["PassResult", "Promote", "RankScheduler", "Status"]
+__all__ = ["DecodeRun", "PassResult", "Promote", "RankScheduler", "Status"]

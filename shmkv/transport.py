@@ -48,7 +48,9 @@ READY: Final = "ready"  # {role, rank, pid, version, ...endpoints}
 SUBMIT: Final = (
     "submit"  # sup -> rank {requests: [[id, arrival_ms, max_out]]} + one tokens frame each
 )
-RESULTS: Final = "results"  # rank -> sup {passes: [...]}
+# rank -> sup {passes: [full pass records], decode: [itl_ms, num_tokens, ...] of plain decode
+# passes, status figures}; sent at a completion/rejection, else every ~20 ms while busy
+RESULTS: Final = "results"
 DRAIN: Final = "drain"  # sup -> rank/coord: finish in-flight work, then report state
 STATE: Final = "state"  # -> sup {device: [...]} or {host_pinned: [...]}
 STOP: Final = "stop"  # sup -> any: exit cleanly

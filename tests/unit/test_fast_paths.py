@@ -18,6 +18,7 @@ import xxhash
 
 from shmkv.config import EngineConfig
 from shmkv.hashing import (
+    BlockHashes,
     PrefixHashCache,
     chain_plhs,
     hash_block,
@@ -26,7 +27,7 @@ from shmkv.hashing import (
     token_bytes,
 )
 from shmkv.manager import KvManager
-from shmkv.replay import Replay, ReplayOptions
+from shmkv.replay import HOST_TIER_CREDIT, Replay, ReplayOptions
 from shmkv.scheduler import PassResult, RankScheduler
 from shmkv.sequence import ActiveSequence, RandomWords, append_random_tokens
 from shmkv.signals import Deref, MoveBlock
@@ -194,6 +195,101 @@ def test_cohort_and_decode_fast_paths_change_nothing(
     monkeypatch.setattr(RankScheduler, "_try_join_cohort", lambda self, request: None)
     monkeypatch.setattr(KvManager, "use_partial", lambda self, block: 0)
     assert replay_digest(name) == fast
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_decode_runs_change_nothing(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast-forwarding through plain decode passes (`run_decode_passes`, also behind `step`)
+    gives the same passes, events, report and state as running each pass through `step`'s
+    general path."""
+    fast = replay_digest(name, check=True)
+    monkeypatch.setattr(RankScheduler, "run_decode_passes", lambda self, *args: None)
+    assert replay_digest(name) == fast
+
+
+def test_decode_runs_cover_most_passes_of_a_steady_decode() -> None:
+    make_sessions, options = WORKLOADS["steady"]
+    runs: list[int] = []
+    original = RankScheduler.run_decode_passes
+
+    def spy(self: RankScheduler, now_ms: float, before_ms: float, until_ms: float) -> object:
+        run = original(self, now_ms, before_ms, until_ms)
+        if run is not None:
+            runs.append(len(run.ends_ms))
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RankScheduler, "run_decode_passes", spy)
+        outcome = Replay(make_sessions(), options).run()
+    assert max(runs) >= 5
+    assert sum(runs) * 2 > outcome.num_passes
+
+
+def test_decode_run_stops_at_the_callers_limits() -> None:
+    """A run covers exactly the passes the replay loop would give this rank in a row."""
+    sched = RankScheduler(E(num_gpu_blocks=400, block_size=16))
+    for request_id in range(4):
+        sched.submit(request_id, list(range(1 + request_id, 33 + request_id)), 60, 0.0)
+    now = 0.0
+    # prefill, first and second tokens, then up to the first pass after a block crossing
+    while sched._cohort_size < 4 or sched._due.get(sched._cohort_pass) or sched._pass_index < 8:
+        now = sched.step(now).end_ms
+    sched_copy_passes = sched._pass_index
+    one = sched.run_decode_passes(now, now, math.inf)  # the next pass may not start
+    assert one is not None
+    assert len(one.ends_ms) == 1
+    assert one.start_ms == now
+    assert sched._pass_index == sched_copy_passes + 1
+    now = one.ends_ms[0]
+    limit = now + 2.5 * (one.ends_ms[0] - one.start_ms)
+    run = sched.run_decode_passes(now, limit, math.inf)
+    assert run is not None
+    assert run.prev_end_ms == one.ends_ms[0]
+    assert all(end > now for end in run.ends_ms)
+    assert all(end < limit for end in run.ends_ms[:-1])
+    assert run.ends_ms[-1] >= limit
+    same_end = sched.run_decode_passes(run.ends_ms[-1], math.inf, run.ends_ms[-1])
+    assert same_end is not None
+    assert len(same_end.ends_ms) == 1
+    # `until_ms` is inclusive: a next pass starting exactly at it still runs.
+    start = same_end.ends_ms[0]
+    tied = sched.run_decode_passes(start, math.inf, start + 1e9)
+    assert tied is not None
+    assert len(tied.ends_ms) >= 1
+    sched.check_invariants()
+    results = tied.pass_results()
+    assert [r.end_ms for r in results] == tied.ends_ms
+    assert results[0].start_ms == start
+    assert results[0].prev_end_ms == same_end.ends_ms[0]
+    assert all(r.did_work and r.num_decode_tokens == 4 for r in results)
+
+
+def test_kv_router_pruning_picks_what_computing_every_cost_picks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fast = replay_digest("kv_router")
+    picks: list[int] = []
+
+    def every_cost(self: Replay, spec: RequestSpec, block_hashes: BlockHashes | None) -> object:
+        ranks = self._ranks
+        index = self._index
+        assert index is not None
+        assert block_hashes is not None
+        hashes = block_hashes.seq_hashes
+        num_blocks = -(-len(spec.tokens) // self.options.engine.block_size)
+        costs = []
+        for rank in ranks:
+            device, host = index.overlap_blocks(rank.index, hashes)
+            load = rank.scheduler.manager.num_active_blocks()
+            load += rank.scheduler.num_waiting * num_blocks
+            costs.append((num_blocks - device - HOST_TIER_CREDIT * host) + load)
+        best = costs.index(min(costs))
+        picks.append(best)
+        return ranks[best]
+
+    monkeypatch.setattr(Replay, "_route", every_cost)
+    assert replay_digest("kv_router") == fast
+    assert len(set(picks)) == 3
 
 
 def test_cohort_is_used_in_steady_decode() -> None:

@@ -31,7 +31,7 @@ from shmkv.eviction import make_backend
 from shmkv.g2 import G2Directory
 from shmkv.g2_client import SharedG2Client
 from shmkv.hashing import plh_position
-from shmkv.offload import G2Removed, G2Stored, OffloadItem
+from shmkv.offload import G2Event, G2Removed, G2Stored, OffloadItem
 from shmkv.shm import G2Segment, read_next_event_seq, segment_name
 from tests.multiproc._g2_client_worker import chain_items
 
@@ -55,7 +55,7 @@ class Harness:
         tokens = array("I")
         for item, slot in zip(items, slots, strict=True):
             meta = item.meta
-            position = len(events)
+            position = plh_position(item.plh)
             assert self.directory.commit(
                 slot,
                 meta.seq_hash,
@@ -281,6 +281,44 @@ def test_a_stale_replica_costs_a_miss_never_wrong_data(harness: Harness) -> None
     assert not client.contains(items[1].plh)
     assert isinstance(client.take_events()[-1], G2Removed)
     assert sorted(client.replica_seq_hashes()) == [items[0].meta.seq_hash]
+
+
+def _stream(events: list[G2Event]) -> list[tuple[str, int]]:
+    return [
+        ("S", e.meta.seq_hash) if isinstance(e, G2Stored) else ("R", e.seq_hash) for e in events
+    ]
+
+
+def test_host_blocks_wait_for_their_parent_to_be_announced_on_this_rank(
+    harness: Harness,
+) -> None:
+    """Another rank offloads the tail of a chain whose head is still in its own G1: this rank
+    never announced the head, so the tail waits (no orphan store on this rank's stream)."""
+    client = harness.client
+    items = _chain(7, 4)
+    seqs = [i.meta.seq_hash for i in items]
+    harness.deliver_events(harness.store(items[2:], rank=0))
+    assert client.take_events() == []
+    assert client.contains(items[2].plh), "the replica knows the blocks: onboarding is unchanged"
+    assert (client.stats().host_announced, client.stats().host_waiting) == (0, 2)
+    # A removal of a block this rank never announced is not republished.
+    assert harness.directory.try_remove(seqs[3])
+    harness.deliver(tp.G2_EVENTS, {"events": [["R", seqs[3]]]})
+    assert client.take_events() == []
+    # The head lands: it, then the waiting block, parent first.
+    harness.deliver_events(harness.store(items[:2], rank=0))
+    assert _stream(client.take_events()) == [("S", seqs[0]), ("S", seqs[1]), ("S", seqs[2])]
+    assert sorted(client.announced_seq_hashes()) == sorted(seqs[:3])
+    assert (client.stats().host_announced, client.stats().host_waiting) == (3, 0)
+    # The middle block leaves (its child was pinned): the child is withdrawn first.
+    assert harness.directory.try_remove(seqs[2])
+    assert harness.directory.try_remove(seqs[1])
+    harness.deliver(tp.G2_EVENTS, {"events": [["R", seqs[1]]]})
+    assert _stream(client.take_events()) == [("R", seqs[2]), ("R", seqs[1])]
+    assert sorted(client.announced_seq_hashes()) == [seqs[0]]
+    harness.deliver(tp.G2_EVENTS, {"events": [["R", seqs[2]]]})
+    assert client.take_events() == [], "already withdrawn"
+    assert client.replica_seq_hashes() == [seqs[0]]
 
 
 def test_cancel_and_close_release_every_pin(harness: Harness) -> None:

@@ -7,8 +7,8 @@ import pytest
 from shmkv.events import BlockRemoved, BlockStored, KvEvent, StorageTier
 from shmkv.hashing import make_plh
 from shmkv.manager import SWAP_IN_NO_HITS, KvManager, SwapInBlock, SwapInScheduled
-from shmkv.offload import BlockMeta, OffloadItem
-from shmkv.offload_local import LocalG2Engine, OffloadConfig
+from shmkv.offload import BlockMeta, G2Event, G2Stored, OffloadItem
+from shmkv.offload_local import HostTierAnnouncer, LocalG2Engine, OffloadConfig
 from shmkv.signals import Deref, FullBlock, Use
 
 HOST = StorageTier.HOST_PINNED
@@ -240,3 +240,76 @@ def test_pinned_g2_block_is_not_evicted() -> None:
     assert engine.contains(plh(1))
     engine.cancel_onboard(plan)
     engine.check_invariants()
+
+
+# -- the host-tier announcement policy of one rank (issue 4 §4) ---------------------------------
+
+
+def _meta(seq: int, parent: int | None) -> BlockMeta:
+    return BlockMeta(seq, parent, seq + 1000, None)
+
+
+def _announce(announcer: HostTierAnnouncer, *steps: tuple[str, int, int | None]) -> list[str]:
+    """Feed ("S", seq, parent) / ("R", seq, None) steps; the events as "S<seq>" / "R<seq>"."""
+    out: list[G2Event] = []
+    for kind, seq, parent in steps:
+        if kind == "S":
+            announcer.stored(_meta(seq, parent), out)
+        else:
+            announcer.removed(seq, out)
+    return [f"S{e.meta.seq_hash}" if isinstance(e, G2Stored) else f"R{e.seq_hash}" for e in out]
+
+
+def test_a_root_is_announced_at_once_and_a_child_waits_for_its_parent() -> None:
+    announcer = HostTierAnnouncer()
+    assert _announce(announcer, ("S", 1, None)) == ["S1"]
+    # 3's parent 2 was never stored here (it lives in another rank's G1): it waits.
+    assert _announce(announcer, ("S", 3, 2), ("S", 4, 3)) == []
+    assert (announcer.num_held, announcer.num_announced, announcer.num_waiting) == (3, 1, 2)
+    # 2 arrives under 1: it and everything that waited below it, parent first.
+    assert _announce(announcer, ("S", 2, 1)) == ["S2", "S3", "S4"]
+    assert sorted(announcer.announced_seq_hashes()) == [1, 2, 3, 4]
+    assert announcer.num_waiting == 0
+
+
+def test_removal_withdraws_announced_descendants_first_and_they_come_back_with_it() -> None:
+    announcer = HostTierAnnouncer()
+    chain = [("S", 1, None), ("S", 2, 1), ("S", 3, 2), ("S", 5, 2), ("S", 4, 3)]
+    assert _announce(announcer, *chain) == ["S1", "S2", "S3", "S5", "S4"]
+    # 2 leaves the pool (its children were pinned): 4 before 3, both before 2; 5 before 2.
+    removed = _announce(announcer, ("R", 2, None))
+    assert sorted(removed) == ["R2", "R3", "R4", "R5"]
+    assert removed[-1] == "R2"
+    assert removed.index("R4") < removed.index("R3")
+    assert sorted(announcer.announced_seq_hashes()) == [1]
+    assert announcer.num_waiting == 3, "3, 4 and 5 are still held, waiting for 2"
+    assert _announce(announcer, ("S", 2, 1)) == ["S2", "S3", "S4", "S5"]
+
+
+def test_blocks_never_announced_leave_silently() -> None:
+    announcer = HostTierAnnouncer()
+    assert _announce(announcer, ("S", 7, 6), ("S", 8, 7), ("R", 7, None), ("R", 99, None)) == []
+    assert announcer.num_held == 1
+    # 8 still waits for 7, which may come back.
+    assert _announce(announcer, ("S", 6, None), ("S", 7, 6)) == ["S6", "S7", "S8"]
+    assert _announce(announcer, ("S", 7, 6)) == [], "a duplicate store announces nothing"
+
+
+def test_a_self_parented_block_is_never_announced() -> None:
+    announcer = HostTierAnnouncer()
+    assert _announce(announcer, ("S", 1, None), ("S", 5, 5), ("R", 5, None)) == ["S1"]
+    assert announcer.num_held == 1
+
+
+def test_any_arrival_order_announces_the_same_set_parent_first() -> None:
+    """The announced set depends only on what the pool holds; every announcement follows
+    its parent's (the stream a restarted rank rebuilds from the snapshot)."""
+    stores = [("S", 1, None), ("S", 2, 1), ("S", 3, 2), ("S", 4, 2), ("S", 6, 5), ("S", 7, 1)]
+    for order in (stores, stores[::-1], stores[2:] + stores[:2]):
+        announcer = HostTierAnnouncer()
+        events = _announce(announcer, *order)
+        assert sorted(events) == ["S1", "S2", "S3", "S4", "S7"]
+        parents = {seq: parent for _, seq, parent in stores}
+        for position, event in enumerate(events):
+            parent = parents[int(event[1:])]
+            assert parent is None or events.index(f"S{parent}") < position

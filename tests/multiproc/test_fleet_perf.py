@@ -1,0 +1,147 @@
+"""The live fleet's CPU economy: a supervisor and ranks that block instead of spinning, and
+RESULTS that carry plain decode passes compactly (issue 5, fleet scaling)."""
+
+from __future__ import annotations
+
+import math
+import time
+from array import array
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+
+from shmkv import transport as tp
+from shmkv.config import EngineConfig
+from shmkv.engine import IDLE_POLL_MS, RankEngine, RankSpec
+from shmkv.fleet import Fleet, FleetOptions
+from shmkv.scheduler import PassResult
+from shmkv.workload import synthetic_sessions
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(120)]
+
+
+def _rank_spec(endpoint: str, engine: EngineConfig) -> RankSpec:
+    return RankSpec(
+        rank=0,
+        fleet_id="perf",
+        engine={name: getattr(engine, name) for name in EngineConfig.field_names()},
+        supervisor_endpoint=endpoint,
+        start_monotonic_s=time.monotonic(),
+    )
+
+
+def _urgent(rank: RankEngine) -> bool:
+    """Read through a call, so that mypy does not narrow the flag between steps."""
+    return rank._urgent
+
+
+def _pass(**fields: object) -> PassResult:
+    base: dict[str, object] = {"start_ms": 10.0, "end_ms": 12.5, "did_work": True}
+    base.update(fields)
+    return PassResult(**base)  # type: ignore[arg-type]
+
+
+def test_a_never_sleeping_rank_blocks_until_a_future_pass(tmp_path: Path) -> None:
+    """At speedup inf simulated time is wall time: a pass due in 500 ms is waited for in
+    poll (it used to be polled for with a zero timeout, spinning a core)."""
+    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+        assert rank._poll_timeout_ms() == IDLE_POLL_MS  # no work: wait for a message
+        rank.scheduler.submit(1, array("I", range(32)), 4, 0.0)
+        rank._next_pass_ms = rank.clock.now_ms() + 500.0
+        assert 100 <= rank._poll_timeout_ms() <= IDLE_POLL_MS
+        rank._next_pass_ms = rank.clock.now_ms()
+        assert rank._poll_timeout_ms() == 0  # due now: run it
+
+
+def test_plain_decode_passes_travel_compactly_and_completions_go_at_once(
+    tmp_path: Path,
+) -> None:
+    endpoint = f"ipc://{tmp_path}/sup"
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    try:
+        engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+        with RankEngine(_rank_spec(endpoint, engine)) as rank:
+            rank._after_pass(_pass(num_decode_tokens=7, prev_end_ms=12.0), 10.0)
+            rank._after_pass(_pass(first_tokens=[3]), 10.0)  # a record, no hurry
+            rank._after_pass(_pass(), 10.0)  # nothing to account: no record at all
+            assert rank._num_pending == 2
+            assert not _urgent(rank)
+            rank._maybe_flush_results(force=False)
+            assert rank._num_pending == 2, "not due yet: nothing sent"
+            rank._after_pass(_pass(completions=[[3, 4]]), 10.0)
+            assert _urgent(rank), "a completion releases the next request: report it now"
+            rank._maybe_flush_results(force=_urgent(rank))
+            assert rank._num_pending == 0
+            assert not _urgent(rank)
+            assert router.poll(5000)
+            frames = router.recv_multipart()
+            msg = tp.decode(frames[1:])
+            assert msg.type == tp.RESULTS
+            assert msg.body["decode"] == [0.5, 7]
+            assert [record[4] for record in msg.body["passes"]] == [[3], []]
+            assert msg.body["passes"][1][8] == [[3, 4]]
+    finally:
+        router.close(linger=0)
+        ctx.term()
+
+
+def test_a_fleet_at_inf_accounts_every_token(fleet_id: str) -> None:
+    """Plain decode passes arrive as ITL pairs: every non-first token is one ITL sample."""
+    sessions = synthetic_sessions(input_tokens=64, output_tokens=40, request_count=24)
+    options = FleetOptions(
+        engine=EngineConfig(num_gpu_blocks=256, block_size=16, speedup_ratio=math.inf),
+        data_parallel_size=2,
+        replay_concurrency=8,
+        fleet_id=fleet_id,
+    )
+    with Fleet(options) as fleet:
+        outcome = fleet.run(sessions)
+    report = outcome.collector.build_report(wall_time_ms=outcome.wall_time_ms)
+    assert report["completed_requests"] == 24
+    assert report["total_output_tokens"] == 24 * 40
+    assert sum(outcome.collector._itl_counts) == 24 * 39
+
+
+def test_the_supervisor_and_an_idle_rank_block_while_the_next_arrival_is_due(
+    fleet_id: str,
+) -> None:
+    """Open loop at speedup inf, arrivals 800 ms apart: between them nobody spins."""
+    sessions = synthetic_sessions(
+        input_tokens=32, output_tokens=4, request_count=2, arrival_interval_ms=800.0
+    )
+    options = FleetOptions(
+        engine=EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf),
+        data_parallel_size=1,
+        replay_concurrency=None,
+        fleet_id=fleet_id,
+    )
+    with Fleet(options) as fleet:
+        fleet.start()
+        # the fleet's clock started before the processes did: arrivals from now on
+        offset_ms = fleet.clock.now_ms() + 100.0
+        sessions = [
+            replace(
+                s,
+                first_arrival_ms=s.first_arrival_ms + offset_ms,
+                turns=[replace(t, arrival_ms=t.arrival_ms + offset_ms) for t in s.turns],
+            )
+            for s in sessions
+        ]
+        rank = psutil.Process(fleet.rank_pid(0))
+        rank_before = sum(rank.cpu_times()[:2])
+        cpu_before = time.thread_time()
+        wall_before = time.monotonic()
+        outcome = fleet.run(sessions)
+        supervisor_cpu_s = time.thread_time() - cpu_before
+        wall_s = time.monotonic() - wall_before
+        rank_cpu_s = sum(rank.cpu_times()[:2]) - rank_before
+    assert outcome.collector.num_completed == 2
+    assert wall_s >= 0.75, "the second request waited for its arrival time"
+    assert supervisor_cpu_s < 0.3 * wall_s, f"supervisor busy {supervisor_cpu_s:.2f} s"
+    assert rank_cpu_s < 0.3 * wall_s, f"rank busy {rank_cpu_s:.2f} s"
