@@ -3,7 +3,7 @@
 Both codecs turn one `EventBatch` (the events of one scheduler pass of one rank) into one
 message payload and back. `make_codec(name, block_size=...)` picks one by name.
 
-``json`` (default, orjson): a batch object whose events use Dynamo's native `KvCacheEvent`
+``json`` (default): a batch object whose events use Dynamo's native `KvCacheEvent`
 shape plus two fields Dynamo ignores (`storage_tier`, `block_token_ids`)::
 
     {"ts": 1789095808.83, "dp_rank": 0, "events": [
@@ -17,9 +17,11 @@ shape plus two fields Dynamo ignores (`storage_tier`, `block_token_ids`)::
     ]}
 
   Each event object, serialized alone, is accepted by Dynamo's `RadixTree.apply_event`.
-  Everything round-trips exactly. Encoding uses orjson; decoding uses msgspec's typed JSON
-  decoder, which parses and validates in one pass (hashes and ids u64, tokens u32, one
-  `block_token_ids` list per block, `data` exactly one of stored / removed / "cleared").
+  Everything round-trips exactly. Encoding writes msgspec Structs with msgspec's JSON encoder:
+  compact, keys in the order above, byte for byte what orjson writes for the same dicts (`ts`
+  is formatted by orjson itself). Decoding uses msgspec's typed JSON decoder, which parses and
+  validates in one pass (hashes and ids u64, tokens u32, one `block_token_ids` list per block,
+  `data` exactly one of stored / removed / "cleared").
 
 ``vllm`` (msgpack via msgspec): the current vLLM layout, an array batch of tagged-map events::
 
@@ -58,11 +60,17 @@ shape plus two fields Dynamo ignores (`storage_tier`, `block_token_ids`)::
 
 Decoding untrusted bytes raises `ProtocolError` and nothing else. Encoding a batch that breaks
 an invariant of `shmkv.events` (a token count other than blocks x block_size, one local hash
-per block) raises `InvariantError`: it is a bug in the producer.
+per block, a hash or event id outside -2^63 .. 2^64 - 1) raises `InvariantError`: it is a bug
+in the producer. Token ids are not range-checked on encode (producers take them from u32
+arrays; decoders reject anything outside u32).
+
+Encoders are hot paths (one call per scheduler pass per rank): one Python loop over the events
+that builds msgspec Structs positionally, then one msgspec call writes the payload in C.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Annotated, Final, Literal, NoReturn, Protocol
 
@@ -153,6 +161,13 @@ def sniff_codec_name(payload: bytes) -> str:
     return "json" if payload[:1] == b"{" else "vllm"
 
 
+def _raise_token_count(event: BlockStored, num_tokens: int, block_size: int) -> NoReturn:
+    raise InvariantError(
+        f"BlockStored event {event.event_id}: {num_tokens} token ids for "
+        f"{len(event.block_hashes)} blocks of {block_size}"
+    )
+
+
 def _raise_hash_count(event: BlockStored) -> NoReturn:
     raise InvariantError(
         f"BlockStored event {event.event_id} has {len(event.block_hashes)} block hashes but "
@@ -165,10 +180,74 @@ def _raise_hash_count(event: BlockStored) -> NoReturn:
 
 
 def _json_default(obj: object) -> object:
-    """orjson fallback: token or hash containers other than lists and tuples (array, range...)."""
+    """Encoder fallback: token or hash containers other than lists and tuples (array, range...)."""
     if isinstance(obj, Sequence):
         return list(obj)
     raise TypeError(f"cannot serialize {type(obj).__name__} in a KV event")
+
+
+# NOTE: the encoder builds these msgspec Structs positionally (in C: `map` over the blocks) and
+# writes them with one msgspec.json call; the output is byte for byte what orjson makes of the
+# equivalent dicts (field order = key order; `ts` is written by orjson, whose float format it
+# is). Encoding ignores the annotations.
+
+
+class _OutBlock(msgspec.Struct, gc=False):
+    block_hash: int
+    tokens_hash: int
+    mm_extra_info: None = None
+
+
+class _OutStoredBody(msgspec.Struct, gc=False):
+    parent_hash: int | None
+    start_position: None
+    blocks: list[_OutBlock]
+
+
+class _OutStoredData(msgspec.Struct, gc=False):
+    stored: _OutStoredBody
+
+
+class _OutStored(msgspec.Struct, gc=False):
+    event_id: int
+    dp_rank: int
+    storage_tier: StorageTier
+    data: _OutStoredData
+
+
+class _OutStoredWithTokens(msgspec.Struct, gc=False):
+    event_id: int
+    dp_rank: int
+    storage_tier: StorageTier
+    data: _OutStoredData
+    block_token_ids: Sequence[Sequence[int]]
+
+
+class _OutRemovedBody(msgspec.Struct, gc=False):
+    block_hashes: Sequence[int]
+
+
+class _OutRemovedData(msgspec.Struct, gc=False):
+    removed: _OutRemovedBody
+
+
+class _OutRemoved(msgspec.Struct, gc=False):
+    event_id: int
+    dp_rank: int
+    storage_tier: StorageTier
+    data: _OutRemovedData
+
+
+class _OutCleared(msgspec.Struct, gc=False):
+    event_id: int
+    dp_rank: int
+    data: str = "cleared"
+
+
+class _OutBatch(msgspec.Struct, gc=False):
+    ts: msgspec.Raw
+    dp_rank: int
+    events: list[msgspec.Struct]
 
 
 _U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints never exceed u64; JSON: _check_u64
@@ -208,26 +287,36 @@ class _JsonBatch(msgspec.Struct, frozen=True):
     events: list[_JsonEvent]
 
 
-# NOTE: encoding uses orjson; decoding uses msgspec's typed JSON decoder, which parses and
-# validates in one C pass (orjson.loads plus the same checks in Python is slower).
+# NOTE: decoding uses msgspec's typed JSON decoder, which parses and validates in one C pass
+# (orjson.loads plus the same checks in Python is slower).
 _JSON_BATCH: Final = msgspec.json.Decoder(_JsonBatch)
 
 
 class JsonCodec:
-    """Dynamo-native `KvCacheEvent` objects in a batch object, via orjson."""
+    """Dynamo-native `KvCacheEvent` objects in a batch object (msgspec out, msgspec in)."""
 
-    __slots__ = ()
+    __slots__ = ("_encoder", "_range_check", "_scratch")
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.json.Encoder(enc_hook=_json_default)
+        self._range_check = msgspec.msgpack.Encoder(enc_hook=_json_default)
+        self._scratch = bytearray()
+        """Output of the range check, thrown away (its content never matters)."""
 
     @property
     def name(self) -> str:
         return "json"
 
     def encode_batch(self, batch: EventBatch) -> bytes:
-        events = _json_events(batch.events)
-        document = {"ts": batch.ts_s, "dp_rank": batch.dp_rank, "events": events}
+        ints: list[int] = []
+        events = _json_events(batch.events, ints)
         try:
-            return orjson.dumps(document, default=_json_default)
-        except TypeError as exc:  # orjson.JSONEncodeError: an int outside u64, a foreign type
+            # NOTE: msgpack takes exactly the ints orjson took (-2^63 .. 2^64 - 1), msgspec's
+            # JSON any int: the hashes and ids of the batch go through msgpack first, in C.
+            self._range_check.encode_into(ints, self._scratch)
+            document = _OutBatch(msgspec.Raw(orjson.dumps(batch.ts_s)), batch.dp_rank, events)
+            return self._encoder.encode(document)
+        except (OverflowError, TypeError) as exc:
             raise InvariantError(f"cannot encode a KV event batch as JSON: {exc}") from exc
 
     def decode_batch(self, payload: bytes) -> EventBatch:
@@ -239,53 +328,67 @@ class JsonCodec:
         return EventBatch(ts_s=wire.ts, dp_rank=wire.dp_rank, events=events)
 
 
-def _json_events(events: Sequence[KvEvent]) -> list[dict[str, object]]:
-    # NOTE: hot path: one loop of dict literals, no per-event calls (msgspec Structs and
-    # string templates measured no faster); orjson writes the StrEnum tier as its value.
-    out: list[dict[str, object]] = []
+def _json_events(events: Sequence[KvEvent], ints: list[int]) -> list[msgspec.Struct]:
+    """The wire Structs of `events`; appends every hash and event id to `ints`."""
+    # NOTE: hot path: one loop, Structs built positionally, blocks with `map` (no bytecode per
+    # block); exact types first, subclasses through `_exact_event`.
+    out: list[msgspec.Struct] = []
     append = out.append
     for event in events:
-        if isinstance(event, BlockStored):
+        if type(event) is BlockStored:
             hashes = event.block_hashes
             local_hashes = event.tokens_hashes
             if len(local_hashes) != len(hashes):
                 _raise_hash_count(event)
-            stored: dict[str, object] = {
-                "event_id": event.event_id,
-                "dp_rank": event.dp_rank,
-                "storage_tier": event.tier,
-                "data": {
-                    "stored": {
-                        "parent_hash": event.parent_hash,
-                        "start_position": None,
-                        "blocks": [
-                            {
-                                "block_hash": block_hash,
-                                "tokens_hash": tokens_hash,
-                                "mm_extra_info": None,
-                            }
-                            for block_hash, tokens_hash in zip(hashes, local_hashes, strict=True)
-                        ],
-                    }
-                },
-            }
-            if event.token_ids is not None:
-                stored["block_token_ids"] = event.token_ids
-            append(stored)
-        elif isinstance(event, BlockRemoved):
-            append(
-                {
-                    "event_id": event.event_id,
-                    "dp_rank": event.dp_rank,
-                    "storage_tier": event.tier,
-                    "data": {"removed": {"block_hashes": event.block_hashes}},
-                }
+            parent = event.parent_hash
+            data = _OutStoredData(
+                _OutStoredBody(parent, None, list(map(_OutBlock, hashes, local_hashes)))
             )
-        elif isinstance(event, AllBlocksCleared):
-            append({"event_id": event.event_id, "dp_rank": event.dp_rank, "data": "cleared"})
+            ints += hashes
+            ints += local_hashes
+            ints.append(event.event_id)
+            if parent is not None:
+                ints.append(parent)
+            if event.token_ids is None:
+                append(_OutStored(event.event_id, event.dp_rank, event.tier, data))
+            else:
+                append(
+                    _OutStoredWithTokens(
+                        event.event_id, event.dp_rank, event.tier, data, event.token_ids
+                    )
+                )
+        elif type(event) is BlockRemoved:
+            removed = event.block_hashes
+            ints += removed
+            ints.append(event.event_id)
+            append(
+                _OutRemoved(
+                    event.event_id,
+                    event.dp_rank,
+                    event.tier,
+                    _OutRemovedData(_OutRemovedBody(removed)),
+                )
+            )
+        elif type(event) is AllBlocksCleared:
+            ints.append(event.event_id)
+            append(_OutCleared(event.event_id, event.dp_rank))
         else:
-            raise InvariantError(f"not a KV event: {type(event).__name__}")
+            out += _json_events([_exact_event(event)], ints)
     return out
+
+
+def _exact_event(event: object) -> KvEvent:
+    """An instance of a subclass of an event class, as an instance of the class itself.
+
+    Raises:
+        InvariantError: `event` is not a KV event.
+    """
+    for cls in (BlockStored, BlockRemoved, AllBlocksCleared):
+        if isinstance(event, cls):
+            values = {field.name: getattr(event, field.name) for field in dataclasses.fields(cls)}
+            exact: KvEvent = cls(**values)
+            return exact
+    raise InvariantError(f"not a KV event: {type(event).__name__}")
 
 
 def _check_u64(values: list[int], index: int) -> None:
@@ -467,26 +570,39 @@ class VllmCodec:
     # -- encode --------------------------------------------------------------------------------
 
     def encode_batch(self, batch: EventBatch) -> bytes:
-        # NOTE: hot path, one loop over the events without per-event calls: msgspec Structs
-        # built positionally in C, tokens flattened with list +=.
+        events = self._wire_events(batch.events)
+        try:
+            return self._encoder.encode((batch.ts_s, events, batch.dp_rank))
+        except (OverflowError, TypeError) as exc:
+            raise InvariantError(f"cannot encode a KV event batch as msgpack: {exc}") from exc
+
+    def _wire_events(self, events: Sequence[KvEvent]) -> list[msgspec.Struct]:
+        # NOTE: hot path, one loop over the events without per-event calls: exact types first
+        # (subclasses through `_exact_event`), msgspec Structs built positionally in C, a
+        # one-block event's token list sent as is, longer ones flattened with list +=.
         stored_cls, removed_cls, cleared = self._wire_types
         block_size = self._block_size
-        events: list[msgspec.Struct] = []
-        append = events.append
-        for event in batch.events:
-            if isinstance(event, BlockStored):
+        medium = _MEDIUM
+        out: list[msgspec.Struct] = []
+        append = out.append
+        for event in events:
+            if type(event) is BlockStored:
                 hashes = event.block_hashes
                 if len(event.tokens_hashes) != len(hashes):
                     _raise_hash_count(event)
-                flat: list[int] = []
-                if event.token_ids is not None:
-                    for block in event.token_ids:
-                        flat += block
+                token_ids = event.token_ids
+                if token_ids is None:
+                    flat: list[int] = []
+                else:
+                    if len(token_ids) == 1:
+                        first = token_ids[0]
+                        flat = first if type(first) is list else list(first)
+                    else:
+                        flat = []
+                        for block in token_ids:
+                            flat += block
                     if len(flat) != len(hashes) * block_size:
-                        raise InvariantError(
-                            f"BlockStored event {event.event_id}: {len(flat)} token ids for "
-                            f"{len(hashes)} blocks of {block_size}"
-                        )
+                        _raise_token_count(event, len(flat), block_size)
                 append(
                     stored_cls(
                         hashes if type(hashes) is list else list(hashes),
@@ -494,25 +610,22 @@ class VllmCodec:
                         flat,
                         block_size,
                         None,
-                        _MEDIUM[event.tier],
+                        medium[event.tier],
                         None,
                     )
                 )
-            elif isinstance(event, BlockRemoved):
+            elif type(event) is BlockRemoved:
                 removed = event.block_hashes
                 append(
                     removed_cls(
-                        removed if type(removed) is list else list(removed), _MEDIUM[event.tier]
+                        removed if type(removed) is list else list(removed), medium[event.tier]
                     )
                 )
-            elif isinstance(event, AllBlocksCleared):
+            elif type(event) is AllBlocksCleared:
                 append(cleared)
             else:
-                raise InvariantError(f"not a KV event: {type(event).__name__}")
-        try:
-            return self._encoder.encode((batch.ts_s, events, batch.dp_rank))
-        except (OverflowError, TypeError) as exc:
-            raise InvariantError(f"cannot encode a KV event batch as msgpack: {exc}") from exc
+                out += self._wire_events([_exact_event(event)])
+        return out
 
     # -- decode --------------------------------------------------------------------------------
 

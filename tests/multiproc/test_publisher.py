@@ -476,6 +476,55 @@ def test_replay_reply_layout(context: Context, legacy_replay: bool) -> None:
         ]
 
 
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_IDS)
+def test_large_and_small_payloads_go_out_intact_live_and_through_replay(
+    context: Context, codec: tuple[str, bool]
+) -> None:
+    """Frames sent one by one (not send_multipart), the big payload without a copy: the live
+    stream and the replay carry exactly the codec's bytes."""
+    tokens = [[(i * 7 + j) % 150_000 for j in range(BLOCK_SIZE)] for i in range(1500)]
+    local = [local_block_hashes(block, BLOCK_SIZE)[0] for block in tokens]
+    big = EventBatch(
+        ts_s=1.8e9,
+        dp_rank=0,
+        events=[
+            BlockStored(
+                event_id=0,
+                dp_rank=0,
+                tier=StorageTier.DEVICE,
+                parent_hash=None,
+                block_hashes=chain_sequence_hashes(local),
+                tokens_hashes=local,
+                token_ids=tokens,
+            )
+        ],
+    )
+    small, _ = make_workload(rank=0, num_batches=2, seed=12)
+    batches = [small[0], big, small[1]]
+    name, legacy = codec
+    payloads = [
+        make_codec(name, block_size=BLOCK_SIZE, legacy_array_events=legacy).encode_batch(batch)
+        for batch in batches
+    ]
+    assert len(payloads[1]) >= 1 << 16 > len(payloads[0])
+    with publisher(context, codec=codec) as pub, context.socket(zmq.SUB) as sub:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(pub.endpoint)
+        assert pub.wait_for_subscribers(1, timeout_s=DEADLINE_S)
+        assert [pub.publish(batch) for batch in batches] == [0, 1, 2]
+        live = []
+        for _ in batches:
+            assert sub.poll(int(DEADLINE_S * 1000)), "timed out waiting for a live batch"
+            live.append(sub.recv_multipart())
+        assert live == [[pub.topic, pack_seq(seq), payloads[seq]] for seq in range(3)]
+        with _replay_client(context, pub) as dealer:
+            dealer.send_multipart([b"", pack_seq(0)])
+            _serve_until(pub, lambda: pub.stats()["replay_requests"] == 1)
+            replies = [dealer.recv_multipart() for _ in range(4)]
+    assert replies[:3] == [[b"", pub.topic, pack_seq(seq), payloads[seq]] for seq in range(3)]
+    assert replies[3] == [b"", b"", pack_seq(END_SEQ), b""]
+
+
 def test_malformed_replay_requests_are_ignored(
     context: Context, caplog: pytest.LogCaptureFixture
 ) -> None:

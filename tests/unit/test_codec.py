@@ -450,6 +450,160 @@ def test_encode_rejects_a_hash_outside_u64(codec: JsonCodec | VllmCodec) -> None
         codec.encode_batch(EventBatch(ts_s=TS, dp_rank=0, events=[event]))
 
 
+def test_json_encode_rejects_any_hash_or_id_outside_u64() -> None:
+    base = stored()
+    for bad in (
+        dataclasses.replace(base, event_id=1 << 64),
+        dataclasses.replace(base, parent_hash=1 << 64),
+        dataclasses.replace(base, tokens_hashes=[1, 1 << 64]),
+        dataclasses.replace(base, block_hashes=[-(1 << 63) - 1, 1]),
+        AllBlocksCleared(event_id=1 << 64, dp_rank=0),
+    ):
+        with pytest.raises(InvariantError, match="cannot encode"):
+            JsonCodec().encode_batch(EventBatch(ts_s=TS, dp_rank=1, events=[bad]))
+
+
+@pytest.mark.parametrize(
+    "codec", [JsonCodec(), VllmCodec(block_size=BLOCK_SIZE)], ids=["json", "vllm"]
+)
+def test_encode_rejects_what_is_not_an_event(codec: JsonCodec | VllmCodec) -> None:
+    batch = EventBatch(ts_s=TS, dp_rank=1, events=[stored(), "BlockStored"])  # type: ignore[list-item]
+    with pytest.raises(InvariantError, match="not a KV event: str"):
+        codec.encode_batch(batch)
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _TaggedStored(BlockStored):
+    note: str = ""
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _TaggedRemoved(BlockRemoved):
+    note: str = ""
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _TaggedCleared(AllBlocksCleared):
+    note: str = ""
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        JsonCodec(),
+        VllmCodec(block_size=BLOCK_SIZE),
+        VllmCodec(block_size=BLOCK_SIZE, legacy_array_events=True),
+    ],
+    ids=["json", "vllm", "vllm-legacy"],
+)
+def test_subclassed_events_encode_like_their_base(codec: JsonCodec | VllmCodec) -> None:
+    base = example_batch()
+    first, second, _ = base.events
+    tagged: list[KvEvent] = [
+        _TaggedStored(**{f.name: getattr(first, f.name) for f in dataclasses.fields(BlockStored)}),
+        _TaggedRemoved(
+            **{f.name: getattr(second, f.name) for f in dataclasses.fields(BlockRemoved)}
+        ),
+        _TaggedCleared(event_id=9, dp_rank=1),
+    ]
+    assert codec.encode_batch(dataclasses.replace(base, events=tagged)) == codec.encode_batch(base)
+
+
+def test_vllm_encodes_foreign_token_containers() -> None:
+    codec = VllmCodec(block_size=BLOCK_SIZE)
+    one_block = dataclasses.replace(
+        stored(), block_hashes=(11,), tokens_hashes=[5], token_ids=(range(1, 5),)
+    )
+    two_blocks = dataclasses.replace(stored(), token_ids=[(1, 2, 3, 4), range(5, 9)])
+    payload = codec.encode_batch(EventBatch(ts_s=TS, dp_rank=1, events=[one_block, two_blocks]))
+    first, second = msgspec.msgpack.decode(payload)[1]
+    assert (first["block_hashes"], first["token_ids"]) == ([11], [1, 2, 3, 4])
+    assert second["token_ids"] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+# -- the encoders write exactly what the reference dict encoders wrote -------------------------
+
+
+def reference_json(batch: EventBatch) -> bytes:
+    """The JSON wire built from dicts with orjson (the encoder before the msgspec Structs)."""
+    events: list[dict[str, object]] = []
+    for event in batch.events:
+        if isinstance(event, BlockStored):
+            blocks = [
+                {"block_hash": h, "tokens_hash": t, "mm_extra_info": None}
+                for h, t in zip(event.block_hashes, event.tokens_hashes, strict=True)
+            ]
+            document: dict[str, object] = {
+                "event_id": event.event_id,
+                "dp_rank": event.dp_rank,
+                "storage_tier": event.tier.value,
+                "data": {
+                    "stored": {
+                        "parent_hash": event.parent_hash,
+                        "start_position": None,
+                        "blocks": blocks,
+                    }
+                },
+            }
+            if event.token_ids is not None:
+                document["block_token_ids"] = [list(block) for block in event.token_ids]
+            events.append(document)
+        elif isinstance(event, BlockRemoved):
+            events.append(
+                {
+                    "event_id": event.event_id,
+                    "dp_rank": event.dp_rank,
+                    "storage_tier": event.tier.value,
+                    "data": {"removed": {"block_hashes": list(event.block_hashes)}},
+                }
+            )
+        else:
+            events.append({"event_id": event.event_id, "dp_rank": event.dp_rank, "data": "cleared"})
+    return orjson.dumps({"ts": batch.ts_s, "dp_rank": batch.dp_rank, "events": events})
+
+
+MEDIUM = {StorageTier.DEVICE: "GPU", StorageTier.HOST_PINNED: "CPU_TIER1"}
+
+
+def reference_vllm(batch: EventBatch, *, legacy: bool) -> bytes:
+    """The vLLM wire built from plain dicts / lists with msgspec (`wire.md` §1.1, §7)."""
+    events: list[object] = []
+    for event in batch.events:
+        if isinstance(event, BlockStored):
+            flat = [t for block in event.token_ids or [] for t in block]
+            fields: list[tuple[str, object]] = [
+                ("block_hashes", list(event.block_hashes)),
+                ("parent_block_hash", event.parent_hash),
+                ("token_ids", flat),
+                ("block_size", BLOCK_SIZE),
+                ("lora_id", None),
+                ("medium", MEDIUM[event.tier]),
+                ("lora_name", None),
+            ]
+            tag = "BlockStored"
+        elif isinstance(event, BlockRemoved):
+            fields = [("block_hashes", list(event.block_hashes)), ("medium", MEDIUM[event.tier])]
+            tag = "BlockRemoved"
+        else:
+            fields, tag = [], "AllBlocksCleared"
+        if legacy:
+            events.append([tag, *(value for _key, value in fields)])
+        else:
+            events.append({"type": tag, **dict(fields)})
+    return msgspec.msgpack.encode([batch.ts_s, events, batch.dp_rank])
+
+
+@given(batches(consistent_local_hashes=False))
+def test_json_bytes_equal_the_reference_encoder(batch: EventBatch) -> None:
+    assert JsonCodec().encode_batch(batch) == reference_json(batch)
+
+
+@given(batches(consistent_local_hashes=True), st.booleans())
+def test_vllm_bytes_equal_the_reference_encoder(batch: EventBatch, legacy: bool) -> None:
+    codec = VllmCodec(block_size=BLOCK_SIZE, legacy_array_events=legacy)
+    assert codec.encode_batch(batch) == reference_vllm(batch, legacy=legacy)
+
+
 # -- hostile bytes ------------------------------------------------------------------------------
 
 DECODERS: list[EventCodec] = [JsonCodec(), VllmCodec(block_size=BLOCK_SIZE)]
