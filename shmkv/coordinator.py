@@ -56,8 +56,11 @@ of the block that displaced it; stores are parent-first. Events are batched: one
 loop turn (at most `MAX_MESSAGES_PER_TURN` rank messages), split into messages of at most
 `MAX_EVENTS_PER_MESSAGE` events; the snapshot likewise.
 
-Cost (scripts/bench_fleet.py): the per-block work is dominated by `G2Directory.reserve` and
-`G2Directory.commit` (one Python call per block each).
+Cost (scripts/bench_fleet.py): an OFFLOAD is screened column by column, reserved in one
+`G2Directory.reserve` (batched, fenced eviction) and, when its copies land together and no
+block waits for a parent, committed in one `G2Directory.commit_many`; what remains per block
+is the Lineage policy (one insert and one evict in Python), dict/set bookkeeping and the event
+lists. `Coordinator.batched = False` keeps the per-item reference path (tests compare them).
 """
 
 from __future__ import annotations
@@ -71,9 +74,7 @@ import select
 import signal
 import sys
 import time
-from array import array
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from operator import attrgetter
@@ -81,6 +82,7 @@ from types import FrameType, TracebackType
 from typing import Any, Final, NamedTuple, Self
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 import zmq
 
@@ -89,8 +91,8 @@ from shmkv.bandwidth import BandwidthModel
 from shmkv.clock import MonotonicClock
 from shmkv.errors import ConfigError, InvariantError, ProtocolError
 from shmkv.eviction import make_backend
-from shmkv.g2 import G2Directory
-from shmkv.hashing import MAX_POSITION, make_plh
+from shmkv.g2 import G2Directory, plhs_of
+from shmkv.hashing import MAX_POSITION
 from shmkv.ids import U64_MASK, DpRank, SeqHash
 from shmkv.shm import FLAG_HAS_PARENT, READY, SEGMENT_PREFIX, G2Segment
 
@@ -247,7 +249,8 @@ class _Item(NamedTuple):
     local: int
     position: int
     plh: int
-    tokens: array[int] | None
+    tokens: npt.NDArray[np.uint32] | None
+    """The token ids of the item's whole OFFLOAD message, one row per item (row `idx`)."""
 
 
 _new_item: Final = partial(tuple.__new__, _Item)
@@ -342,7 +345,7 @@ class Coordinator:
                 logger.warning(
                     "coordinator: --inject-bug ignore-pins: pinned slots WILL be evicted"
                 )
-                self._directory._is_pinned = lambda slot: False  # type: ignore[method-assign]
+                self._directory.ignore_pins_for_testing()
             self._ctx = zmq.Context()
             self._router = self._ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
@@ -378,11 +381,15 @@ class Coordinator:
         self._tokenless: set[int] = set()
         """Slots whose block was offloaded without token ids (their events say so)."""
         self._out_events: list[list[Any]] = []
-        self._out_tokens: list[bytes | array[int]] = []
+        self._out_tokens = bytearray()
+        """Token ids of the queued "S" events, in event order (block_size u32 each)."""
         self._next_transfer_id = 0
         self._draining = False
         self._fence_count = 0
         self.stats = _Stats()
+        self.batched = True
+        """Whole OFFLOAD batches through `G2Directory.commit_many` (False: the per-item
+        reference path, block by block; tests compare the two)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -667,8 +674,8 @@ class Coordinator:
         batch = tp.require(body, "batch", int)
         raw_items = tp.require(body, "items", list)
         try:
-            token_arr = self._parse_tokens(len(raw_items), body, msg.frames)
-            candidates, rejected = self._screen(raw_items)
+            token_rows = self._parse_tokens(len(raw_items), body, msg.frames)
+            cand, rejected = self._screen(raw_items)
         except ProtocolError as exc:
             # The rank waits for this batch: tell it nothing was taken, then count the error.
             self._send_rank(
@@ -688,63 +695,184 @@ class Coordinator:
         stats.offload_items += len(raw_items)
         stats.deduped += len(rejected)
         rank = conn.rank
-        slots = self.directory.reserve(len(candidates), rank) if candidates else []
+        wanted = len(cand.idxs)
+        slots = self.directory.reserve(wanted, rank) if wanted else []
         self._queue_evictions()
-        if len(slots) < len(candidates):
-            stats.dropped += len(candidates) - len(slots)
-            rejected.extend(c[0] for c in candidates[len(slots) :])
+        if len(slots) < wanted:
+            stats.dropped += wanted - len(slots)
+            rejected.extend(cand.idxs[len(slots) :])
             rejected.sort()
-            del candidates[len(slots) :]
+            cand.truncate(len(slots))
         stats.accepted += len(slots)
-        bs = self._block_size
-        inflight = self._inflight
-        new_items: list[_Item] = []
-        add = new_items.append
-        for (i, seq, parent, local, pos), slot in zip(candidates, slots, strict=True):
-            item = _new_item(
-                (
-                    rank,
-                    batch,
-                    i,
-                    slot,
-                    seq,
-                    parent,
-                    local,
-                    pos,
-                    make_plh(seq, parent, pos),
-                    None if token_arr is None else token_arr[i * bs : (i + 1) * bs],
-                )
-            )
-            inflight[seq] = item
-            add(item)
         deadline = math.inf
-        if new_items:
+        if slots:
             now = self.clock.now_ms()
-            if self._instant:
-                # Copies land at once: no link, no chunks; parents first within the batch.
-                self._land_chunk(conn, new_items)
+            plhs = plhs_of(cand.seqs, cand.parents, cand.positions)
+            if self.batched and self._instant and not self._inflight and not self._deferred:
+                # Copies land at once and nothing else is in flight: commit the batch as is.
+                self._land_batch(conn, batch, cand, slots, plhs, token_rows)
                 deadline = now
             else:
-                deadline = self._queue_transfers(conn, new_items, now)
+                items = [
+                    _new_item((rank, batch, i, slot, seq, parent, local, pos, plh, token_rows))
+                    for i, slot, seq, parent, local, pos, plh in zip(
+                        cand.idxs,
+                        slots,
+                        cand.seqs,
+                        cand.parents,
+                        cand.locals,
+                        cand.positions,
+                        plhs,
+                        strict=True,
+                    )
+                ]
+                self._inflight.update(zip(cand.seqs, items, strict=True))
+                if self._instant:
+                    # Copies land at once: no link, no chunks; parents first within the batch.
+                    self._land_chunk(conn, items)
+                    deadline = now
+                else:
+                    deadline = self._queue_transfers(conn, items, now)
         self._send_rank(
             conn,
             tp.OFFLOAD_ACK,
             {
                 "batch": batch,
-                "accepted": [item.idx for item in new_items],
+                "accepted": cand.idxs,
                 "rejected": rejected,
                 "deadline_ms": tp.encode_float(deadline),
             },
         )
 
-    def _screen(
-        self, raw_items: list[Any]
-    ) -> tuple[list[tuple[int, int, SeqHash | None, int, int]], list[int]]:
+    def _land_batch(
+        self,
+        conn: _Rank,
+        batch: int,
+        cand: _Candidates,
+        slots: list[int],
+        plhs: list[int],
+        token_rows: npt.NDArray[np.uint32] | None,
+    ) -> None:
+        """Commit a whole accepted batch whose copies landed at once (nothing else in flight):
+        what `_land_chunk` does item by item, in one `G2Directory.commit_many`.
+
+        Falls back to the per-item path when a block's parent comes later in the batch (it
+        would wait for it)."""
+        order = _position_order(cand.positions)
+        seqs = cand.seqs if order is None else [cand.seqs[k] for k in order]
+        parents = cand.parents if order is None else [cand.parents[k] for k in order]
+        if not _parents_come_first(seqs, parents):
+            items = [
+                _new_item((conn.rank, batch, i, slot, seq, parent, local, pos, plh, token_rows))
+                for i, slot, seq, parent, local, pos, plh in zip(
+                    cand.idxs,
+                    slots,
+                    cand.seqs,
+                    cand.parents,
+                    cand.locals,
+                    cand.positions,
+                    plhs,
+                    strict=True,
+                )
+            ]
+            self._inflight.update(zip(cand.seqs, items, strict=True))
+            self._land_chunk(conn, items)
+            return
+        rows = cand.idxs
+        if order is not None:
+            rows = [rows[k] for k in order]
+            slots = [slots[k] for k in order]
+            plhs = [plhs[k] for k in order]
+            locals_ = [cand.locals[k] for k in order]
+            positions = [cand.positions[k] for k in order]
+        else:
+            locals_, positions = cand.locals, cand.positions
+        tokens = None if token_rows is None else token_rows[rows]
+        self._commit_columns(conn.rank, slots, seqs, parents, locals_, positions, plhs, tokens)
+        conn.done.setdefault(batch, []).extend(rows)
+
+    def _commit_columns(
+        self,
+        rank: DpRank,
+        slots: list[int],
+        seqs: list[SeqHash],
+        parents: list[SeqHash | None],
+        locals_: list[int],
+        positions: list[int],
+        plhs: list[int],
+        tokens: npt.NDArray[np.uint32] | None,
+    ) -> None:
+        """Commit landed blocks in order (`G2Directory.commit_many`) and queue their events."""
+        committed = self.directory.commit_many(
+            slots, seqs, parents, locals_, positions, tokens, rank, plhs=plhs
+        )
+        if all(committed):
+            keep = None
+        else:
+            keep = [k for k, ok in enumerate(committed) if ok]
+            self.stats.duplicates_at_commit += len(committed) - len(keep)
+            seqs = [seqs[k] for k in keep]
+            parents = [parents[k] for k in keep]
+            locals_ = [locals_[k] for k in keep]
+            positions = [positions[k] for k in keep]
+            slots = [slots[k] for k in keep]
+            if tokens is not None:
+                tokens = tokens[keep]
+        if not seqs:
+            return
+        self.stats.offloaded += len(seqs)
+        self._ready.update(seqs)
+        has_tokens = 0 if tokens is None else 1
+        if tokens is None:
+            self._tokenless.update(slots)
+            self._out_tokens += bytes(self._token_bytes * len(seqs))
+        else:
+            if self._tokenless:
+                self._tokenless.difference_update(slots)
+            self._out_tokens += _token_bytes(tokens)
+        self._out_events.extend(
+            [
+                ["S", seq, _NO_PARENT if parent is None else parent, local, pos, has_tokens]
+                for seq, parent, local, pos in zip(seqs, parents, locals_, positions, strict=True)
+            ]
+        )
+
+    def _screen(self, raw_items: list[Any]) -> tuple[_Candidates, list[int]]:
         """Validate every item (ProtocolError before any change) and dedup: READY in G2, in
-        flight from any rank, or twice in this batch. Returns (candidates, rejected)."""
+        flight from any rank, or twice in this batch. Returns (candidates, rejected).
+
+        Whole columns at once; only a batch that fails a check (or has a duplicate) goes
+        item by item, which also finds the offending item for the error."""
+        count = len(raw_items)
+        if count == 0:
+            return _Candidates([], [], [], [], []), []
+        columns = _item_columns(raw_items) if self.batched else None
+        if columns is None:
+            return self._screen_items(raw_items)
+        seqs, parents, locals_, positions = columns
+        inflight, ready = self._inflight, self._ready
+        if (
+            len(set(seqs)) != count
+            or not ready.isdisjoint(seqs)
+            or (inflight and not inflight.keys().isdisjoint(seqs))
+        ):
+            return self._screen_items(raw_items)
+        return (
+            _Candidates(
+                list(range(count)),
+                list(seqs),
+                [None if parent == _NO_PARENT else parent for parent in parents],
+                list(locals_),
+                list(positions),
+            ),
+            [],
+        )
+
+    def _screen_items(self, raw_items: list[Any]) -> tuple[_Candidates, list[int]]:
+        """`_screen` item by item (the reference path)."""
         inflight, ready = self._inflight, self._ready
         seen: set[SeqHash] = set()
-        candidates: list[tuple[int, int, SeqHash | None, int, int]] = []
+        cand = _Candidates([], [], [], [], [])
         rejected: list[int] = []
         mask, max_pos = U64_MASK, MAX_POSITION
         for i, entry in enumerate(raw_items):
@@ -766,12 +894,17 @@ class Coordinator:
                 rejected.append(i)
             else:
                 seen.add(seq)
-                candidates.append((i, seq, None if parent == _NO_PARENT else parent, local, pos))
-        return candidates, rejected
+                cand.idxs.append(i)
+                cand.seqs.append(seq)
+                cand.parents.append(None if parent == _NO_PARENT else parent)
+                cand.locals.append(local)
+                cand.positions.append(pos)
+        return cand, rejected
 
     def _parse_tokens(
         self, num_items: int, body: dict[str, Any], frames: tuple[bytes, ...]
-    ) -> array[int] | None:
+    ) -> npt.NDArray[np.uint32] | None:
+        """The token ids of an OFFLOAD, one row per item (a read-only view of the frame)."""
         has_tokens = body.get("has_tokens", True)
         if not isinstance(has_tokens, bool):
             raise ProtocolError("OFFLOAD: has_tokens must be a bool")
@@ -783,11 +916,8 @@ class Coordinator:
         if len(frames) != 1 or len(frames[0]) != expected:
             got = [len(f) for f in frames]
             raise ProtocolError(f"OFFLOAD: one token frame of {expected} bytes expected, got {got}")
-        token_arr = array("I")
-        token_arr.frombytes(frames[0])
-        if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
-            token_arr.byteswap()
-        return token_arr
+        rows = np.frombuffer(frames[0], dtype="<u4").reshape(num_items, self._block_size)
+        return rows if _LITTLE_ENDIAN else rows.astype(np.uint32)
 
     # -- transfers -------------------------------------------------------------------------
 
@@ -825,6 +955,13 @@ class Coordinator:
             return
         chunk.sort(key=_position_of)  # NOTE: stable; O(n) on the usual leaf-first order
         inflight = self._inflight
+        if self.batched and not self._deferred and self._chunk_lands_in_order(chunk):
+            # Nothing waits on anything: one commit_many, same outcome as item by item.
+            for item in chunk:
+                del inflight[item.seq]
+            self._commit_items(chunk)
+            conn.done.setdefault(chunk[0].batch, []).extend([item.idx for item in chunk])
+            return
         for item in chunk:
             parent = item.parent
             if parent is not None and parent in inflight and parent != item.seq:
@@ -868,10 +1005,42 @@ class Coordinator:
             for child in children:
                 self._land(child)
 
+    def _chunk_lands_in_order(self, chunk: list[_Item]) -> bool:
+        """Whether no block of a (position-sorted) chunk waits for its parent: every parent
+        still in flight is an earlier block of the chunk (or the block itself)."""
+        inflight = self._inflight
+        if not any(item.parent in inflight for item in chunk):
+            return True
+        seqs = [item.seq for item in chunk]
+        parents = [item.parent for item in chunk]
+        if not _parents_come_first(seqs, parents):
+            return False
+        earlier = dict(zip(seqs, range(len(seqs)), strict=True))
+        return all(
+            parent is None or parent not in inflight or parent in earlier for parent in parents
+        )
+
+    def _commit_items(self, items: list[_Item]) -> None:
+        """Commit landed items in order (their in-flight entries are gone already)."""
+        ranks = {item.rank for item in items}
+        sources = {id(item.tokens) for item in items}
+        if len(ranks) != 1 or len(sources) != 1:
+            for item in items:  # NOTE: mixed ranks or messages: the per-item path
+                self._inflight[item.seq] = item
+                self._commit(item)
+            return
+        (_r, _b, idxs, slots, seqs, parents, locals_, positions, plhs, _t) = (
+            list(column) for column in zip(*items, strict=True)
+        )
+        token_rows = items[0].tokens
+        tokens = None if token_rows is None else token_rows[idxs]
+        self._commit_columns(items[0].rank, slots, seqs, parents, locals_, positions, plhs, tokens)
+
     def _commit(self, item: _Item) -> None:
-        rank, _batch, _index, slot, seq, parent, local, position, plh, tokens = item
+        rank, _batch, index, slot, seq, parent, local, position, plh, token_rows = item
         del self._inflight[seq]
         assert self._directory is not None
+        tokens = None if token_rows is None else token_rows[index]
         if not self._directory.commit(slot, seq, parent, local, position, tokens, rank, plh=plh):
             self.stats.duplicates_at_commit += 1
             return
@@ -880,11 +1049,11 @@ class Coordinator:
         if tokens is not None:
             if self._tokenless:
                 self._tokenless.discard(slot)
-            self._out_tokens.append(tokens)
+            self._out_tokens += _token_bytes(tokens)
             has_tokens = 1
         else:
             self._tokenless.add(slot)
-            self._out_tokens.append(self._zero_token_bytes)
+            self._out_tokens += self._zero_token_bytes
             has_tokens = 0
         self._out_events.append(
             ["S", seq, _NO_PARENT if parent is None else parent, local, position, has_tokens]
@@ -901,32 +1070,33 @@ class Coordinator:
     def flush(self) -> None:
         """Broadcast queued G2 events to every live rank, then send the OFFLOAD_DONEs."""
         self._queue_evictions()
-        events, token_parts = self._out_events, self._out_tokens
+        events, token_bytes = self._out_events, self._out_tokens
         if events:
-            self._out_events, self._out_tokens = [], []
-            self._broadcast_events(events, token_parts)
+            self._out_events, self._out_tokens = [], bytearray()
+            self._broadcast_events(events, bytes(token_bytes))
         for conn in self._ranks.values():
             if conn.done:
                 done, conn.done = conn.done, {}
                 for batch, indexes in done.items():
                     self._send_rank(conn, tp.OFFLOAD_DONE, {"batch": batch, "items": indexes})
 
-    def _broadcast_events(
-        self, events: list[list[Any]], token_parts: list[bytes | array[int]]
-    ) -> None:
+    def _broadcast_events(self, events: list[list[Any]], token_bytes: bytes) -> None:
+        """Send events (and the token ids of their stores, in order) to every live rank."""
         targets = list(self._ranks.values())
-        part = 0
+        offset = 0
+        store_bytes = self._token_bytes
         for start in range(0, len(events), MAX_EVENTS_PER_MESSAGE):
             chunk = events[start : start + MAX_EVENTS_PER_MESSAGE]
             num_stores = (
-                len(token_parts)
+                len(token_bytes) // store_bytes
                 if len(events) <= MAX_EVENTS_PER_MESSAGE
                 else sum(1 for e in chunk if e[0] == "S")
             )
             frames: tuple[bytes, ...] = ()
             if num_stores:
-                frames = (_join_tokens(token_parts[part : part + num_stores]),)
-                part += num_stores
+                stop = offset + num_stores * store_bytes
+                frames = (token_bytes[offset:stop],)
+                offset = stop
             header = tp.encode(tp.G2_EVENTS, {"events": chunk}, frames)
             for conn in targets:
                 self._send_raw(conn, header)
@@ -1103,14 +1273,65 @@ class Coordinator:
         return out
 
 
-def _join_tokens(parts: Iterable[bytes | array[int]]) -> bytes:
-    joined = b"".join(parts)
-    if _LITTLE_ENDIAN:
-        return joined
-    swapped = array("I")  # pragma: no cover - little-endian hosts in practice
-    swapped.frombytes(joined)
-    swapped.byteswap()
-    return swapped.tobytes()
+def _token_bytes(rows: npt.NDArray[np.uint32]) -> bytes:
+    """Token ids as little-endian u32 bytes (the wire form)."""
+    return rows.astype("<u4", copy=False).tobytes()
+
+
+class _Candidates(NamedTuple):
+    """The items of one OFFLOAD that passed screening, as columns (item index first)."""
+
+    idxs: list[int]
+    seqs: list[SeqHash]
+    parents: list[SeqHash | None]
+    locals: list[int]
+    positions: list[int]
+
+    def truncate(self, count: int) -> None:
+        for column in self:
+            del column[count:]
+
+
+def _item_columns(
+    raw_items: list[Any],
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
+    """(seqs, parents, locals, positions) of well-formed OFFLOAD items, checked column by
+    column at C speed; None if any item is malformed (the caller then finds which)."""
+    if set(map(type, raw_items)) != {list} or set(map(len, raw_items)) != {4}:
+        return None
+    seqs, parents, locals_, positions = zip(*raw_items, strict=True)
+    for column in (seqs, parents, locals_, positions):
+        if set(map(type, column)) != {int}:
+            return None
+    if (
+        min(seqs) < 0
+        or max(seqs) > U64_MASK
+        or min(locals_) < 0
+        or max(locals_) > U64_MASK
+        or min(parents) < _NO_PARENT
+        or max(parents) > U64_MASK
+        or min(positions) < 0
+        or max(positions) > MAX_POSITION
+    ):
+        return None
+    return seqs, parents, locals_, positions
+
+
+def _position_order(positions: list[int]) -> list[int] | None:
+    """The stable order that sorts items by position; None if they are sorted already."""
+    if positions == sorted(positions):
+        return None
+    return sorted(range(len(positions)), key=positions.__getitem__)
+
+
+def _parents_come_first(seqs: list[SeqHash], parents: list[SeqHash | None]) -> bool:
+    """Whether every block whose parent is another block of the list comes after it."""
+    where: dict[SeqHash | None, int] = dict(zip(seqs, range(len(seqs)), strict=True))
+    return all(
+        k > j or parent == seqs[k]
+        for k, j, parent in zip(range(len(seqs)), map(where.get, parents), parents, strict=True)
+        if j is not None
+    )
 
 
 def _pidfd_signalled(pidfd: int) -> bool:

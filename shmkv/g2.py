@@ -38,6 +38,14 @@ block. Deleting turns a cell into a tombstone, or into empty (together with the 
 before it) when the next cell is empty; when empty cells fall below a quarter of T the
 coordinator rebuilds the table (vectorized) and copies it in.
 
+Batched paths (same outcome as their per-block references, compared by
+tests/property/test_g2_vector_paths.py): `G2RankView.pin_prefixes` / `unpin_many` run the pin
+protocol over arrays (gather gen, then state and hash; `np.add.at` on the rank's row; one
+fence; gather state, then gen; undo with `np.subtract.at`); `G2Directory.reserve` evicts in
+rounds (EVICTING stores for all victims, one fence, one pin-row check), `commit_many` writes
+all fields, then READY, then the index; index inserts and removals are vectorized and leave
+exactly the cells the per-key operations leave.
+
 Eviction policy keys are PLHs (`shmkv.hashing.make_plh(seq_hash, parent, position)`), so the
 project's Lineage backend can be plugged in unchanged; the directory keeps `plh -> slot`. Two
 blocks with one PLH are duplicates (the second commit is rejected, as G2 rejects duplicates).
@@ -57,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shmkv.errors import ClosedError, ConfigError, InvariantError
-from shmkv.hashing import make_plh
+from shmkv.hashing import MAX_POSITION, make_plh
 from shmkv.ids import U64_MASK, BlockId, DpRank, LocalHash, Plh, SeqHash
 from shmkv.shm import (
     EVICTING,
@@ -77,9 +85,17 @@ VECTOR_MIN_BLOCKS: Final = 96
 """`pin_prefix` takes the numpy path from this run length on (measured crossover ~64-128)."""
 
 _READY_I8: Final = np.int8(READY)
+_EVICTING_I8: Final = np.int8(EVICTING)
+# Mode-0 PLH packing, mirrored from `shmkv.hashing.make_plh` (tests pin it against make_plh).
+_FAST_PLH_END: Final = 255
+_M0_FRAG_BITS: Final = 59
+_M0_FRAG_MASK: Final = (1 << _M0_FRAG_BITS) - 1
+_M0_POSITION_SHIFT: Final = 2 * _M0_FRAG_BITS
 _WINDOW: Final = 8
 """Index cells the numpy path gathers per key (home and the next 7); the rest probe on."""
 _MAX_VECTOR_ROWS: Final = 1024
+_SCALAR_UNPIN_MAX: Final = 24
+"""`unpin_many` releases fewer pins than this one by one (cheaper than numpy's call cost)."""
 _REBUILD_EMPTY_FRACTION: Final = 4
 """Rebuild the index when fewer than T / 4 cells are empty."""
 
@@ -97,6 +113,31 @@ def full_fence() -> None:
     """
     _FENCE_LOCK.acquire()
     _FENCE_LOCK.release()
+
+
+def _distinct_prefix(values: npt.NDArray[np.intp]) -> int:
+    """Length of the longest prefix of `values` without a repeated value."""
+    if values.size < 2:
+        return int(values.size)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    repeats = order[1:][ordered[1:] == ordered[:-1]]  # later occurrences (stable sort)
+    return int(repeats.min()) if repeats.size else int(values.size)
+
+
+def plhs_of(
+    seq_hashes: list[int], parent_hashes: Sequence[SeqHash | None], positions: list[int]
+) -> list[Plh]:
+    """`make_plh` of every block (inlined for positions of the first mode)."""
+    mask = _M0_FRAG_MASK
+    return [
+        (pos << _M0_POSITION_SHIFT)
+        | ((0 if parent is None else parent & mask) << _M0_FRAG_BITS)
+        | (seq & mask)
+        if 0 <= pos < _FAST_PLH_END
+        else make_plh(seq, parent, pos)
+        for seq, parent, pos in zip(seq_hashes, parent_hashes, positions, strict=True)
+    ]
 
 
 class G2EvictionPolicy(Protocol):
@@ -246,40 +287,72 @@ class _IndexReader:
     ) -> npt.NDArray[np.int64]:
         """Vectorized `find_slot`: the READY slot of each hash, -1 where absent (advisory).
 
-        One numpy gather of each key's first `_WINDOW` probe cells settles almost every present
-        key; absent keys (and the rare one displaced further) take the scalar probe.
+        One numpy gather of each key's first `_WINDOW` probe cells settles almost every key
+        (present, or absent because an empty cell ends its probe path first); the rare key
+        whose window is all occupied cells without a match takes the scalar probe.
         """
         self._check_open()
         keys = np.asarray(seq_hashes, dtype=np.uint64)
-        cells = self._find_cells(keys)
+        slots = self._indexed(keys)
         ok = (
-            (self._state_np[cells] == _READY_I8) & (self._seq_hash_np[cells] == keys) & (cells >= 0)
+            (slots >= 0) & (self._state_np[slots] == _READY_I8) & (self._seq_hash_np[slots] == keys)
         )
-        slots = np.where(ok, cells, -1)
-        state, seq_hash, size = self._state_mv, self._seq_hash_mv, self._index_size
-        for i in np.flatnonzero(~ok).tolist():
-            key = int(keys[i])
-            slot = self._probe(key, key % size)
-            if slot >= 0 and state[slot] == READY and seq_hash[slot] == key:
-                slots[i] = slot
+        found: npt.NDArray[np.int64] = np.where(ok, slots, -1).astype(np.int64, copy=False)
+        return found
+
+    def _indexed(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """`_probe` of every key (from its home cell), vectorized: the first slot on its probe
+        path that holds its hash, -1 if an empty cell comes first. A candidate only."""
+        slots, unresolved = self._locate(keys)
+        if unresolved.any():
+            size = self._index_size
+            for i in np.flatnonzero(unresolved).tolist():
+                key = int(keys[i])
+                slots[i] = self._probe(key, key % size)
         return slots
 
-    def _find_cells(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
-        """For each key, the slot in the first of its `_WINDOW` probe cells whose slot holds the
-        key's hash, else the slot in its home cell (a candidate only: callers validate).
+    def _locate(
+        self, keys: npt.NDArray[np.uint64]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """Within each key's first `_WINDOW` probe cells: the slot of the first cell whose slot
+        holds the key's hash, if no empty cell comes before it (else -1), and whether the
+        window settled nothing (no match, no empty cell: the scalar probe must go on).
 
-        NOTE: empty (-1) and tombstone (-2) cells index from the end of the slot arrays; those
-        reads are harmless, and whatever they find is validated like any other candidate.
+        NOTE: empty (-1) and tombstone (-2) cells index the hash array from its end; those
+        reads are harmless (an empty cell stops the probe anyway).
         """
-        count = keys.size
+        _home, cells = self._window_cells(keys)
+        # The probe stops at the first cell holding the key or empty; a tombstone whose alias
+        # (slot T-2 from the end) happens to hold the key is left to the scalar probe.
+        stop = (self._seq_hash_np[cells] == keys[:, None]) | (cells == INDEX_EMPTY)
+        first = stop.argmax(axis=1)
+        rows = self._row_numbers(keys.size)
+        picked = cells[rows, first].astype(np.intp)
+        slots: npt.NDArray[np.intp] = np.where(picked >= 0, picked, -1)
+        unresolved: npt.NDArray[np.bool_] = ~stop[rows, first] | (picked == INDEX_TOMBSTONE)
+        return slots, unresolved
+
+    def _window_cells(
+        self, keys: npt.NDArray[np.uint64]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int32]]:
+        """Each key's home cell, and the contents of the first `_WINDOW` cells of its probe
+        path (shape (len(keys), _WINDOW); `np.take` wraps around the end of the table)."""
         home = (keys % self._index_size_u64).view(np.intp)  # < T < 2**63: same bits
-        window = home[:, None] + self._window_offsets
-        np.remainder(window, self._index_size_intp, out=window)
-        cells = self._index_np[window].astype(np.intp)
-        first = (self._seq_hash_np[cells] == keys[:, None]).argmax(axis=1)
-        rows = self._rows[:count] if count <= self._rows.size else np.arange(count)
-        found: npt.NDArray[np.intp] = cells[rows, first]
-        return found
+        cells: npt.NDArray[np.int32] = np.take(
+            self._index_np, home[:, None] + self._window_offsets, mode="wrap"
+        )
+        return home, cells
+
+    def _wrap(self, positions: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+        """Cell numbers from home + offset (< 2T): wrapped into 0..T-1, in place."""
+        positions[positions >= self._index_size_intp] -= self._index_size_intp
+        return positions
+
+    def _row_numbers(self, count: int) -> npt.NDArray[np.intp]:
+        rows: npt.NDArray[np.intp] = (
+            self._rows[:count] if count <= self._rows.size else np.arange(count)
+        )
+        return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +372,7 @@ class G2RankView(_IndexReader):
         super().__init__(segment)
         self._rank = rank
         self._row_mv = segment.cells("pins", row=rank)
+        self._row_np: npt.NDArray[np.int16] = segment.pins[rank]
         self._tokens_np: npt.NDArray[np.uint32] = segment.tokens
         self._ledger: dict[int, PinnedRun] = {}
         self._next_run_id = 1
@@ -377,87 +451,98 @@ class G2RankView(_IndexReader):
         self._ledger[run.run_id] = run
         return run
 
-    def pin_prefixes(self, prefixes: Sequence[Sequence[SeqHash]]) -> list[PinnedRun | None]:
-        """`pin_prefix` for several hash lists at once: the batched path.
+    def pin_prefixes(
+        self, prefixes: Sequence[Sequence[SeqHash] | npt.NDArray[np.uint64]]
+    ) -> list[PinnedRun | None]:
+        """`pin_prefix` for several hash lists at once: the batched, vectorized path.
 
-        One numpy pass finds and validates every key of every list, each list's prefix is
-        pinned, one full fence covers the whole batch, and one numpy pass re-checks every pin.
-        This amortizes numpy's per-call cost over a scheduler step's worth of requests.
+        The pin protocol over arrays: one numpy pass finds every key of every list and reads
+        its slot's gen, then state and hash (gen first); the longest validated prefix of each
+        list is pinned with one `np.add.at` on this rank's row; one full fence; one numpy pass
+        re-reads state, then gen, of every pinned slot; each list keeps its pins up to its
+        first slot that changed, and the rest are undone with one `np.subtract.at`. Same
+        stores, fence and loads, in the same order, as the per-block path, so the same safety
+        against a concurrent eviction; in one process the same runs as calling
+        `pin_prefix(..., vectorized=False)` for each list in order.
 
         Returns:
             One entry per list, in order: its pinned run, or None if its first block missed.
         """
         self._check_open()
         lengths = [len(prefix) for prefix in prefixes]
-        total = sum(lengths)
         results: list[PinnedRun | None] = [None] * len(prefixes)
+        total = sum(lengths)
         if total == 0:
             return results
         keys = np.fromiter(chain.from_iterable(prefixes), dtype=np.uint64, count=total)
-        cells = self._find_cells(keys)
-        gens = self._gen_np[cells]  # INVARIANT: gen gathered before state and hash
-        settled = (
-            (self._state_np[cells] == _READY_I8) & (self._seq_hash_np[cells] == keys)
-        ).tolist()
-        cell_list: list[int] = cells.tolist()
-        gen_list: list[int] = gens.tolist()
-        key_list: list[int] = keys.tolist()
-        row, capacity, pin_max = self._row_mv, self._capacity, PIN_MAX
-        runs: list[tuple[int, list[int], list[int], int]] = []  # (list index, slots, gens, start)
-        start = 0
-        for which, length in enumerate(lengths):
-            slots: list[int] = []
-            run_gens: list[int] = []
-            for j in range(start, start + length):
-                if settled[j]:
-                    slot, slot_gen = cell_list[j], gen_list[j]
-                    if slot < 0:  # NOTE: an aliased empty/tombstone cell that validated
-                        slot += capacity
-                else:
-                    found = self._resolve(key_list[j])
-                    if found is None:
-                        break
-                    slot, slot_gen = found
-                pins = row[slot]
-                if pins >= pin_max:  # NOTE: a saturated cell: treat the rest as a miss
-                    break
-                row[slot] = pins + 1
-                slots.append(slot)
-                run_gens.append(slot_gen)
-            if slots:
-                runs.append((which, slots, run_gens, start))
-            start += length
-        if not runs:
+        which = [i for i, length in enumerate(lengths) if length]
+        starts = np.cumsum([0, *lengths[:-1]], dtype=np.intp)[which]
+        ends = starts + np.asarray([lengths[i] for i in which], dtype=np.intp)
+        slots, gens, stop = self._validated_prefixes(keys, starts, ends)
+        pinned_lengths = stop - starts
+        if not pinned_lengths.any():
             return results
+        take = self._row_numbers(total) < np.repeat(stop, ends - starts)
+        pin_slots, pin_gens = slots[take], gens[take]
+        row = self._row_np
+        if int(row[pin_slots].max()) + pin_slots.size >= PIN_MAX:
+            # NOTE: near saturation: the per-block path handles it exactly (rare).
+            for i in which:
+                results[i] = self.pin_prefix(prefixes[i], vectorized=False)
+            return results
+        np.add.at(row, pin_slots, 1)
         full_fence()
-        flat_slots = np.fromiter(
-            chain.from_iterable(run[1] for run in runs),
-            dtype=np.intp,
-            count=sum(len(r[1]) for r in runs),
-        )
-        flat_gens = np.fromiter(
-            chain.from_iterable(run[2] for run in runs), dtype=np.int64, count=flat_slots.size
-        )
         # INVARIANT: states gathered before gens (the left operand is evaluated first).
-        good = (
-            (self._state_np[flat_slots] == _READY_I8) & (self._gen_np[flat_slots] == flat_gens)
-        ).tolist()
-        offset = 0
-        for which, slots, run_gens, begin in runs:
-            kept = 0
-            for is_good in good[offset : offset + len(slots)]:
-                if not is_good:
-                    break
-                kept += 1
-            offset += len(slots)
-            if kept < len(slots):
-                for slot in slots[kept:]:
-                    row[slot] -= 1
-                if kept == 0:
-                    continue
-                del slots[kept:], run_gens[kept:]
-            results[which] = self._record(slots, run_gens, key_list[begin : begin + kept])
+        good = (self._state_np[pin_slots] == _READY_I8) & (self._gen_np[pin_slots] == pin_gens)
+        nonzero = pinned_lengths > 0
+        run_starts = np.cumsum(pinned_lengths) - pinned_lengths
+        kept = pinned_lengths
+        if not good.all():
+            bad_at = np.where(good, pin_slots.size, np.arange(pin_slots.size))
+            first_bad = np.full(pinned_lengths.size, pin_slots.size, dtype=np.intp)
+            first_bad[nonzero] = np.minimum.reduceat(bad_at, run_starts[nonzero])
+            kept = np.minimum(first_bad - run_starts, pinned_lengths)
+            undo = np.arange(pin_slots.size) >= np.repeat(run_starts + kept, pinned_lengths)
+            np.subtract.at(row, pin_slots[undo], 1)
+        slot_list: list[int] = pin_slots.tolist()
+        gen_list: list[int] = pin_gens.tolist()
+        key_list: list[int] = keys[take].tolist()
+        for i, begin, count in zip(which, run_starts.tolist(), kept.tolist(), strict=True):
+            if count:
+                stop_at = begin + count
+                results[i] = self._record(
+                    slot_list[begin:stop_at], gen_list[begin:stop_at], key_list[begin:stop_at]
+                )
         return results
+
+    def _validated_prefixes(
+        self,
+        keys: npt.NDArray[np.uint64],
+        starts: npt.NDArray[np.intp],
+        ends: npt.NDArray[np.intp],
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64], npt.NDArray[np.intp]]:
+        """(slot, gen) of every key and, per non-empty list `[start, end)` of `keys`, where its
+        READY prefix stops (exclusive). Keys the window cannot settle take the scalar probe,
+        but only when they are the first unsettled key of a list still going."""
+        slots, unresolved = self._locate(keys)
+        gens = self._gen_np[slots]  # INVARIANT: gen gathered before state and hash
+        ok = (
+            (slots >= 0) & (self._state_np[slots] == _READY_I8) & (self._seq_hash_np[slots] == keys)
+        )
+        positions = self._row_numbers(keys.size)
+        while True:
+            stop = np.minimum.reduceat(np.where(ok, keys.size, positions), starts)
+            stop = np.minimum(stop, ends)
+            open_ = np.flatnonzero(stop < ends)
+            pending = [int(stop[i]) for i in open_.tolist() if unresolved[stop[i]]]
+            if not pending:
+                return slots, gens, stop
+            for j in pending:
+                unresolved[j] = False
+                found = self._resolve(int(keys[j]))
+                if found is not None:
+                    slots[j], gens[j] = found
+                    ok[j] = True
 
     def _resolve(self, key: SeqHash) -> tuple[int, int] | None:
         """(slot, gen) of `key` by the scalar probe if READY right now, else None."""
@@ -576,11 +661,19 @@ class G2RankView(_IndexReader):
                 f"rank {self._rank} does not hold every run it was asked to unpin (double "
                 "unpin, or a run pinned by another view)"
             )
-        row = self._row_mv
         for run in runs:
             del ledger[run.run_id]
-            for slot in run.slots:
-                row[slot] -= 1
+        total = sum(len(run.slots) for run in runs)
+        if total < _SCALAR_UNPIN_MAX:
+            row = self._row_mv
+            for run in runs:
+                for slot in run.slots:
+                    row[slot] -= 1
+            return
+        slots = np.fromiter(
+            chain.from_iterable(run.slots for run in runs), dtype=np.intp, count=total
+        )
+        np.subtract.at(self._row_np, slots, 1)
 
     def unpin_all(self) -> int:
         """Release every run this view holds; returns the number of pins released."""
@@ -713,6 +806,9 @@ class G2Directory(_IndexReader):
         self._num_free = self._capacity
         self._num_reserved = 0
         self._plh_to_slot: dict[Plh, BlockId] = {}
+        self._ready_seqs: set[SeqHash] = set()
+        """Sequence hashes of the READY slots, i.e. of the index's entries (a private mirror:
+        `commit_many`'s duplicate test at dict speed instead of probing the index)."""
         self._evicted: list[SeqHash] = []
         self._index_used = 0
         """Non-empty index cells: live entries plus tombstones."""
@@ -758,7 +854,9 @@ class G2Directory(_IndexReader):
 
     # -- reserve / commit / abort --------------------------------------------------------------
 
-    def reserve(self, num_blocks: int, owner_rank: DpRank) -> list[BlockId]:
+    def reserve(
+        self, num_blocks: int, owner_rank: DpRank, *, vectorized: bool = True
+    ) -> list[BlockId]:
         """Reserve up to `num_blocks` slots for `owner_rank` (state RESERVED, owner set).
 
         FREE slots go first (lowest slot number first on a fresh pool), then READY slots the
@@ -766,6 +864,15 @@ class G2Directory(_IndexReader):
         policy after this call). Evicted sequence hashes are queued for `take_evicted`. Returns
         fewer slots than asked when every READY slot is pinned: a partial reservation, which
         the caller may `abort` in part or in whole.
+
+        Args:
+            num_blocks: slots wanted.
+            owner_rank: the rank the slots are reserved for.
+            vectorized: True (default) evicts victims in batches: every victim of a batch is
+                marked EVICTING, one full fence, one numpy check of all pin rows, then the
+                unpinned ones are freed together. False takes the per-victim reference path
+                (one fence per victim). Both give the same slots and the same evictions in the
+                same order; they differ only in how many fences they pay.
         """
         self._check_open()
         self._check_rank(owner_rank)
@@ -775,16 +882,26 @@ class G2Directory(_IndexReader):
         top = self._num_free
         slots: list[int] = self._free_stack[top - take : top][::-1].tolist()
         self._num_free = top - take
+        if not vectorized:
+            if len(slots) < num_blocks:
+                slots.extend(self._evict_for(num_blocks - len(slots)))
+            state, owner = self._state_mv, self._owner_mv
+            for slot in slots:
+                state[slot] = RESERVED
+                owner[slot] = owner_rank
+            self._num_reserved += len(slots)
+            return slots
         if len(slots) < num_blocks:
-            slots.extend(self._evict_for(num_blocks - len(slots)))
-        state, owner = self._state_mv, self._owner_mv
-        for slot in slots:
-            state[slot] = RESERVED
-            owner[slot] = owner_rank
-        self._num_reserved += len(slots)
+            slots.extend(self._evict_many_for(num_blocks - len(slots)))
+        if slots:
+            idx = np.array(slots, dtype=np.intp)
+            self._state_np[idx] = RESERVED
+            self._owner_np[idx] = owner_rank
+            self._num_reserved += len(slots)
         return slots
 
     def _evict_for(self, wanted: int) -> list[int]:
+        """The per-victim reference path of eviction (one fence per victim)."""
         policy, plh_to_slot = self._policy, self._plh_to_slot
         freed: list[int] = []
         backed_off: list[Plh] = []
@@ -808,6 +925,89 @@ class G2Directory(_IndexReader):
                 policy.insert(plh)
         return freed
 
+    def _evict_many_for(self, wanted: int) -> list[int]:
+        """Batched eviction: pop victims from the policy (in its order), check them in one
+        fenced numpy pass, free the unpinned ones, pop again for the pinned ones' places.
+
+        The policy pops exactly the PLHs the per-victim path would pop (pinned victims are put
+        back only at the end in both), so evictions and their order are the same.
+        """
+        policy, plh_to_slot = self._policy, self._plh_to_slot
+        evict = policy.evict
+        freed: list[int] = []
+        backed_off: list[Plh] = []
+        try:
+            while len(freed) < wanted:
+                need = wanted - len(freed)
+                victims: list[Plh] = []
+                for _ in range(need):
+                    plh = evict()
+                    if plh is None:
+                        break
+                    victims.append(plh)
+                if not victims:
+                    break
+                slots = [plh_to_slot.get(plh, -1) for plh in victims]
+                unknown: Plh | None = None
+                if -1 in slots:  # a policy bug: free the known ones before it, then raise
+                    cut = slots.index(-1)
+                    unknown = victims[cut]
+                    backed_off.extend(victims[cut + 1 :])
+                    del victims[cut:], slots[cut:]
+                if slots:
+                    evicted_ok, keys = self._try_evict_many(slots)
+                    evicted = self._evicted
+                    for plh, slot, key, ok in zip(victims, slots, keys, evicted_ok, strict=True):
+                        if ok:
+                            del plh_to_slot[plh]
+                            evicted.append(key)
+                            freed.append(slot)
+                        else:
+                            backed_off.append(plh)
+                if unknown is not None:
+                    raise InvariantError(f"eviction policy returned unknown PLH {unknown:#x}")
+                if len(victims) < need:
+                    break  # the policy ran dry
+        finally:
+            for plh in backed_off:
+                policy.insert(plh)
+        return freed
+
+    def _try_evict_many(self, slots: list[int]) -> tuple[list[bool], list[SeqHash]]:
+        """The fenced eviction check for many READY slots at once.
+
+        Stores EVICTING into every slot, one full fence, then loads every rank's pins of them
+        (the coordinator's half of the Dekker handshake, batched: every store precedes the
+        fence, every load follows it). Pinned slots go back to READY; the others are unindexed,
+        get gen+1 and turn FREE. Returns (evicted?, sequence hash) per slot, in order.
+        """
+        idx = np.array(slots, dtype=np.intp)
+        state = self._state_np
+        state[idx] = _EVICTING_I8
+        full_fence()
+        pinned = self._pinned_mask(idx)
+        keys = self._seq_hash_np[idx]
+        num_pinned = int(np.count_nonzero(pinned))
+        if num_pinned:
+            state[idx[pinned]] = _READY_I8
+            self._num_evict_backoffs += num_pinned
+            free = ~pinned
+            idx, free_keys = idx[free], keys[free]
+        else:
+            free_keys = keys
+        self._index_remove_many(free_keys, idx)
+        self._ready_seqs.difference_update(free_keys.tolist())
+        self._gen_np[idx] += 1  # INVARIANT: gen before state (module docstring)
+        self._owner_np[idx] = NO_OWNER
+        state[idx] = FREE
+        self._num_evictions += int(idx.size)
+        return (~pinned).tolist(), keys.tolist()
+
+    def _pinned_mask(self, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        """Whether any rank's row pins each slot of `idx` (read after the fence)."""
+        mask: npt.NDArray[np.bool_] = np.any(self._pins_np[:, idx], axis=0)
+        return mask
+
     def _try_evict(self, slot: BlockId) -> bool:
         """The fenced eviction check; on success the slot is FREE (gen+1) and unindexed."""
         state = self._state_mv
@@ -817,12 +1017,20 @@ class G2Directory(_IndexReader):
             state[slot] = READY
             self._num_evict_backoffs += 1
             return False
-        self._index_remove(self._seq_hash_mv[slot], slot)
+        seq_hash = self._seq_hash_mv[slot]
+        self._index_remove(seq_hash, slot)
+        self._ready_seqs.discard(seq_hash)
         self._gen_mv[slot] += 1
         self._owner_mv[slot] = NO_OWNER
         state[slot] = FREE
         self._num_evictions += 1
         return True
+
+    def ignore_pins_for_testing(self) -> None:
+        """Negative control only (`--inject-bug ignore-pins`): from now on eviction treats
+        every slot as unpinned, on both paths, so the ranks' oracles must report violations."""
+        self._is_pinned = lambda slot: False  # type: ignore[method-assign]
+        self._pinned_mask = lambda idx: np.zeros(idx.size, dtype=bool)  # type: ignore[method-assign]
 
     def _is_pinned(self, slot: BlockId) -> bool:
         """Whether any rank's row pins `slot` (read after the fence)."""
@@ -902,9 +1110,233 @@ class G2Directory(_IndexReader):
         # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
         self._state_mv[slot] = READY
         self._index_insert(seq_hash, slot)
+        self._ready_seqs.add(seq_hash)
         self._num_reserved -= 1
         self._num_commits += 1
         return True
+
+    def commit_many(
+        self,
+        slots: Sequence[BlockId] | npt.NDArray[np.integer],
+        seq_hashes: Sequence[SeqHash] | npt.NDArray[np.uint64],
+        parent_hashes: Sequence[SeqHash | None],
+        local_hashes: Sequence[LocalHash] | npt.NDArray[np.uint64],
+        positions: Sequence[int] | npt.NDArray[np.integer],
+        token_ids: npt.NDArray[np.uint32] | Sequence[Sequence[int] | None] | None,
+        owner_rank: DpRank,
+        *,
+        plhs: Sequence[Plh] | None = None,
+    ) -> list[bool]:
+        """`commit` of many blocks reserved by one rank, in one vectorized pass.
+
+        The outcome is exactly that of calling `commit` for each block in order: the same
+        duplicates (by sequence hash or PLH, including against earlier blocks of the batch),
+        freed in the same order, the same policy insertions in the same order, the same
+        index cells. Every field of every committed block is written before any of them turns
+        READY; each is indexed after.
+
+        Args:
+            slots: slots `reserve` gave `owner_rank`, all different.
+            seq_hashes, parent_hashes, local_hashes, positions: per block, as for `commit`.
+            token_ids: an array of shape (n, block_size), a list with one entry per block
+                (block_size ids, or None for zeros), or None (zeros for all).
+            owner_rank: the rank that reserved the slots.
+            plhs: the blocks' PLHs if the caller has them.
+
+        Returns:
+            Per block, True if committed, False if it was a duplicate (its slot is FREE).
+
+        Raises:
+            InvariantError: a slot is not RESERVED by `owner_rank`, or appears twice.
+            ConfigError: columns of different lengths, a hash that is not u64, a position out
+                of range, or token ids of the wrong shape or range. Nothing changes then.
+            Whatever the policy raises on an insert: the blocks before the refused one are
+                committed (or freed as duplicates), it and the later ones stay RESERVED.
+        """
+        self._check_open()
+        count = len(slots)
+        if count == 0:
+            return []
+        lengths = {len(seq_hashes), len(parent_hashes), len(local_hashes), len(positions)}
+        if plhs is not None:
+            lengths.add(len(plhs))
+        if lengths != {count}:
+            raise ConfigError(f"commit_many: columns of different lengths ({count}, {lengths})")
+        idx = self._checked_reserved(slots, owner_rank)
+        seq_arr, parent_arr, has_parent, local_arr, pos_arr = self._hash_columns(
+            seq_hashes, parent_hashes, local_hashes, positions
+        )
+        tokens = self._token_rows(token_ids, count)
+        seq_list: list[int] = seq_arr.tolist()
+        if plhs is None:
+            plhs = plhs_of(seq_list, parent_hashes, pos_arr.tolist())
+        plh_list = list(plhs)
+        duplicate = self._duplicates(seq_list, plh_list)
+        keep = [i for i, dup in enumerate(duplicate) if not dup] if any(duplicate) else None
+        keep_plhs = plh_list if keep is None else [plh_list[i] for i in keep]
+        insert = self._policy.insert
+        done = len(keep_plhs)
+        failure: BaseException | None = None
+        try:
+            for done, plh in enumerate(keep_plhs):  # noqa: B007 - `done` counts on failure
+                insert(plh)
+            else:
+                done = len(keep_plhs)
+        except BaseException as exc:  # NOTE: finish the blocks before the refused one
+            failure = exc
+        limit = count if failure is None else (done if keep is None else keep[done])
+        committed = list(range(done)) if keep is None else keep[:done]
+        if committed:
+            rows = (
+                np.asarray(committed, dtype=np.intp) if keep is not None or done < count else None
+            )
+            self._publish(
+                idx if rows is None else idx[rows],
+                seq_arr if rows is None else seq_arr[rows],
+                parent_arr if rows is None else parent_arr[rows],
+                has_parent if rows is None else has_parent[rows],
+                local_arr if rows is None else local_arr[rows],
+                pos_arr if rows is None else pos_arr[rows],
+                tokens if tokens is None or rows is None else tokens[rows],
+                [plh_list[i] for i in committed] if rows is not None else plh_list,
+            )
+        if keep is not None:
+            for i in range(limit):
+                if duplicate[i]:
+                    self._num_duplicates += 1
+                    self.abort(int(idx[i]))
+        if failure is not None:
+            raise failure
+        return [not dup for dup in duplicate]
+
+    def _checked_reserved(
+        self, slots: Sequence[BlockId] | npt.NDArray[np.integer], owner_rank: DpRank
+    ) -> npt.NDArray[np.intp]:
+        try:
+            idx = np.asarray(slots, dtype=np.intp)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise InvariantError(f"commit_many: slots are not slot numbers: {exc}") from exc
+        if idx.ndim != 1:
+            raise InvariantError("commit_many: slots must be one-dimensional")
+        outside = (idx < 0) | (idx >= self._capacity)
+        if outside.any():
+            slot = int(idx[outside.argmax()])
+            raise InvariantError(f"slot {slot} outside 0..{self._capacity - 1}")
+        bad = (self._state_np[idx] != RESERVED) | (self._owner_np[idx] != owner_rank)
+        if bad.any():
+            slot = int(idx[bad.argmax()])
+            self._check_reserved(slot, owner_rank)  # raises with the details
+        if np.unique(idx).size != idx.size:
+            raise InvariantError("commit_many: a slot appears twice in one batch")
+        return idx
+
+    def _hash_columns(
+        self,
+        seq_hashes: Sequence[SeqHash] | npt.NDArray[np.uint64],
+        parent_hashes: Sequence[SeqHash | None],
+        local_hashes: Sequence[LocalHash] | npt.NDArray[np.uint64],
+        positions: Sequence[int] | npt.NDArray[np.integer],
+    ) -> tuple[
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.int64],
+    ]:
+        try:
+            seq_arr = np.asarray(seq_hashes, dtype=np.uint64)
+            local_arr = np.asarray(local_hashes, dtype=np.uint64)
+            has_parent = np.fromiter(
+                (p is not None for p in parent_hashes), dtype=bool, count=len(parent_hashes)
+            )
+            parent_arr = np.asarray([0 if p is None else p for p in parent_hashes], dtype=np.uint64)
+            pos_arr = np.asarray(positions, dtype=np.int64)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise ConfigError(f"hashes must be unsigned 64-bit ints: {exc}") from exc
+        if ((pos_arr < 0) | (pos_arr > MAX_POSITION)).any():
+            raise ConfigError(f"block positions must be in 0..{MAX_POSITION}")
+        return seq_arr, parent_arr, has_parent, local_arr, pos_arr
+
+    def _token_rows(
+        self,
+        token_ids: npt.NDArray[np.uint32] | Sequence[Sequence[int] | None] | None,
+        count: int,
+    ) -> npt.NDArray[np.uint32] | None:
+        """Token ids as a (count, block_size) u32 array, or None for zeros."""
+        if token_ids is None:
+            return None
+        block_size = self._block_size
+        if isinstance(token_ids, np.ndarray):
+            if token_ids.shape != (count, block_size) or token_ids.dtype != np.uint32:
+                raise ConfigError(
+                    f"token ids must be a ({count}, {block_size}) uint32 array, got "
+                    f"{token_ids.shape} {token_ids.dtype}"
+                )
+            return token_ids
+        if len(token_ids) != count:
+            raise ConfigError(f"{len(token_ids)} token rows for {count} blocks")
+        rows = np.zeros((count, block_size), dtype=np.uint32)
+        for i, row in enumerate(token_ids):
+            if row is None:
+                continue
+            try:
+                ids = array("I", row)
+            except (OverflowError, TypeError) as exc:
+                raise ConfigError(f"token ids must be unsigned 32-bit ints: {exc}") from exc
+            if len(ids) != block_size:
+                raise ConfigError(f"a G2 block holds {block_size} token ids, got {len(ids)}")
+            rows[i] = np.frombuffer(ids, dtype=np.uint32)
+        return rows
+
+    def _duplicates(self, seq_list: list[int], plh_list: list[Plh]) -> list[bool]:
+        """Which blocks `commit` would reject, in order (earlier blocks of the batch count)."""
+        count = len(seq_list)
+        ready_seqs, plh_to_slot = self._ready_seqs, self._plh_to_slot
+        if (
+            ready_seqs.isdisjoint(seq_list)
+            and len(set(plh_list)) == count
+            and len(set(seq_list)) == count
+            and plh_to_slot.keys().isdisjoint(plh_list)
+        ):
+            return [False] * count
+        duplicate: list[bool] = []
+        seen_plh: set[Plh] = set()
+        seen_seq: set[int] = set()
+        for seq, plh in zip(seq_list, plh_list, strict=True):
+            if seq in ready_seqs or plh in plh_to_slot or plh in seen_plh or seq in seen_seq:
+                duplicate.append(True)
+            else:
+                duplicate.append(False)
+                seen_plh.add(plh)
+                seen_seq.add(seq)
+        return duplicate
+
+    def _publish(
+        self,
+        idx: npt.NDArray[np.intp],
+        seq_arr: npt.NDArray[np.uint64],
+        parent_arr: npt.NDArray[np.uint64],
+        has_parent: npt.NDArray[np.bool_],
+        local_arr: npt.NDArray[np.uint64],
+        pos_arr: npt.NDArray[np.int64],
+        tokens: npt.NDArray[np.uint32] | None,
+        plhs: list[Plh],
+    ) -> None:
+        """Write the fields of reserved slots already in the policy, turn them READY, index."""
+        self._plh_to_slot.update(zip(plhs, idx.tolist(), strict=True))
+        seg = self._segment
+        self._seq_hash_np[idx] = seq_arr
+        seg.parent_hash[idx] = np.where(has_parent, parent_arr, np.uint64(0))
+        seg.flags[idx] = has_parent.astype(np.uint8) * np.uint8(FLAG_HAS_PARENT)
+        seg.local_hash[idx] = local_arr
+        seg.position[idx] = pos_arr
+        seg.tokens[idx] = 0 if tokens is None else tokens
+        # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
+        self._state_np[idx] = _READY_I8
+        self._index_insert_many(seq_arr, idx)
+        self._ready_seqs.update(seq_arr.tolist())
+        self._num_reserved -= int(idx.size)
+        self._num_commits += int(idx.size)
 
     def abort(self, slot: BlockId) -> None:
         """Return a RESERVED slot to FREE (gen+1).
@@ -1044,13 +1476,122 @@ class G2Directory(_IndexReader):
             self._num_tombstones -= 1
             pos = (pos - 1) % size
 
-    def _rebuild_index(self) -> None:
+    def _index_insert_many(self, keys: npt.NDArray[np.uint64], slots: npt.NDArray[np.intp]) -> None:
+        """`_index_insert` of every (key, slot) in order, vectorized; the table ends up exactly
+        as the per-key inserts would leave it (same cells, counters and rebuild point).
+
+        Each round finds, for every remaining key, the first non-live cell of its probe path
+        (what `_index_insert` picks: the first tombstone before the first empty cell, else that
+        empty cell). The longest run of keys with pairwise different targets is placed at once:
+        none of them crosses another's target, so order does not matter inside it. The first
+        key whose target repeats an earlier one starts the next round, against the updated
+        table. A rebuild happens right after the insert that crosses the threshold, leaving
+        out the batch's slots not yet inserted (they are inserted into the new table after).
+        """
+        count = int(slots.size)
+        start = 0
+        index_np = self._index_np
+        while start < count:
+            targets = self._free_cells(keys[start:])
+            run = _distinct_prefix(targets)
+            targets = targets[:run]
+            was_empty = index_np[targets] == INDEX_EMPTY
+            used = self._index_used + np.cumsum(was_empty)
+            over = np.flatnonzero(used > self._rebuild_at)
+            if over.size:
+                run = int(over[0]) + 1
+                targets, was_empty = targets[:run], was_empty[:run]
+            index_np[targets] = slots[start : start + run]
+            num_empty = int(np.count_nonzero(was_empty))
+            self._index_used += num_empty
+            self._num_tombstones -= run - num_empty
+            start += run
+            if over.size:
+                self._rebuild_index(skip=slots[start:])
+
+    def _free_cells(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """For each key, the first cell of its probe path that holds no live slot."""
+        home, cells = self._window_cells(keys)
+        free = cells < 0
+        first = free.argmax(axis=1)
+        targets = self._wrap(home + first)
+        for i in np.flatnonzero(~free[self._row_numbers(keys.size), first]).tolist():
+            targets[i] = self._scan_free(int(targets[i]))  # rare: 8 live cells in a row
+        return targets
+
+    def _scan_free(self, pos: int) -> int:
+        index, size = self._index_mv, self._index_size
+        while index[pos] >= 0:  # terminates: at least T/4 cells are empty (rebuild threshold)
+            pos += 1
+            if pos == size:
+                pos = 0
+        return pos
+
+    def _index_remove_many(self, keys: npt.NDArray[np.uint64], slots: npt.NDArray[np.intp]) -> None:
+        """`_index_remove` of every (key, slot), vectorized, with the same final table.
+
+        Every removed cell becomes a tombstone; then each run of tombstones that ends just
+        before an empty cell turns empty, which is what the per-key removals leave in any
+        order (a removal empties its cell, and the tombstones before it, when the next cell is
+        empty; otherwise it leaves a tombstone).
+        """
+        if slots.size == 0:
+            return
+        cells = self._cells_of(keys, slots)
+        index_np, size = self._index_np, self._index_size
+        index_np[cells] = INDEX_TOMBSTONE
+        self._num_tombstones += int(cells.size)
+        after = cells + 1
+        after[after == size] = 0
+        ends = cells[index_np[after] == INDEX_EMPTY]
+        if ends.size:
+            index = self._index_mv
+            cleared = 0
+            for pos in ends.tolist():
+                while index[pos] == INDEX_TOMBSTONE:
+                    index[pos] = INDEX_EMPTY
+                    cleared += 1
+                    pos = pos - 1 if pos else size - 1
+            self._index_used -= cleared
+            self._num_tombstones -= cleared
+
+    def _cells_of(
+        self, keys: npt.NDArray[np.uint64], slots: npt.NDArray[np.intp]
+    ) -> npt.NDArray[np.intp]:
+        """The index cell of each (key, slot); raises InvariantError if one is missing."""
+        home, window_cells = self._window_cells(keys)
+        hit = window_cells == slots[:, None]
+        first = hit.argmax(axis=1)
+        cells = self._wrap(home + first)
+        index, size = self._index_mv, self._index_size
+        for i in np.flatnonzero(~hit[self._row_numbers(keys.size), first]).tolist():
+            key, slot = int(keys[i]), int(slots[i])
+            pos = key % size
+            for _ in range(size):
+                cell = index[pos]
+                if cell == slot:
+                    break
+                if cell == INDEX_EMPTY:
+                    raise InvariantError(f"slot {slot} (hash {key:#x}) is missing from the index")
+                pos = pos + 1 if pos + 1 < size else 0
+            else:
+                raise InvariantError(f"slot {slot} (hash {key:#x}) is missing from the index")
+            cells[i] = pos
+        return cells
+
+    def _rebuild_index(self, skip: npt.NDArray[np.intp] | None = None) -> None:
         """Re-place every READY slot without tombstones (vectorized), then copy the table in.
 
         Readers probing during the copy may miss (never mis-hit): acceptable for a cache.
+
+        Args:
+            skip: READY slots to leave out (a batch's slots not indexed yet: the per-block
+                path would not have made them READY by now).
         """
         size = self._index_size
         ready = np.flatnonzero(self._state_np == READY)
+        if skip is not None and skip.size:
+            ready = np.setdiff1d(ready, skip, assume_unique=True)
         keys = self._seq_hash_np[ready]
         pos = (keys % np.uint64(size)).astype(np.int64)
         slots = ready.astype(np.int32)
@@ -1124,6 +1665,8 @@ class G2Directory(_IndexReader):
             ready_slots
         ):
             problems.append("plh -> slot map disagrees with the READY slots")
+        if self._ready_seqs != set(self._seq_hash_np[ready].tolist()):
+            problems.append("the READY hash set disagrees with the READY slots")
         if len(self._policy) != len(ready_slots):
             problems.append(f"policy holds {len(self._policy)} keys, {len(ready_slots)} READY")
         else:
@@ -1188,4 +1731,5 @@ __all__ = [
     "G2RankView",
     "PinnedRun",
     "full_fence",
+    "plhs_of",
 ]

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from shmkv.eviction.lru import LruBackend
@@ -51,6 +53,9 @@ class _PinBlindDirectory(G2Directory):
 
     def _is_pinned(self, slot: int) -> bool:
         return False
+
+    def _pinned_mask(self, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        return np.zeros(idx.size, dtype=bool)
 
 
 @dataclass
@@ -86,7 +91,23 @@ class Fleet:
         return sum(int(self.stats[r * worker.NUM_STATS + stat]) for r in range(NUM_RANKS))
 
     def store_random(self, count: int, owner: int) -> None:
-        for slot in self.directory.reserve(count, owner):
+        """Reserve (batched eviction, or one fence per victim) and commit (in one batch, or
+        block by block) `count` random blocks."""
+        slots = self.directory.reserve(count, owner, vectorized=self.rng.random() < 0.5)
+        if self.rng.random() < 0.5:
+            seqs = [self.rng.getrandbits(64) for _ in slots]
+            tokens = [worker.tokens_of(seq_hash, BLOCK_SIZE) for seq_hash in seqs]
+            self.directory.commit_many(
+                slots,
+                seqs,
+                [None] * len(seqs),
+                [seq_hash ^ 1 for seq_hash in seqs],
+                [0] * len(seqs),
+                tokens,
+                owner,
+            )
+            return
+        for slot in slots:
             seq_hash = self.rng.getrandbits(64)
             self.directory.commit(
                 slot,
