@@ -2,8 +2,10 @@
 
 For each backend, two workloads over prefix chains of PLHs (inserted tail first, as a request's
 Deref does): `insert_remove` (insert a batch, then reactivate every block root first, as
-`match_blocks` does) and `insert_evict` (insert a batch, then evict it all). Prints one JSON
-line of operations per second (one insert, remove or evict = one op).
+`match_blocks` does) and `insert_evict` (insert a batch, then evict it all), plus
+`bulk_insert_evict`: the same through `insert_many` (one call per chain, as `KvManager._deref`
+does) and `evict_many` (one call per chain's worth of victims, as a bulk store does). Prints one
+JSON line of operations per second (one insert, remove or evict = one op).
 
     .venv/bin/python -m scripts.bench_eviction [--seconds 2.0]
     PYTHONPATH=. .venv/bin/python scripts/bench_eviction.py    # same (without an editable install)
@@ -55,6 +57,17 @@ def _insert_evict(backend: EvictionBackend, tail_first: list[int], _root_first: 
     return 2 * len(tail_first)
 
 
+def _bulk_insert_evict(
+    backend: EvictionBackend, tail_first: list[int], _root_first: list[int]
+) -> int:
+    insert_many, evict_many = backend.insert_many, backend.evict_many
+    for start in range(0, len(tail_first), CHAIN):
+        insert_many(tail_first[start : start + CHAIN])
+    for _ in range(0, len(tail_first), CHAIN):
+        evict_many(CHAIN)
+    return 2 * len(tail_first)
+
+
 def _rate(
     workload: Callable[[EvictionBackend, list[int], list[int]], int],
     backend: EvictionBackend,
@@ -80,11 +93,15 @@ def main() -> None:
     chains = _plhs(random.Random(0))
     tail_first = [plh for chain in chains for plh in reversed(chain)]
     root_first = [plh for chain in chains for plh in chain]
-    slot = args.seconds / (2 * len(EVICTION_NAMES))
+    slot = args.seconds / (3 * len(EVICTION_NAMES))
     result: dict[str, object] = {"blocks_per_round": len(tail_first)}
     for name in EVICTION_NAMES:
         rates: dict[str, int] = {}
-        for label, workload in (("insert_remove", _insert_remove), ("insert_evict", _insert_evict)):
+        for label, workload in (
+            ("insert_remove", _insert_remove),
+            ("insert_evict", _insert_evict),
+            ("bulk_insert_evict", _bulk_insert_evict),
+        ):
             backend, _tracker = make_backend(name, len(tail_first))
             rates[label] = round(_rate(workload, backend, tail_first, root_first, slot))
             backend.check_invariants()

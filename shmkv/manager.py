@@ -31,6 +31,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from shmkv.errors import ConfigError, InvariantError, SignalError
@@ -68,6 +69,9 @@ _LOCAL: Final = 4
 _REFS: Final = 5
 """Handles from any source (request-level names and prefix pins); 0 = inactive."""
 _NO_PARENT: Final = -1
+
+_slot_of: Final = itemgetter(_SLOT)
+_seq_of: Final = itemgetter(_SEQ)
 
 _Entry: TypeAlias = tuple[_Rec, int]
 """`_active_full[seq_hash]`: the registration and the number of handles under that name."""
@@ -296,6 +300,18 @@ class KvManager:
         """Apply a signal. Use returns how many blocks it processed (fewer = out of capacity,
         blocks before the failure stay held); Deref and Promote return 1."""
         if type(signal) is Use:
+            blocks = signal.raw_blocks
+            if (
+                len(blocks) == 1
+                and type(blocks[0]) is PartialBlock
+                and self._offload is None
+                and not signal.num_full
+                and not signal.plhs
+                and not signal.local_hashes
+                and not signal.token_ids
+                and signal.parent is None
+            ):  # a decode step opening a new block: what `_check_use` would accept
+                return self._use_partial(blocks[0])
             return self._use(signal)
         if type(signal) is Deref:
             self._deref(signal.raw_blocks)
@@ -348,6 +364,9 @@ class KvManager:
         token_map = self._token_ids
 
         prev = _NO_PARENT if parent is None else parent.seq_hash  # type: ignore[union-attr]
+        num_hits = self._use_leading_hits(blocks)
+        if num_hits:
+            prev = blocks[num_hits - 1]
         # Runs of newly stored blocks, as (parent, first full index, end full index).
         runs: list[tuple[int, int, int]] = []
         run_start = -1
@@ -355,11 +374,11 @@ class KvManager:
         evicted: list[SeqHash] = []
         blocked: list[_Evicted] = []
         blocked_slots: list[BlockId] = []
-        full_idx = 0
-        processed = 0
-        num_refs = 0
+        full_idx = num_hits
+        processed = num_hits
+        num_refs = num_hits
         try_bulk = offload is None and tracker is None and signal.num_full > 2
-        for block in blocks:
+        for block in blocks[num_hits:] if num_hits else blocks:
             if type(block) is int:
                 entry = active_full.get(block)
                 if entry is not None:  # hit on a block active under this name
@@ -468,6 +487,22 @@ class KvManager:
             self._offload_evicted(blocked, blocked_slots)
         return processed
 
+    def _use_leading_hits(self, blocks: list[RawBlock]) -> int:
+        """Take one more handle on each leading block that is active under its name (a shared
+        prompt prefix held by a request in flight), exactly as `_use`'s per-block loop would;
+        returns how many. Only handle counts change: no slot, no event, no backend call."""
+        active_full = self._active_full
+        num_hits = 0
+        for block in blocks:
+            entry = active_full.get(block)  # type: ignore[arg-type]
+            if entry is None:
+                break
+            rec = entry[0]
+            active_full[block] = (rec, entry[1] + 1)  # type: ignore[index]
+            rec[_REFS] += 1
+            num_hits += 1
+        return num_hits
+
     def _store_rest_in_bulk(
         self, signal: Use, start: int, full_idx: int, prev: int
     ) -> tuple[int, list[SeqHash]] | None:
@@ -500,23 +535,20 @@ class KvManager:
         slots = [reset.popleft() for _ in range(num_reset)]
         evicted: list[SeqHash] = []
         if num_reset < count:
-            evict = backend.evict
-            victims = [evict() for _ in range(count - num_reset)]
-            records = list(map(registered.pop, victims))  # type: ignore[arg-type]
+            victims = backend.evict_many(count - num_reset)
+            records = list(map(registered.pop, victims))
             if self._token_ids:
                 for victim in victims:
-                    self._token_ids.pop(victim, None)  # type: ignore[arg-type]
-            slots += [rec[_SLOT] for rec in records]
-            evicted = [rec[_SEQ] for rec in records]
+                    self._token_ids.pop(victim, None)
+            slots += map(_slot_of, records)
+            evicted = list(map(_seq_of, records))
         parents = [prev]
         parents += hashes[:-1]
-        local_hashes = signal.local_hashes[full_idx:] if signal.local_hashes else [0] * count
-        new = [
-            [slot, plh, seq_hash, parent, local, 1]
-            for slot, plh, seq_hash, parent, local in zip(
-                slots, plhs, hashes, parents, local_hashes, strict=True
-            )
-        ]
+        local_hashes = signal.local_hashes[full_idx:] if signal.local_hashes else repeat(0)
+        # The new `_Rec`s `[slot, plh, seq_hash, parent_hash, local_hash, refs=1]`.
+        new: list[_Rec] = list(
+            map(list, zip(slots, plhs, hashes, parents, local_hashes, repeat(1)))
+        )
         registered.update(zip(plhs, new, strict=True))
         active_full.update(zip(hashes, zip(new, repeat(1)), strict=True))
         if signal.token_ids is not None:
@@ -594,7 +626,7 @@ class KvManager:
         if evicted:
             # A block evicted to make room and stored again later in this same Use was just
             # re-announced by a Stored above: reporting it Removed would lose it at the router.
-            if stored:
+            if stored and not stored.isdisjoint(evicted):
                 evicted = [h for h in evicted if h not in stored]
             self._emit_removed(_DEVICE, evicted)
 
@@ -668,37 +700,57 @@ class KvManager:
                 if partial_id not in self._active_partial or counts[block] > 1:
                     raise SignalError(f"Deref: partial block {partial_id:#x} is not held")
 
+    def _check_deref_in_order(self, blocks: list[RawBlock]) -> None:
+        """Deref validation block by block, raising for the first block that is not held."""
+        for block in blocks:
+            if type(block) is int:
+                if block not in self._active_full:
+                    raise SignalError(f"Deref: full block {block:#x} is not held")
+            elif block.partial_id not in self._active_partial:  # type: ignore[union-attr]
+                raise SignalError(
+                    f"Deref: partial block {block.partial_id:#x} is not held"  # type: ignore[union-attr]
+                )
+
     def _deref(self, blocks: list[RawBlock]) -> None:
         active_full = self._active_full
         active_partial = self._active_partial
         # Validate everything before changing anything.
-        if len(blocks) > 1 and len(set(blocks)) != len(blocks):
+        names = set(blocks)
+        if len(names) != len(blocks):
             self._check_deref_counted(blocks)
+            partials = [block for block in blocks if type(block) is not int]
         else:
-            for block in blocks:
-                if type(block) is int:
-                    if block not in active_full:
-                        raise SignalError(f"Deref: full block {block:#x} is not held")
-                elif block.partial_id not in active_partial:  # type: ignore[union-attr]
-                    raise SignalError(
-                        f"Deref: partial block {block.partial_id:#x} is not held"  # type: ignore[union-attr]
-                    )
-        insert = self._backend.insert
-        pop = active_full.pop
-        num_refs = 0
-        for block in blocks:
-            if type(block) is int:
-                rec, handles = pop(block)
-                if handles != 1:
-                    active_full[block] = (rec, handles - 1)
-                num_refs += 1
-                refs = rec[_REFS] - 1
-                rec[_REFS] = refs
-                if not refs:
-                    insert(rec[_PLH])
+            # The blocks not held under a full name must all be held partial blocks.
+            not_full = names.difference(active_full)
+            for block in not_full:
+                if type(block) is int or block.partial_id not in active_partial:  # type: ignore[union-attr]
+                    self._check_deref_in_order(blocks)  # raises for the first culprit
+            if len(not_full) > 1:
+                partials = [block for block in blocks if block in not_full]
             else:
-                self._reset.append(active_partial.pop(block.partial_id))  # type: ignore[union-attr]
-        self._num_full_refs -= num_refs
+                partials = list(not_full)
+        if not partials:
+            fulls = blocks
+        elif len(partials) == 1 and blocks[0] is partials[0]:
+            fulls = blocks[1:]  # a request's tail-first free starts with its partial block
+        else:
+            fulls = [block for block in blocks if type(block) is int]
+        pop = active_full.pop
+        released: list[Plh] = []  # blocks going inactive, in Deref order
+        release = released.append
+        # `map` is lazy: each pop happens just before its block's turn, as repeats require.
+        for block, (rec, handles) in zip(fulls, map(pop, fulls), strict=True):  # type: ignore[arg-type]
+            if handles != 1:
+                active_full[block] = (rec, handles - 1)  # type: ignore[index]
+            refs = rec[_REFS] - 1
+            rec[_REFS] = refs
+            if not refs:
+                release(rec[_PLH])
+        self._num_full_refs -= len(fulls)
+        if released:
+            self._backend.insert_many(released)
+        for block in partials:
+            self._reset.append(active_partial.pop(block.partial_id))  # type: ignore[union-attr]
 
     def _promote(self, signal: Promote) -> None:
         slot = self._active_partial.get(signal.partial_id)

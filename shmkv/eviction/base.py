@@ -6,6 +6,7 @@ by PLH. The pool owns the blocks; the backend only decides which PLH goes first.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from shmkv.ids import Plh
@@ -22,6 +23,12 @@ class EvictionBackend(Protocol):
 
     def evict(self) -> Plh | None:
         """Choose a victim, remove it and return it; None when empty."""
+
+    def insert_many(self, plhs: Iterable[Plh]) -> None:
+        """`for plh in plhs: insert(plh)`, in one call."""
+
+    def evict_many(self, count: int) -> list[Plh]:
+        """Up to `count` victims, in the order `count` calls of `evict` would return them."""
 
     def __len__(self) -> int: ...
 

@@ -22,6 +22,7 @@ a node is a 5-int list `[key, plh, tick, parent key, child count]` with -1 for "
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from heapq import heapify, heappop, heappush
 from typing import Final, NamedTuple
 
@@ -208,6 +209,154 @@ class LineageBackend:
                 leaves[tick] = node
                 break
         return victim[_PLH]
+
+    # ------------------------------------------------------------------ bulk operations
+    # Same outcome as the scalar loops they replace, for the manager's per-request paths.
+
+    def insert_many(self, plhs: Iterable[Plh]) -> None:
+        """`for plh in plhs: insert(plh)` in one call (a request's tail-first Deref).
+
+        The common case is a chain, each PLH the parent of the one before: each insert then
+        fills the placeholder the previous one made for its parent, which is kept at hand
+        (`fresh`) instead of being looked up and re-checked.
+        """
+        nodes = self._nodes
+        setdefault = nodes.setdefault
+        leaves = self._leaves
+        heap = self._heap
+        tick = self._tick
+        fresh: list[int] = []  # the placeholder the previous insert made for its parent ...
+        fresh_key = _NONE  # ... and its key (_NONE: there is none)
+        try:
+            for plh in plhs:
+                if _M0_POS_ONE <= plh < _M0_END:  # mode 0, not a root: inline decoding
+                    key = plh & _M0_KEY
+                    parent_key = ((plh & _M0_POS) - _M0_POS_ONE) | ((plh >> 59) & _M0_FRAG)
+                    if key == fresh_key:  # the chain case: fill the fresh placeholder
+                        fresh[_PLH] = plh
+                        fresh[_TICK] = tick  # it has a child: not a leaf
+                        fresh[_PARENT] = parent_key
+                        tick += 1
+                        placeholder = [parent_key, _NONE, _NONE, _NONE, 1]
+                        parent = setdefault(parent_key, placeholder)  # one lookup, not two
+                        if parent is placeholder:
+                            fresh = placeholder
+                            fresh_key = parent_key
+                        else:
+                            if not parent[_CHILDREN]:  # an existing childless node is a leaf
+                                del leaves[parent[_TICK]]
+                            parent[_CHILDREN] += 1
+                            fresh_key = _NONE
+                        continue
+                elif plh < _M0_END:
+                    key = plh & _M0_KEY
+                    parent_key = _NONE
+                else:
+                    key = _node_key(plh)
+                    parent_key = _parent_key(plh)
+                fresh_key = _NONE
+                node = nodes.get(key)
+                if node is None:
+                    nodes[key] = node = [key, plh, tick, parent_key, 0]
+                elif node[_TICK] != _NONE:
+                    what = (
+                        "inserted twice" if node[_PLH] == plh else f"conflicts with {node[_PLH]:#x}"
+                    )
+                    raise InvariantError(f"Lineage: PLH {plh:#x} {what}")
+                elif node[_PLH] == _NONE:  # fill a placeholder ghost (it has children)
+                    node[_PLH] = plh
+                    node[_TICK] = tick
+                    node[_PARENT] = parent_key
+                elif node[_PLH] == plh:  # a ghost left by reactivation: still linked
+                    node[_TICK] = tick
+                    tick += 1
+                    continue
+                else:
+                    raise InvariantError(
+                        f"Lineage: PLH {plh:#x} conflicts with ghost {node[_PLH]:#x}"
+                    )
+                if parent_key != _NONE:
+                    placeholder = [parent_key, _NONE, _NONE, _NONE, 1]
+                    parent = setdefault(parent_key, placeholder)
+                    if parent is placeholder:
+                        fresh = placeholder
+                        fresh_key = parent_key
+                    else:
+                        if not parent[_CHILDREN]:  # an existing childless node is a real leaf
+                            del leaves[parent[_TICK]]
+                        parent[_CHILDREN] += 1
+                if not node[_CHILDREN]:
+                    heappush(heap, tick)
+                    leaves[tick] = node
+                tick += 1
+        finally:
+            self._tick = tick
+
+    def evict_many(self, count: int) -> list[Plh]:
+        """`[evict() for _ in range(count)]` without the Nones: up to `count` victims in order.
+
+        When a victim leaves its parent a childless real node and that parent is provably the
+        oldest leaf (its tick follows the victim's, or precedes every queued tick), the parent
+        is the next victim, taken without a trip through the heap: a chain deref'd together
+        is evicted in one walk up.
+        """
+        heap = self._heap
+        leaves = self._leaves
+        nodes = self._nodes
+        victims: list[Plh] = []
+        append = victims.append
+        remaining = count
+        while remaining > 0:
+            while heap:
+                node = leaves.pop(heappop(heap), None)  # None: a stale entry
+                if node is not None:
+                    break
+            else:
+                break
+            while True:  # evict `node`, then maybe its parent, and so on up
+                append(node[_PLH])
+                remaining -= 1
+                del nodes[node[_KEY]]
+                parent_key = node[_PARENT]
+                if parent_key == _NONE:
+                    break
+                parent = nodes[parent_key]
+                children = parent[_CHILDREN] - 1
+                parent[_CHILDREN] = children
+                if children:
+                    break
+                tick = parent[_TICK]
+                if tick == _NONE:  # a ghost left childless: prune it (and maybe more)
+                    self._prune_from(parent)
+                    break
+                # A real parent becomes a leaf again, with its original tick.
+                if remaining and (tick == node[_TICK] + 1 or not heap or tick < heap[0]):
+                    node = parent  # older than every queued leaf: the next victim
+                    continue
+                heappush(heap, tick)
+                leaves[tick] = parent
+                break
+        self._departed += count - remaining
+        return victims
+
+    def _prune_from(self, node: list[int]) -> None:
+        """Prune the childless ghost `node` and the ancestor ghosts it leaves childless; a real
+        ancestor left childless becomes a leaf again, with its original tick."""
+        nodes = self._nodes
+        while True:
+            del nodes[node[_KEY]]
+            parent_key = node[_PARENT]
+            if parent_key == _NONE:
+                return
+            node = nodes[parent_key]
+            node[_CHILDREN] -= 1
+            if node[_CHILDREN]:
+                return
+            tick = node[_TICK]
+            if tick != _NONE:
+                heappush(self._heap, tick)
+                self._leaves[tick] = node
+                return
 
     def _compact(self) -> None:
         """Rebuild the heap from the live leaves, dropping stale and duplicate entries.

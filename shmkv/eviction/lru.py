@@ -7,6 +7,7 @@ while inactive). Evict pops the least recently inserted PLH.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from shmkv.errors import InvariantError
 from shmkv.ids import Plh
@@ -30,6 +31,17 @@ class LruBackend:
         if not self._order:
             return None
         return self._order.popitem(last=False)[0]
+
+    def insert_many(self, plhs: Iterable[Plh]) -> None:
+        order = self._order
+        for plh in plhs:
+            if plh in order:
+                raise InvariantError(f"LRU: PLH {plh:#x} inserted twice")
+            order[plh] = None
+
+    def evict_many(self, count: int) -> list[Plh]:
+        popitem = self._order.popitem
+        return [popitem(False)[0] for _ in range(min(count, len(self._order)))]
 
     def __len__(self) -> int:
         return len(self._order)

@@ -11,6 +11,7 @@ The backend only *reads* the tracker; the pool touches it (registration, match h
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from shmkv.errors import ConfigError, InvariantError
 from shmkv.eviction.base import FrequencyTracker
@@ -82,6 +83,19 @@ class MultiLruBackend:
                 del self._where[plh]
                 return plh
         return None
+
+    def insert_many(self, plhs: Iterable[Plh]) -> None:
+        for plh in plhs:
+            self.insert(plh)
+
+    def evict_many(self, count: int) -> list[Plh]:
+        victims: list[Plh] = []
+        for _ in range(count):
+            plh = self.evict()
+            if plh is None:
+                break
+            victims.append(plh)
+        return victims
 
     def __len__(self) -> int:
         return len(self._where)

@@ -6,6 +6,8 @@ victim, and pass its own `check_invariants()`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import xxhash
 from hypothesis import event, given, strategies as st
@@ -17,6 +19,7 @@ from hypothesis.stateful import (
 )
 
 from shmkv.errors import InvariantError
+from shmkv.eviction import EVICTION_NAMES, EvictionBackend, make_backend
 from shmkv.eviction.lineage import LineageBackend
 from shmkv.eviction.lru import LruBackend
 from shmkv.eviction.multi_lru import MultiLruBackend
@@ -179,6 +182,28 @@ class LineageMachine(RuleBasedStateMachine):
                 self.backend.insert(plh)
                 self.model.insert(plh)
 
+    @rule(i=index)
+    def insert_many_tail_first(self, i: int) -> None:
+        """The same Deref through `insert_many`: one call, the same ticks."""
+        batch: list[int] = []
+        for plh in self.universe[i % len(self.universe) :][::-1]:
+            if not self.model.insert_fails(plh):
+                self.model.insert(plh)
+                batch.append(plh)
+        self.backend.insert_many(batch)
+
+    @rule(count=st.integers(0, 8))
+    def evict_many(self, count: int) -> None:
+        """`evict_many` returns what `count` scalar evictions would, in the same order."""
+        before = self.backend.leaf_queue()
+        expected: list[int] = []
+        while len(expected) < count and (victim := self.model.evict()) is not None:
+            expected.append(victim)
+        assert self.backend.evict_many(count) == expected
+        if len(expected) > 1:
+            event("lineage: evict_many took several victims")
+        self._note_re_leaf(before)
+
     @invariant()
     def agrees_with_model(self) -> None:
         self.backend.check_invariants()
@@ -294,6 +319,72 @@ class MultiLruMachine(RuleBasedStateMachine):
 
 
 TestMultiLruMachine = MultiLruMachine.TestCase
+
+
+# ---------------------------------------------------------------------- bulk = scalar loops
+
+Op = tuple[str, int, tuple[int, ...]]
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "tail_first", "remove", "evict", "touch"]),
+        st.integers(0, 12),
+        st.lists(index, max_size=8).map(tuple),
+    ),
+    max_size=40,
+)
+
+
+def _outcome(action: Callable[[], object]) -> object:
+    try:
+        return action()
+    except InvariantError:
+        return InvariantError
+
+
+def _state(backend: EvictionBackend) -> object:
+    if isinstance(backend, LineageBackend):
+        return backend.forest(), backend.leaf_queue(), len(backend)
+    if isinstance(backend, MultiLruBackend):
+        return backend.level_sizes(), len(backend)
+    return len(backend)
+
+
+@pytest.mark.parametrize("name", EVICTION_NAMES)
+@given(universe=universes(), ops=OPS)
+def test_bulk_operations_equal_scalar_loops(name: str, universe: list[int], ops: list[Op]) -> None:
+    """`insert_many` / `evict_many` leave a backend exactly as the scalar loops leave a twin:
+    the same victims in the same order, the same refusals, the same state afterwards."""
+    scalar, scalar_tracker = make_backend(name, 16)
+    bulk, bulk_tracker = make_backend(name, 16)
+
+    def pick(i: int) -> int:
+        return universe[i % len(universe)]
+
+    def insert_each(plhs: list[int]) -> None:
+        for plh in plhs:
+            scalar.insert(plh)
+
+    def evict_each(count: int) -> list[int]:
+        victims = [scalar.evict() for _ in range(count)]
+        return [plh for plh in victims if plh is not None]
+
+    for action, number, picks in ops:
+        if action in ("insert", "tail_first"):
+            plhs = [pick(i) for i in picks] if action == "insert" else universe[number:][::-1]
+            expected = _outcome(lambda: insert_each(plhs))  # noqa: B023
+            assert _outcome(lambda: bulk.insert_many(plhs)) == expected  # noqa: B023
+        elif action == "remove":
+            assert bulk.remove(pick(number)) == scalar.remove(pick(number))
+        elif action == "evict":
+            assert bulk.evict_many(number) == evict_each(number)
+        elif scalar_tracker is not None and bulk_tracker is not None:
+            for i in picks:
+                scalar_tracker.touch(pick(i))
+                bulk_tracker.touch(pick(i))
+        bulk.check_invariants()
+        assert _state(bulk) == _state(scalar)
+        assert all((plh in bulk) == (plh in scalar) for plh in universe)
+    assert bulk.evict_many(len(bulk) + 1) == evict_each(len(scalar) + 1)
 
 
 class ReferenceSketch:

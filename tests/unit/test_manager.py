@@ -3,16 +3,19 @@ behavior.md §16 acceptance checks. Backend-generic tests run for every eviction
 
 from __future__ import annotations
 
+import random
 import uuid
+from collections.abc import Iterable
 
 import pytest
 
 from shmkv.errors import SignalError
 from shmkv.events import BlockRemoved, BlockStored, KvEvent, StorageTier
+from shmkv.eviction import EvictionBackend
 from shmkv.hashing import make_plh
 from shmkv.manager import KvManager, SwapInBlock
 from shmkv.sequence import ActiveSequence
-from shmkv.signals import Deref, FullBlock, PartialBlock, Promote, Use
+from shmkv.signals import Deref, FullBlock, MoveBlock, PartialBlock, Promote, Use
 
 BACKENDS = ["lineage", "lru", "multi-lru"]
 
@@ -558,3 +561,204 @@ def test_prefill_cost_counts_active_and_inactive_prefix() -> None:
         6,
         0,
     )
+
+
+# ── fast paths: bulk backend calls, leading hits, lone partial blocks ────────────────────
+
+
+class ScalarLoops:
+    """An eviction backend whose bulk operations are the scalar loops they stand for."""
+
+    def __init__(self, inner: EvictionBackend) -> None:
+        self.inner = inner
+
+    def insert(self, plh: int) -> None:
+        self.inner.insert(plh)
+
+    def remove(self, plh: int) -> bool:
+        return self.inner.remove(plh)
+
+    def evict(self) -> int | None:
+        return self.inner.evict()
+
+    def insert_many(self, plhs: Iterable[int]) -> None:
+        for plh in plhs:
+            self.inner.insert(plh)
+
+    def evict_many(self, count: int) -> list[int]:
+        victims = [self.inner.evict() for _ in range(count)]
+        return [plh for plh in victims if plh is not None]
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, plh: object) -> bool:
+        return plh in self.inner
+
+    def check_invariants(self) -> None:
+        self.inner.check_invariants()
+
+
+def manager_run(seed: int, backend: str, fast: bool) -> list[object]:
+    """Events, results and registered sets of a random workload with shared prefixes, a tight
+    pool (evictions, out-of-capacity Uses), decode, preemption and tail-first frees."""
+    rng = random.Random(seed)
+    mgr = KvManager(40, 4, eviction=backend)
+    if not fast:
+        mgr._backend = ScalarLoops(mgr._backend)
+        mgr._use_leading_hits = lambda blocks: 0  # type: ignore[method-assign]
+        mgr._store_rest_in_bulk = lambda *args: None  # type: ignore[method-assign]
+
+    def process(signal: MoveBlock) -> int:
+        # The reference skips `process`'s lone-partial shortcut.
+        return mgr._use(signal) if not fast and type(signal) is Use else mgr.process(signal)
+
+    prefixes = [[rng.randrange(1000) for _ in range(4 * rng.randrange(1, 5))] for _ in range(3)]
+    live: list[ActiveSequence] = []
+    trace: list[object] = []
+    for _ in range(150):
+        action = rng.random()
+        if action < 0.35 or not live:
+            tokens = rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randrange(40))]
+            seq = ActiveSequence(tokens, rng.randrange(1, 12), 4, rng=rng)
+            signal = seq.take_creation_signal()
+            assert signal is not None
+            held = process(signal)
+            trace.append(held)
+            if held == len(signal.raw_blocks):
+                live.append(seq)
+            elif held:  # out of capacity: release what was held, tail first
+                process(Deref(list(reversed(signal.blocks[:held]))))
+        elif action < 0.8:
+            seq = live[rng.randrange(len(live))]
+            if not mgr.num_free_blocks():
+                continue
+            trace.extend(process(step_signal) for step_signal in seq.generate())
+            if seq.is_complete():
+                live.remove(seq)
+            else:
+                seq.commit_allocation(len(seq))
+        else:
+            seq = live.pop(rng.randrange(len(live)))
+            for free_signal in seq.reset_with_signal():
+                process(free_signal)
+        mgr.check_invariants()
+        trace.append(mgr.take_events())
+        trace.append(sorted(mgr.registered_seq_hashes()))
+    return trace
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_paths_match_the_per_block_loops(backend: str, seed: int) -> None:
+    """Bulk backend calls (`insert_many` on Deref, `evict_many` in a bulk store), the leading
+    hit scan and the lone-partial shortcut change no result, event or eviction."""
+    assert manager_run(seed, backend, fast=True) == manager_run(seed, backend, fast=False)
+
+
+def test_deref_tail_first_goes_inactive_as_one_chain() -> None:
+    """A request's tail-first free inserts its chain in that order: the tail goes first."""
+    mgr = make_mgr(8, 4)
+    seq = ActiveSequence(list(range(14)), 1, 4)
+    signal = seq.take_creation_signal()
+    assert signal is not None
+    assert mgr.process(signal) == 4  # three full blocks and a partial one
+    free = seq.reset_with_signal()
+    assert [type(b) for b in free[0].blocks][:1] == [PartialBlock]  # type: ignore[union-attr]
+    for sig in free:
+        mgr.process(sig)
+    assert mgr.num_inactive_blocks() == 3
+    assert mgr.num_active_block_refs() == 0
+    mgr.check_invariants()
+    # A new sequence needs all 8 slots: the chain is evicted leaf first, tail to head.
+    other = ActiveSequence(list(range(100, 132)), 1, 4)
+    signal = other.take_creation_signal()
+    assert signal is not None
+    assert mgr.process(signal) == 8
+    removed = [e for e in mgr.take_events() if isinstance(e, BlockRemoved)]
+    assert [list(e.block_hashes) for e in removed] == [seq.seq_hashes[::-1]]
+    mgr.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ([FullBlock(2), FullBlock(99), FullBlock(1)], "full block 0x63 is not held"),
+        ([FullBlock(2), PartialBlock(6), FullBlock(1)], "partial block 0x6 is not held"),
+        ([PartialBlock(8), FullBlock(98), FullBlock(99)], "full block 0x62 is not held"),
+        ([FullBlock(1), PartialBlock(8), PartialBlock(9)], "partial block 0x9 is not held"),
+        ([FullBlock(1), FullBlock(1)], "full block 0x1 is not held"),
+        ([PartialBlock(8), PartialBlock(8)], "partial block 0x8 is not held"),
+    ],
+)
+def test_bad_deref_names_the_first_block_not_held_and_changes_nothing(
+    blocks: list[FullBlock | PartialBlock], message: str
+) -> None:
+    mgr = make_mgr(8)
+    mgr.process(Use([FullBlock(1), FullBlock(2), PartialBlock(8)], [], [plh(1), plh(2)]))
+    before = (mgr.num_active_blocks(), mgr.num_active_block_refs(), mgr.num_inactive_blocks())
+    with pytest.raises(SignalError, match=message):
+        mgr.process(Deref(blocks))
+    after = (mgr.num_active_blocks(), mgr.num_active_block_refs(), mgr.num_inactive_blocks())
+    assert after == before
+    assert mgr.refcount(1) == 1
+    assert mgr.has_partial(8)
+    mgr.check_invariants()
+
+
+def test_deref_with_partial_blocks_anywhere_and_repeats() -> None:
+    mgr = make_mgr(8)
+    mgr.process(Use([FullBlock(1), FullBlock(2), PartialBlock(8)], [], [plh(1), plh(2)]))
+    mgr.process(Use([FullBlock(1), PartialBlock(9)], [], [plh(1)]))
+    assert mgr.refcount(1) == 2
+    # Partial blocks between and after full ones; block 1 named twice (it holds two handles).
+    mgr.process(Deref([FullBlock(1), PartialBlock(9), FullBlock(2), FullBlock(1), PartialBlock(8)]))
+    assert mgr.num_active_block_refs() == 0
+    assert mgr.num_inactive_blocks() == 2
+    assert not mgr.has_partial(8)
+    assert not mgr.has_partial(9)
+    mgr.check_invariants()
+
+
+def test_lone_partial_use_with_stray_fields_is_still_rejected() -> None:
+    """`process`'s lone-partial shortcut only takes what `_check_use` accepts."""
+    mgr = make_mgr(4)
+    with pytest.raises(SignalError):
+        mgr.process(Use.from_raw([PartialBlock(3)], [], [plh(1)], None, None, 0))
+    with pytest.raises(SignalError):
+        mgr.process(Use([PartialBlock(3)], [], [], None, PartialBlock(2)))
+    assert mgr.process(Use([PartialBlock(3)], [], [], None, FullBlock(2))) == 1
+    assert mgr.has_partial(3)
+    mgr.check_invariants()
+
+
+def test_bulk_eviction_keeps_lineage_order_when_a_re_leafed_parent_is_not_next() -> None:
+    """A shared prefix re-freed after another chain re-leafs with a newer tick than that
+    chain's leaf: the bulk eviction must take the other chain first, as `evict` would."""
+    mgr = make_mgr(10, 4)
+    p1, p2, a1, a2, b1, b2, e1, e2 = range(1, 9)
+
+    def chain_use(hashes: list[int], parent: int | None = None) -> Use:
+        plhs, prev = [], parent
+        for position, seq_hash in enumerate(hashes):
+            plhs.append(make_plh(seq_hash, prev, position))
+            prev = seq_hash
+        return Use([FullBlock(h) for h in hashes], [], plhs)
+
+    def deref(hashes: list[int]) -> None:
+        mgr.process(Deref([FullBlock(h) for h in hashes]))
+
+    mgr.process(chain_use([p1, p2, a1, a2]))
+    mgr.process(chain_use([p1, p2, b1, b2]))
+    mgr.process(chain_use([e1, e2]))
+    deref([a2, a1, p2, p1])  # a2, a1 go inactive; the prefix is still held by b
+    deref([b2, b1, p2, p1])  # b2, b1, then the prefix
+    mgr.process(chain_use([p1, p2]))  # the prefix is active again (ghosts in the forest)
+    deref([e2, e1])
+    deref([p2, p1])  # the prefix is inactive again, newer than e's chain
+    mgr.take_events()
+    fresh = list(range(100, 110))
+    assert mgr.process(chain_use(fresh, parent=None)) == 10
+    removed = [e for e in mgr.take_events() if isinstance(e, BlockRemoved)]
+    assert [list(e.block_hashes) for e in removed] == [[a2, a1, b2, b1, e2, e1, p2, p1]]
+    mgr.check_invariants()
