@@ -10,7 +10,9 @@ What is checked:
 * every rank checks its G1 pools (they partition the capacity) and its G2 pin ledger every
   few passes; the coordinator reports its own invariant checks;
 * a subscriber receives every rank's events; at the end its index must equal what each rank
-  holds in G1 and what G2 holds (host-tier events rebuild the G2 contents exactly);
+  holds in G1 and the G2 blocks it announced (every held block whose parent chain is held),
+  with no batch lost and no store whose parent the rank never announced (an orphan, which a
+  router such as Dynamo's indexer drops);
 * after the drain, the segment holds no pin and no reserved slot;
 * after shutdown, no process and no segment of the fleet is left.
 `--inject-bug` breaks something on purpose so the checker is seen to fail.
@@ -302,6 +304,7 @@ def run_stress(options: StressOptions, *, quiet: bool = True) -> dict[str, Any]:
         + coordinator_violations
         + len(differences)
         + consumer_stats.get("lost_batches", 0)
+        + consumer_stats.get("orphan_stores", 0)
         + stalled
     )
     completed = outcome.collector.num_completed
@@ -335,6 +338,7 @@ def run_stress(options: StressOptions, *, quiet: bool = True) -> dict[str, Any]:
             "coordinator_invariants": coordinator_violations,
             "event_index_differences": len(differences),
             "lost_event_batches": consumer_stats.get("lost_batches", 0),
+            "orphan_event_stores": consumer_stats.get("orphan_stores", 0),
             "stalled_runs": stalled,
         },
         "violation_examples": differences[:5] + outcome.violation_examples[:5],
