@@ -251,10 +251,22 @@ class EventConsumer:
             The number of batches recovered.
         """
         self._check_open()
+        wanted = {
+            state.rank: state.last_seq + 1
+            for state in self._ranks.values()
+            if state.replay_endpoint is not None and state.last_seq is not None
+        }
+        # Every rank is asked at once, so publishers that are gone (the run is over) cost one
+        # replay timeout in all, not one per rank; a failed rank is asked once more (its
+        # restarted successor may serve the same endpoint), again all together.
+        fetched = self._fetch_replays(wanted)
+        retry = {rank: seq for rank, seq in wanted.items() if fetched[rank] is None}
+        if retry:
+            fetched.update(self._fetch_replays(retry))
         recovered = 0
-        for state in self._ranks.values():
-            if state.replay_endpoint is not None and state.last_seq is not None:
-                recovered += self._recover(state, state.last_seq + 1, live_seq=None)
+        for rank, replies in fetched.items():
+            if replies is not None:
+                recovered += self._apply_replies(self._ranks[rank], replies, live_seq=None)
         return recovered
 
     def stats(self) -> dict[str, int]:
@@ -351,13 +363,19 @@ class EventConsumer:
         """
         if state.replay_endpoint is None:
             return 0
-        replies = self._fetch_replay(state, start_seq)
+        replies = self._fetch_replays({state.rank: start_seq})[state.rank]
         if replies is None:
             # The publisher may have died and come back meanwhile (its successor serves the
             # same endpoint and opens with AllBlocksCleared): ask once more.
-            replies = self._fetch_replay(state, start_seq)
+            replies = self._fetch_replays({state.rank: start_seq})[state.rank]
         if replies is None:
             return 0
+        return self._apply_replies(state, replies, live_seq)
+
+    def _apply_replies(
+        self, state: _RankState, replies: list[tuple[int, bytes]], live_seq: int | None
+    ) -> int:
+        """Apply replayed batches newer than the rank's last seq (up to `live_seq`, excluded)."""
         applied = 0
         for seq, payload in replies:
             last = state.last_seq
@@ -381,39 +399,73 @@ class EventConsumer:
             logger.info("rank %d: caught up %d batch(es) through replay", state.rank, applied)
         return applied
 
-    def _fetch_replay(self, state: _RankState, start_seq: int) -> list[tuple[int, bytes]] | None:
-        """One replay round trip; None (counted, logged) when it fails or times out."""
+    def _fetch_replays(
+        self, start_seqs: Mapping[int, int]
+    ) -> dict[int, list[tuple[int, bytes]] | None]:
+        """One replay round trip per rank (rank -> first seq wanted), all in flight at once.
+
+        Returns each rank's replies in order, or None (counted, logged) for a rank whose replay
+        socket stayed silent for the replay timeout.
+        """
+        timeout_s = self._replay_timeout_s
+        now = time.monotonic()
+        replies: dict[int, list[tuple[int, bytes]] | None] = {}
+        waiting: dict[zmq.Socket[bytes], _RankState] = {}
+        silent_since: dict[int, float] = {}
+        poller = zmq.Poller()
+        for rank, start_seq in start_seqs.items():
+            state = self._ranks[rank]
+            assert state.dealer is not None
+            state.counters["replay_requests"] += 1
+            state.dealer.send_multipart((b"", pack_seq(start_seq)))
+            replies[rank] = []
+            waiting[state.dealer] = state
+            silent_since[rank] = now
+            poller.register(state.dealer, zmq.POLLIN)
+        while waiting:
+            now = time.monotonic()
+            for dealer, state in list(waiting.items()):
+                if now - silent_since[state.rank] >= timeout_s:
+                    self._replay_failed(state, start_seqs[state.rank])
+                    poller.unregister(dealer)
+                    del waiting[dealer]
+                    replies[state.rank] = None
+            if not waiting:
+                break
+            deadline = min(silent_since[state.rank] for state in waiting.values()) + timeout_s
+            for dealer, _ in poller.poll(max(1, int((deadline - now) * 1000) + 1)):
+                state = waiting[dealer]
+                frames = dealer.recv_multipart()
+                silent_since[state.rank] = time.monotonic()
+                # [b"", topic, seq, payload] (current vLLM) or [b"", seq, payload] (legacy)
+                if len(frames) not in (3, 4) or frames[0] != b"" or len(frames[-2]) != 8:
+                    state.counters["malformed_messages"] += 1
+                    logger.warning("rank %d: ignoring a malformed replay reply", state.rank)
+                    continue
+                seq = unpack_seq(frames[-2])
+                if seq == END_SEQ:
+                    poller.unregister(dealer)
+                    del waiting[dealer]
+                    continue
+                rank_replies = replies[state.rank]
+                assert rank_replies is not None
+                rank_replies.append((seq, frames[-1]))
+        return replies
+
+    def _replay_failed(self, state: _RankState, start_seq: int) -> None:
         assert state.dealer is not None
         assert state.replay_endpoint is not None
-        dealer = state.dealer
-        state.counters["replay_requests"] += 1
-        dealer.send_multipart((b"", pack_seq(start_seq)))
-        timeout_ms = max(1, int(self._replay_timeout_s * 1000))
-        replies: list[tuple[int, bytes]] = []
-        while True:
-            if not dealer.poll(timeout_ms, zmq.POLLIN):
-                state.counters["replay_failures"] += 1
-                logger.warning(
-                    "rank %d: replay from seq %d: no reply for %.1f s (%s)",
-                    state.rank,
-                    start_seq,
-                    self._replay_timeout_s,
-                    state.replay_endpoint,
-                )
-                # NOTE: a fresh socket, so late replies to this request cannot pollute the next.
-                dealer.close(linger=0)
-                state.dealer = self._new_dealer(state.replay_endpoint)
-                return None
-            frames = dealer.recv_multipart()
-            # [b"", topic, seq, payload] (current vLLM) or [b"", seq, payload] (legacy)
-            if len(frames) not in (3, 4) or frames[0] != b"" or len(frames[-2]) != 8:
-                state.counters["malformed_messages"] += 1
-                logger.warning("rank %d: ignoring a malformed replay reply", state.rank)
-                continue
-            seq = unpack_seq(frames[-2])
-            if seq == END_SEQ:
-                return replies
-            replies.append((seq, frames[-1]))
+        state.counters["replay_failures"] += 1
+        logger.warning(
+            "rank %d: replay from seq %d: no reply for %.1f s (%s)",
+            state.rank,
+            start_seq,
+            self._replay_timeout_s,
+            state.replay_endpoint,
+        )
+        # NOTE: a fresh socket, so late replies to this request cannot pollute the next.
+        state.dealer.close(linger=0)
+        state.dealer = self._new_dealer(state.replay_endpoint)
 
     def _opens_with_clear(self, payload: bytes) -> bool:
         try:

@@ -131,7 +131,8 @@ def consumer_of(context: Context, *publishers: EventPublisher, **options: object
         RankEndpoint(rank=p.rank, endpoint=p.endpoint, replay_endpoint=p.replay_endpoint)
         for p in publishers
     ]
-    return EventConsumer(ranks, context=context, replay_timeout_s=2.0, **options)  # type: ignore[arg-type]
+    options.setdefault("replay_timeout_s", 2.0)
+    return EventConsumer(ranks, context=context, **options)  # type: ignore[arg-type]
 
 
 def wait_until(condition: Callable[[], bool], step: Callable[[], object], what: str) -> None:
@@ -330,6 +331,40 @@ def test_catch_up_recovers_a_silent_tail(context: Context) -> None:
             assert consumer.catch_up() == 0
             assert consumer.last_seq(0) == 29
             assert consumer.compare(state) == []
+
+
+def test_catch_up_asks_every_rank_at_once(context: Context) -> None:
+    """Publishers that are gone (the run is over) cost one replay timeout in all (two with the
+    retry), not two per rank; a live one is still recovered."""
+    pubs = [publisher(context, rank=rank) for rank in range(3)]
+    try:
+        workloads = [make_workload(rank=rank, num_batches=5, seed=20 + rank) for rank in range(3)]
+        for pub in pubs:
+            pub.start_background_replay(poll_ms=10)
+        with consumer_of(context, *pubs, replay_timeout_s=0.4) as consumer:
+            for pub in pubs:
+                assert pub.wait_for_subscribers(1, timeout_s=DEADLINE_S)
+            for pub, (batches, _state) in zip(pubs, workloads, strict=True):
+                pub.publish(batches[0])
+            for rank in range(3):
+                drain(consumer, rank, 0)
+            for pub, (batches, _state) in zip(pubs, workloads, strict=True):
+                for batch in batches[1:]:
+                    pub.publish(batch)
+            pubs[1].close()
+            pubs[2].close()
+            started = time.monotonic()
+            recovered = consumer.catch_up()
+            elapsed_s = time.monotonic() - started
+            assert recovered >= 0
+            assert consumer.last_seq(0) == 4
+            stats = consumer.rank_stats()
+            assert stats[0]["replay_failures"] == 0
+            assert (stats[1]["replay_failures"], stats[2]["replay_failures"]) == (2, 2)
+            assert elapsed_s < 1.3, f"{elapsed_s:.2f} s: ranks were asked one after another"
+    finally:
+        for pub in pubs:
+            pub.close()
 
 
 def test_tiny_hwm_drops_are_recovered_through_replay(context: Context) -> None:
