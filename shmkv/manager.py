@@ -364,7 +364,7 @@ class KvManager:
         token_map = self._token_ids
 
         prev = _NO_PARENT if parent is None else parent.seq_hash  # type: ignore[union-attr]
-        num_hits = self._use_leading_hits(blocks)
+        num_hits = self._use_leading_hits(blocks, plhs)
         if num_hits:
             prev = blocks[num_hits - 1]
         # Runs of newly stored blocks, as (parent, first full index, end full index).
@@ -487,18 +487,35 @@ class KvManager:
             self._offload_evicted(blocked, blocked_slots)
         return processed
 
-    def _use_leading_hits(self, blocks: list[RawBlock]) -> int:
-        """Take one more handle on each leading block that is active under its name (a shared
-        prompt prefix held by a request in flight), exactly as `_use`'s per-block loop would;
-        returns how many. Only handle counts change: no slot, no event, no backend call."""
+    def _use_leading_hits(self, blocks: list[RawBlock], plhs: Sequence[Plh]) -> int:
+        """Take one more handle on each leading full block already in G1, exactly as `_use`'s
+        per-block loop would, and return how many: a block active under its name (a shared
+        prompt prefix held by a request in flight) or a registered block (a cached prefix,
+        maybe inactive: it leaves the eviction backend). No slot, no event, and no run of new
+        blocks has started yet, so the loop's run bookkeeping is not needed."""
         active_full = self._active_full
-        num_hits = 0
+        registered = self._registered
+        remove = self._backend.remove
+        tracker = self._tracker
+        num_hits = 0  # = the full index: every block before this one was a full block
         for block in blocks:
             entry = active_full.get(block)  # type: ignore[arg-type]
-            if entry is None:
-                break
-            rec = entry[0]
-            active_full[block] = (rec, entry[1] + 1)  # type: ignore[index]
+            if entry is not None:
+                rec = entry[0]
+                active_full[block] = (rec, entry[1] + 1)  # type: ignore[index]
+            else:
+                if type(block) is not int:
+                    break
+                plh = plhs[num_hits]
+                found = registered.get(plh)
+                if found is None:
+                    break
+                rec = found
+                if not rec[_REFS]:
+                    remove(plh)
+                if tracker is not None:
+                    tracker.touch(plh)
+                active_full[block] = (rec, 1)
             rec[_REFS] += 1
             num_hits += 1
         return num_hits
@@ -532,7 +549,11 @@ class KvManager:
         ):
             return None
         num_reset = min(count, len(reset))
-        slots = [reset.popleft() for _ in range(num_reset)]
+        if num_reset == len(reset):  # take every free slot (none, once the pool has filled)
+            slots = list(reset)
+            reset.clear()
+        else:
+            slots = [reset.popleft() for _ in range(num_reset)]
         evicted: list[SeqHash] = []
         if num_reset < count:
             victims = backend.evict_many(count - num_reset)
@@ -612,21 +633,27 @@ class KvManager:
         )
         local_hashes = signal.local_hashes
         token_ids = signal.token_ids
-        stored: set[SeqHash] = set()
         for run_parent, start, end in runs:
-            hashes = full_hashes[start:end]
-            stored.update(hashes)
+            if local_hashes:
+                run_locals = local_hashes[start:end]
+                if type(run_locals) is not list:
+                    run_locals = list(run_locals)
+            else:
+                run_locals = [0] * (end - start)
             self._emit_stored(
                 _DEVICE,
                 None if run_parent == _NO_PARENT else run_parent,
-                hashes,
-                list(local_hashes[start:end]) if local_hashes else [0] * (end - start),
+                full_hashes[start:end],
+                run_locals,
                 None if token_ids is None else list(token_ids[start:end]),
             )
         if evicted:
             # A block evicted to make room and stored again later in this same Use was just
             # re-announced by a Stored above: reporting it Removed would lose it at the router.
-            if stored and not stored.isdisjoint(evicted):
+            # Every block this Use stored holds a handle under its name now, so unless an
+            # evicted hash is an active name, none of them was stored again.
+            if runs and not self._active_full.keys().isdisjoint(evicted):
+                stored = {h for _, start, end in runs for h in full_hashes[start:end]}
                 evicted = [h for h in evicted if h not in stored]
             self._emit_removed(_DEVICE, evicted)
 

@@ -322,9 +322,11 @@ class LineageBackend:
                     break
                 parent = nodes[parent_key]
                 children = parent[_CHILDREN] - 1
-                parent[_CHILDREN] = children
                 if children:
+                    parent[_CHILDREN] = children
                     break
+                # The parent is left childless. Its child count is only written back when it
+                # stays in the forest: a ghost is pruned and a next victim is deleted anyway.
                 tick = parent[_TICK]
                 if tick == _NONE:  # a ghost left childless: prune it (and maybe more)
                     self._prune_from(parent)
@@ -333,6 +335,7 @@ class LineageBackend:
                 if remaining and (tick == node[_TICK] + 1 or not heap or tick < heap[0]):
                     node = parent  # older than every queued leaf: the next victim
                     continue
+                parent[_CHILDREN] = 0
                 heappush(heap, tick)
                 leaves[tick] = parent
                 break

@@ -606,7 +606,7 @@ def manager_run(seed: int, backend: str, fast: bool) -> list[object]:
     mgr = KvManager(40, 4, eviction=backend)
     if not fast:
         mgr._backend = ScalarLoops(mgr._backend)
-        mgr._use_leading_hits = lambda blocks: 0  # type: ignore[method-assign]
+        mgr._use_leading_hits = lambda blocks, plhs: 0  # type: ignore[method-assign]
         mgr._store_rest_in_bulk = lambda *args: None  # type: ignore[method-assign]
 
     def process(signal: MoveBlock) -> int:
