@@ -105,6 +105,8 @@ MAX_EVENTS_PER_MESSAGE: Final = 8192
 MAX_MESSAGES_PER_TURN: Final = 32
 """ROUTER messages handled before the loop lands transfers and flushes events."""
 MAX_IDLE_POLL_MS: Final = 1000
+BATCH_MIN_BLOCKS: Final = 32
+"""OFFLOAD batches (and evictions) of at least this many blocks take the numpy paths."""
 _MAX_TRACKED_PEERS: Final = 4096
 _SEGMENT_NAME_RE: Final = re.compile(rf"{SEGMENT_PREFIX}([A-Za-z0-9-]+)_g2")
 _NO_PARENT: Final = -1
@@ -390,6 +392,10 @@ class Coordinator:
         self.batched = True
         """Whole OFFLOAD batches through `G2Directory.commit_many` (False: the per-item
         reference path, block by block; tests compare the two)."""
+        self.batch_min_blocks = BATCH_MIN_BLOCKS
+        """Batches (and evictions) smaller than this take the per-item path even when
+        `batched`: numpy's fixed cost per call (~1.5 us) loses to the Python loop on a
+        handful of blocks. Tests set 1 to drive the batched path with small batches."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -696,7 +702,11 @@ class Coordinator:
         stats.deduped += len(rejected)
         rank = conn.rank
         wanted = len(cand.idxs)
-        slots = self.directory.reserve(wanted, rank) if wanted else []
+        slots = (
+            self.directory.reserve(wanted, rank, vectorized=wanted >= self.batch_min_blocks)
+            if wanted
+            else []
+        )
         self._queue_evictions()
         if len(slots) < wanted:
             stats.dropped += wanted - len(slots)
@@ -708,7 +718,12 @@ class Coordinator:
         if slots:
             now = self.clock.now_ms()
             plhs = plhs_of(cand.seqs, cand.parents, cand.positions)
-            if self.batched and self._instant and not self._inflight and not self._deferred:
+            if (
+                self._batching(len(slots))
+                and self._instant
+                and not self._inflight
+                and not self._deferred
+            ):
                 # Copies land at once and nothing else is in flight: commit the batch as is.
                 self._land_batch(conn, batch, cand, slots, plhs, token_rows)
                 deadline = now
@@ -846,7 +861,7 @@ class Coordinator:
         count = len(raw_items)
         if count == 0:
             return _Candidates([], [], [], [], []), []
-        columns = _item_columns(raw_items) if self.batched else None
+        columns = _item_columns(raw_items) if self._batching(count) else None
         if columns is None:
             return self._screen_items(raw_items)
         seqs, parents, locals_, positions = columns
@@ -949,13 +964,17 @@ class Coordinator:
         for transfer_id in conn.link.advance_to(now):
             self._land_chunk(conn, conn.transfers.pop(transfer_id))
 
+    def _batching(self, num_blocks: int) -> bool:
+        """Whether a batch of `num_blocks` takes the batched (numpy) path."""
+        return self.batched and num_blocks >= self.batch_min_blocks
+
     def _land_chunk(self, conn: _Rank, chunk: list[_Item]) -> None:
         """A transfer finished: commit its blocks (parents first) and owe the rank a DONE."""
         if not chunk:
             return
         chunk.sort(key=_position_of)  # NOTE: stable; O(n) on the usual leaf-first order
         inflight = self._inflight
-        if self.batched and not self._deferred and self._chunk_lands_in_order(chunk):
+        if self._batching(len(chunk)) and not self._deferred and self._chunk_lands_in_order(chunk):
             # Nothing waits on anything: one commit_many, same outcome as item by item.
             for item in chunk:
                 del inflight[item.seq]

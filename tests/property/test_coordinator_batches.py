@@ -53,6 +53,7 @@ def _coordinator(tmp: Path, tag: str, batched: bool) -> Coordinator:
     )
     coord = Coordinator(spec)
     coord.batched = batched
+    coord.batch_min_blocks = 1  # the batched path even for the small batches drawn here
     return coord
 
 
