@@ -50,6 +50,7 @@ returning; a caller that passes a shared context must terminate it before the pr
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import threading
@@ -90,6 +91,8 @@ pack_seq: Final = _SEQ.pack
 _END_FRAME: Final = pack_seq(END_SEQ)
 _SNDMORE: Final = zmq.SNDMORE
 _ZERO_COPY_MIN_BYTES: Final = 1 << 16
+BIND_RETRY_S: Final = 2.0
+"""How long a bind to a port in use is retried before it is a ConfigError (see `_bind`)."""
 """Payloads from this size on are sent without a copy (pyzmq's default `copy_threshold`)."""
 
 
@@ -591,12 +594,22 @@ class EventPublisher:
 
 
 def _bind(socket: zmq.Socket[bytes], endpoint: str) -> str:
-    """Bind and return the resolved endpoint (the real port of `tcp://host:*`)."""
-    try:
-        socket.bind(endpoint)
-    except zmq.ZMQError as exc:
-        raise ConfigError(
-            f"cannot bind {endpoint}: {exc.strerror}; choose another port or path"
-        ) from exc
+    """Bind and return the resolved endpoint (the real port of `tcp://host:*`).
+
+    A port found in use is tried again for up to BIND_RETRY_S: a restarted rank rebinds the
+    ports of the process it replaces, and a subscriber reconnecting to a port nobody holds can
+    hold it for a moment (a TCP self-connect, which ZMQ drops at the handshake)."""
+    deadline = time.monotonic() + BIND_RETRY_S
+    while True:
+        try:
+            socket.bind(endpoint)
+            break
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            raise ConfigError(
+                f"cannot bind {endpoint}: {exc.strerror}; choose another port or path"
+            ) from exc
     resolved: bytes = socket.getsockopt(zmq.LAST_ENDPOINT)  # type: ignore[assignment]
     return resolved.decode()

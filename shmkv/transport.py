@@ -160,29 +160,56 @@ def bind_socket(sock: zmq.Socket[bytes], endpoint: str) -> str:
 def free_port_base(count: int, host: str = "127.0.0.1") -> int:
     """A base port with `count` consecutive free TCP ports on `host` (rank r uses base + r).
 
-    Racy by nature (another process may take a port before it is bound); callers bind soon.
+    Chosen below the kernel's ephemeral range when it can be: a port in that range can be
+    taken while its owner is down (a restarting rank) by some client's outgoing connection,
+    including a subscriber reconnecting to that very port (a TCP self-connect), and the
+    restarted rank could not bind it again. Racy by nature (another process may take a port
+    before it is bound); callers bind soon.
     """
+    import random
     import socket
 
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = int(probe.getsockname()[1])
-        if base + count >= 65000:
-            continue
+    def all_free(base: int) -> bool:
         holders: list[socket.socket] = []
         try:
             for port in range(base, base + count):
                 holder = socket.socket()
                 holders.append(holder)
                 holder.bind((host, port))
-            return base
+            return True
         except OSError:
-            continue
+            return False
         finally:
             for holder in holders:
                 holder.close()
+
+    low = _ephemeral_port_low()
+    if low - count > _FIXED_PORT_MIN:
+        rng = random.Random()
+        for _ in range(200):
+            base = rng.randrange(_FIXED_PORT_MIN, low - count)
+            if all_free(base):
+                return base
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            base = int(probe.getsockname()[1])
+        if base + count < 65000 and all_free(base):
+            return base
     raise ConfigError(f"found no {count} consecutive free ports on {host}")
+
+
+_FIXED_PORT_MIN: Final = 20_000
+"""Lowest port `free_port_base` hands out (well above the usual service ports)."""
+
+
+def _ephemeral_port_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux default 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def is_loopback(endpoint: str) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,7 @@ from shmkv.events import (
 )
 from shmkv.hashing import chain_sequence_hashes, local_block_hashes
 from shmkv.publisher import (
+    BIND_RETRY_S,
     END_SEQ,
     EventPublisher,
     PublisherConfig,
@@ -36,6 +39,7 @@ from shmkv.publisher import (
     pack_seq,
     unpack_seq,
 )
+from shmkv.transport import free_port_base
 
 pytestmark = pytest.mark.multiproc
 
@@ -201,6 +205,33 @@ def test_bind_conflict_is_a_config_error(context: Context) -> None:
         pytest.raises(ConfigError, match="cannot bind"),
     ):
         publisher(context, endpoint=first.endpoint)
+
+
+def test_a_port_freed_meanwhile_is_bound_on_retry(context: Context) -> None:
+    """A restarted rank rebinds its predecessor's port; whatever held it for a moment (a
+    subscriber's self-connect while nobody listened) lets go, and the bind succeeds."""
+    base = free_port_base(1)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", base))
+    holder.listen()
+    releaser = threading.Timer(0.3, holder.close)
+    releaser.start()
+    try:
+        started = time.monotonic()
+        with publisher(context, endpoint=f"tcp://127.0.0.1:{base}", replay_endpoint=None) as pub:
+            assert pub.endpoint == f"tcp://127.0.0.1:{base}"
+        assert 0.2 < time.monotonic() - started < BIND_RETRY_S
+    finally:
+        releaser.join()
+        holder.close()
+
+
+def test_free_port_base_stays_below_the_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for count in (1, 8):
+        base = free_port_base(count)
+        assert base >= 20_000
+        assert base + count <= low
 
 
 def test_ranks_offset_ports_and_topic(context: Context) -> None:
