@@ -414,21 +414,18 @@ class KvManager:
                         if reset:
                             slot = reset.popleft()
                         else:
-                            victim = backend.evict()
-                            if victim is None:
+                            taken = self._evict_for_slot(
+                                blocks,
+                                processed + 1,
+                                plhs,
+                                full_idx + 1,
+                                evicted,
+                                blocked,
+                                blocked_slots,
+                            )
+                            if taken is None:
                                 break
-                            vrec = registered.pop(victim)
-                            vids = token_map.pop(victim, None) if token_map else None
-                            if offload is not None:
-                                blocked.append((vrec, vids))
-                                blocked_slots.append(vrec[_SLOT])
-                                pending = self._pending_allocations(
-                                    blocks, processed + 1, plhs, full_idx + 1
-                                )
-                                self._extend_blocked_batch(blocked, blocked_slots, 1 + pending)
-                                break
-                            evicted.append(vrec[_SEQ])
-                            slot = vrec[_SLOT]
+                            slot = taken
                         local = local_hashes[full_idx] if local_hashes else 0
                         rec = [slot, plh, block, prev, local, 1]
                         registered[plh] = rec
@@ -459,21 +456,12 @@ class KvManager:
                     if reset:
                         slot = reset.popleft()
                     else:
-                        victim = backend.evict()
-                        if victim is None:
+                        taken = self._evict_for_slot(
+                            blocks, processed + 1, plhs, full_idx, evicted, blocked, blocked_slots
+                        )
+                        if taken is None:
                             break
-                        vrec = registered.pop(victim)
-                        vids = token_map.pop(victim, None) if token_map else None
-                        if offload is not None:
-                            blocked.append((vrec, vids))
-                            blocked_slots.append(vrec[_SLOT])
-                            pending = self._pending_allocations(
-                                blocks, processed + 1, plhs, full_idx
-                            )
-                            self._extend_blocked_batch(blocked, blocked_slots, 1 + pending)
-                            break
-                        evicted.append(vrec[_SEQ])
-                        slot = vrec[_SLOT]
+                        slot = taken
                     self._active_partial[partial_id] = slot
                 processed += 1
         if run_start >= 0:
@@ -671,6 +659,35 @@ class KvManager:
             elif block.partial_id not in self._active_partial:  # type: ignore[union-attr]
                 count += 1
         return count
+
+    def _evict_for_slot(
+        self,
+        blocks: list[RawBlock],
+        next_start: int,
+        plhs: Sequence[Plh],
+        next_full_idx: int,
+        evicted: list[SeqHash],
+        blocked: list[_Evicted],
+        blocked_slots: list[BlockId],
+    ) -> BlockId | None:
+        """No free slot for the Use's block: evict one. Returns the freed slot, or None when
+        the Use stops at this block: nothing is evictable, or an offload engine must copy the
+        victims to G2 first (then one batch is evicted for everything the rest of the Use
+        still needs, from `next_start` / `next_full_idx` on, and the Use is blocked)."""
+        victim = self._backend.evict()
+        if victim is None:
+            return None
+        taken = self._take_victim(victim)
+        rec = taken[0]
+        if self._offload is not None:
+            blocked.append(taken)
+            blocked_slots.append(rec[_SLOT])
+            pending = self._pending_allocations(blocks, next_start, plhs, next_full_idx)
+            self._extend_blocked_batch(blocked, blocked_slots, 1 + pending)
+            return None
+        evicted.append(rec[_SEQ])
+        slot: BlockId = rec[_SLOT]
+        return slot
 
     def _take_victim(self, victim: Plh) -> _Evicted:
         """Unregister an evicted block; returns its record and token ids."""
