@@ -728,20 +728,7 @@ class Coordinator:
                 self._land_batch(conn, batch, cand, slots, plhs, token_rows)
                 deadline = now
             else:
-                items = [
-                    _new_item((rank, batch, i, slot, seq, parent, local, pos, plh, token_rows))
-                    for i, slot, seq, parent, local, pos, plh in zip(
-                        cand.idxs,
-                        slots,
-                        cand.seqs,
-                        cand.parents,
-                        cand.locals,
-                        cand.positions,
-                        plhs,
-                        strict=True,
-                    )
-                ]
-                self._inflight.update(zip(cand.seqs, items, strict=True))
+                items = self._track_items(rank, batch, cand, slots, plhs, token_rows)
                 if self._instant:
                     # Copies land at once: no link, no chunks; parents first within the batch.
                     self._land_chunk(conn, items)
@@ -758,6 +745,32 @@ class Coordinator:
                 "deadline_ms": tp.encode_float(deadline),
             },
         )
+
+    def _track_items(
+        self,
+        rank: int,
+        batch: int,
+        cand: _Candidates,
+        slots: list[int],
+        plhs: list[int],
+        token_rows: npt.NDArray[np.uint32] | None,
+    ) -> list[_Item]:
+        """The accepted candidates as in-flight items (one per reserved slot), now tracked."""
+        items = [
+            _new_item((rank, batch, i, slot, seq, parent, local, pos, plh, token_rows))
+            for i, slot, seq, parent, local, pos, plh in zip(
+                cand.idxs,
+                slots,
+                cand.seqs,
+                cand.parents,
+                cand.locals,
+                cand.positions,
+                plhs,
+                strict=True,
+            )
+        ]
+        self._inflight.update(zip(cand.seqs, items, strict=True))
+        return items
 
     def _land_batch(
         self,
@@ -777,20 +790,7 @@ class Coordinator:
         seqs = cand.seqs if order is None else [cand.seqs[k] for k in order]
         parents = cand.parents if order is None else [cand.parents[k] for k in order]
         if not _parents_come_first(seqs, parents):
-            items = [
-                _new_item((conn.rank, batch, i, slot, seq, parent, local, pos, plh, token_rows))
-                for i, slot, seq, parent, local, pos, plh in zip(
-                    cand.idxs,
-                    slots,
-                    cand.seqs,
-                    cand.parents,
-                    cand.locals,
-                    cand.positions,
-                    plhs,
-                    strict=True,
-                )
-            ]
-            self._inflight.update(zip(cand.seqs, items, strict=True))
+            items = self._track_items(conn.rank, batch, cand, slots, plhs, token_rows)
             self._land_chunk(conn, items)
             return
         rows = cand.idxs
