@@ -28,5 +28,14 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   fi
   touch "$STAMP"
 fi
+# The pure core runs compiled (mypyc) when a C compiler is there; built once, rebuilt when a
+# core source changes (scripts/build_core.py; SHMKV_PURE=1 runs it from source instead).
+if [ "${SHMKV_PURE:-0}" = "0" ] && ! "$VENV/bin/python" "$ROOT/scripts/build_core.py" --check; then
+  echo "compiling shmkv's core with mypyc (about a minute, once per change) ..." >&2
+  if ! "$VENV/bin/python" "$ROOT/scripts/build_core.py" >"$VENV/build_core.log" 2>&1; then
+    tail -5 "$VENV/build_core.log" >&2
+    echo "shmkv: compiling the core failed; it runs from source (log: $VENV/build_core.log)" >&2
+  fi
+fi
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"

@@ -8,7 +8,10 @@ Prints one JSON line per figure:
   summed over the ranks (each counts the items its OFFLOAD_ACKs accepted inside the common
   window). The pool (`--g2-blocks`) fills within the first second, so most of the run also
   evicts one Lineage leaf per block. Ranks skip decoding the G2_EVENTS broadcast (a real rank
-  decodes it; this measures the coordinator). Target >= 200 k blocks/s.
+  decodes it; this measures the coordinator). `--wire packed` (default) sends the items as a
+  packed frame built by numpy (`transport.pack_offload_items` layout), `--wire json` as JSON
+  lists. `ranks_cpu_share`: CPU seconds of the rank processes per wall second (they share the
+  machine with the coordinator). Target >= 200 k blocks/s.
 * ``rank_onboard_pin``: the rank side against a live coordinator holding `--pin-blocks`
   blocks (every block a hit), for prefixes of 16 and 64 blocks; blocks per wall second and
   per CPU second of this process (median of `--repeat`). Every figure counts blocks that went
@@ -24,7 +27,7 @@ Prints one JSON line per figure:
   coordinator's `Coordinator(spec)` (segment create + fallocate + map + init, directory,
   sockets) with 8 ranks and 16-token blocks, median of `--repeat` (target < 1 s).
 
-    .venv/bin/python scripts/bench_fleet.py [--ranks 4] [--batch 64] [--seconds 3]
+    .venv/bin/python scripts/bench_fleet.py [--ranks 4] [--batch 64] [--seconds 3] [--wire packed]
 
 (The fleet's W1 tokens-per-second figures with 1/2/4 ranks live elsewhere.)
 """
@@ -46,6 +49,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import zmq
 
@@ -140,50 +144,72 @@ def _rank_process(args: dict[str, Any]) -> None:
     if not sock.poll(30_000) or tp.decode(sock.recv_multipart()).type != tp.WELCOME:
         raise SystemExit("no WELCOME")
     rng = random.Random(rank * 7919 + 1)
+    gen = np.random.default_rng(rank * 7919 + 1)
+    packed = args.get("wire", "packed") == "packed"
+    meta = np.arange(batch, dtype=np.uint64)
+    meta[1:] |= np.uint64(tp.PACKED_HAS_PARENT)
+    words = np.zeros((batch, 4), dtype="<u8")
+    words[:, 3] = meta
     tokens = bytes(4 * BLOCK_SIZE * batch)
     outstanding: dict[int, float] = {}
     next_batch = 1
     accepted = rejected = batches = 0
     while time.monotonic() < start_at:
         time.sleep(0.001)
+    cpu_start = time.process_time()
+    cpu_window: float | None = None
     while True:
         now = time.monotonic()
+        if now >= stop_at and cpu_window is None:
+            cpu_window = time.process_time() - cpu_start
         if now >= stop_at and not outstanding:
             break
         while now < stop_at and len(outstanding) < window:
-            parent = -1
-            items = []
-            for position in range(batch):
-                seq = rng.getrandbits(64)
-                items.append([seq, parent, seq ^ 0x5555, position])
-                parent = seq
-            body = {"batch": next_batch, "items": items, "has_tokens": True}
-            sock.send_multipart(tp.encode(tp.OFFLOAD, body, (tokens,)))
+            if packed:  # one chain of fresh blocks, built by numpy
+                seqs = gen.integers(0, 1 << 64, size=batch, dtype=np.uint64)
+                words[:, 0] = seqs
+                words[1:, 1] = seqs[:-1]
+                words[:, 2] = seqs ^ np.uint64(0x5555)
+                body: dict[str, Any] = {"batch": next_batch, "num_items": batch, "packed": True}
+                frames: tuple[bytes, ...] = (words.tobytes(), tokens)
+            else:
+                parent = -1
+                items = []
+                for position in range(batch):
+                    seq = rng.getrandbits(64)
+                    items.append([seq, parent, seq ^ 0x5555, position])
+                    parent = seq
+                body = {"batch": next_batch, "items": items, "has_tokens": True}
+                frames = (tokens,)
+            sock.send_multipart(tp.encode(tp.OFFLOAD, body, frames))
             outstanding[next_batch] = now
             next_batch += 1
         if not sock.poll(100):
             continue
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            if not frames[0].startswith(_ACK_PREFIX):
+            head = parts[0].buffer
+            if head[: len(_ACK_PREFIX)] != _ACK_PREFIX:
                 continue  # G2_EVENTS / OFFLOAD_DONE: not decoded here (see module docstring)
-            ack: dict[str, Any] = tp.decode(frames).body
+            ack: dict[str, Any] = tp.decode([part.bytes for part in parts]).body
             sent = outstanding.pop(int(ack["batch"]), None)
             if sent is not None and sent >= start_at and time.monotonic() <= stop_at:
                 accepted += len(ack["accepted"])
                 rejected += len(ack["rejected"])
                 batches += 1
-    print(json.dumps({"rank": rank, "accepted": accepted, "rejected": rejected, "acks": batches}))
+    cpu_s = cpu_window if cpu_window is not None else time.process_time() - cpu_start
+    report = {"rank": rank, "accepted": accepted, "rejected": rejected, "acks": batches}
+    print(json.dumps({**report, "cpu_s": cpu_s}))
     sock.close(linger=0)
     ctx.term()
 
 
 def bench_coordinator(
     ctx: zmq.Context[zmq.Socket[bytes]], tmp: Path, ranks: int, batch: int, window: int,
-    seconds: float, g2_blocks: int,
+    seconds: float, g2_blocks: int, wire: str = "packed",
 ) -> dict[str, Any]:  # fmt: skip
     coord = _CoordinatorProcess(ctx, tmp, num_ranks=ranks, num_g2_blocks=g2_blocks)
     procs: list[subprocess.Popen[bytes]] = []
@@ -197,6 +223,7 @@ def bench_coordinator(
                 "start_at": start_at,
                 "stop_at": start_at + seconds,
                 "endpoint": coord.spec.endpoint,
+                "wire": wire,
             }
             cmd = [sys.executable, __file__, "--rank-process", json.dumps(args)]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
@@ -220,6 +247,7 @@ def bench_coordinator(
     return {
         "bench": "coordinator_offload",
         "ranks": ranks,
+        "wire": wire,
         "batch_blocks": batch,
         "window": window,
         "seconds": seconds,
@@ -229,6 +257,7 @@ def bench_coordinator(
             round(accepted / coord_cpu) if coord_cpu else None
         ),
         "coordinator_cpu_share": round(coord_cpu / seconds, 2) if coord_cpu else None,
+        "ranks_cpu_share": round(sum(r["cpu_s"] for r in reports) / seconds, 2),
         "rejected_in_window": sum(r["rejected"] for r in reports),
         "offloaded_total": stats["offloaded"],
         "evicted_total": stats["evicted"],
@@ -393,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=4, help="OFFLOADs in flight per rank")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--g2-blocks", type=int, default=65536)
+    parser.add_argument(
+        "--wire", choices=("packed", "json"), default="packed", help="OFFLOAD item encoding"
+    )
     parser.add_argument("--pin-blocks", type=int, default=16384)
     parser.add_argument("--pin-seconds", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
@@ -415,7 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         if "coordinator" in only:
             _print(
                 bench_coordinator(
-                    ctx, tmp, args.ranks, args.batch, args.window, args.seconds, args.g2_blocks
+                    ctx,
+                    tmp,
+                    args.ranks,
+                    args.batch,
+                    args.window,
+                    args.seconds,
+                    args.g2_blocks,
+                    args.wire,
                 )
             )
     finally:

@@ -9,7 +9,8 @@ blocks: the blocks of finished requests go inactive and are evicted as new ones 
 The signals are built once, outside the timed region, by driving `ActiveSequence`s in a fixed
 interleaving; then only `KvManager.process` is timed, on a fresh manager per run. A block
 operation is one block processed by a Use, Deref or Promote. The end-to-end figure also times
-building the sequences (hashing) and their signals. Prints one JSON line (medians of `--runs`).
+building the sequences (hashing) and their signals. Prints one JSON line (medians of `--runs`),
+starting with the core mode (compiled or interpreted, see shmkv/_native.py).
 
     .venv/bin/python scripts/bench_manager.py [--runs 5] [--no-events] [--gc]
 
@@ -26,6 +27,7 @@ import statistics
 import time
 from array import array
 
+from shmkv import core_mode
 from shmkv.eviction import EVICTION_NAMES
 from shmkv.manager import KvManager
 from shmkv.sequence import ActiveSequence
@@ -129,6 +131,7 @@ def main() -> None:
     build_s = time.perf_counter() - start
     num_ops = block_ops(signals)
     result: dict[str, object] = {
+        "core": core_mode(),
         "requests": args.requests,
         "concurrency": args.concurrency,
         "prompt_blocks": f"{args.prefix_blocks} shared ({args.groups} groups) + "

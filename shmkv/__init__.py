@@ -7,6 +7,8 @@ The pure core (block manager, sequences, hashing, events) is importable without 
 
 from __future__ import annotations
 
+# NOTE: first: importing _native selects the compiled (mypyc) core if current, else the sources.
+from shmkv._native import core_mode
 from shmkv.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, StorageTier
 from shmkv.hashing import local_block_hashes, sequence_hashes
 from shmkv.manager import KvManager, PrefillCost
@@ -30,6 +32,7 @@ __all__ = [
     "StorageTier",
     "Use",
     "__version__",
+    "core_mode",
     "local_block_hashes",
     "sequence_hashes",
 ]

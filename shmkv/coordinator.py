@@ -19,14 +19,18 @@ dropped, never fatal; a peer that sent `BAD_MESSAGE_LIMIT` malformed messages is
   as G2_EVENTS stores, parent first (so a restarted rank re-announces the host tier).
 * ``OFFLOAD {batch, items: [[seq, parent | -1, local, position]], has_tokens}`` + one frame of
   token ids (little-endian u32, ``len(items) x block_size``; absent when ``has_tokens`` is
-  false) -> per item: dedup (READY in G2, or in flight from any rank: rejected), else a slot is
+  false), or its packed twin ``OFFLOAD {batch, num_items, packed: true, has_tokens}`` + an
+  items frame (`shmkv.transport.pack_offload_items`: four u64 words per item) + the token
+  frame -> per item: dedup (READY in G2, or in flight from any rank: rejected), else a slot is
   reserved at once (`G2Directory.reserve`, which evicts Lineage leaves that no rank pins, so
   their "R" events go out before any later "S"; a full G2 with nothing evictable drops the
   item: a miss, never a stall). Malformed items reject the whole batch (an ACK with every item
   rejected and an ``error``, then the message counts as bad). The reply
   ``OFFLOAD_ACK {batch, accepted: [i], rejected: [i], deadline_ms}`` goes out at once
   (``deadline_ms``: the simulated time the first accepted chunk should land; ``"inf"`` when
-  unknown). Accepted items move in chunks of ``offload_batch_size`` blocks, each one
+  unknown). With speedup 0 or inf every copy lands at once: the ACK then carries
+  ``"done": true`` (no OFFLOAD_DONE follows) and goes out at the next flush, after the
+  G2_EVENTS of its blocks, where the OFFLOAD_DONE would have gone. Accepted items move in chunks of ``offload_batch_size`` blocks, each one
   processor-sharing transfer of ``blocks x block_size_bytes`` on that rank's own G1->G2 link
   (at most ``offload_batch_size`` chunks in flight per rank; with speedup 0 or inf every
   transfer is instant). When a chunk lands its blocks are committed parent-first (sorted by
@@ -41,26 +45,42 @@ dropped, never fatal; a peer that sent `BAD_MESSAGE_LIMIT` malformed messages is
   stats: {...}}``. ``STOP`` or SIGTERM/SIGINT -> close and unlink the segment, exit 0.
   ``RESULTS {...stats...}`` (flat numbers) goes to the supervisor about once per second.
 
-G2_EVENTS (coordinator -> every live rank, in one global order; defined here, not in
-`shmkv.transport`)::
+G2_EVENTS (coordinator -> every live rank, in one global order; packed: the frame codec is
+`shmkv.transport.pack_g2_events` / `unpack_g2_events`; the rank client also accepts the JSON
+form ``{"events": [["S", seq, parent | -1, local, position, has_tokens 0/1] | ["R", seq]]}``)::
 
-    frame 0  {"v", "t": "g2_events",
-              "events": [["S", seq, parent | -1, local, position, has_tokens 0/1]
-                         | ["R", seq], ...],
-              "fence": n}                   # optional; present (n >= 1) only on a drain fence
-    frame 1  token ids of the "S" events, in event order, little-endian u32, block_size per
-             store (zeros where has_tokens is 0); absent when there is no "S" event
+    frame 0  {"v", "t": "g2_events", "num_events": n, "num_stores": m,
+              "fence": k}                   # optional; present (k >= 1) only on a drain fence
+    frame 1  (n > 0) little-endian u64 seq[n]; per store, in event order, parent[m] (0: none),
+             local[m], meta[m] (position | G2_HAS_PARENT | G2_HAS_TOKENS); then kind[n] bytes
+             (1 = stored "S", 0 = removed "R")
+    frame 2  (m > 0) token ids of the stores, in event order, little-endian u32, block_size per
+             store (zeros where G2_HAS_TOKENS is clear)
+
+Packed, an event costs 9 bytes (a removal) or 33 + 4 x block_size bytes (a store), built and
+read column by column (no per-event JSON on either side). This is the coordinator's private
+channel to its ranks; the public KV event stream (`shmkv events`, routers) is unchanged.
 
 A "R" (host-tier Removed) of a block displaced by an offload always precedes the "S" (Stored)
 of the block that displaced it; stores are parent-first. Events are batched: one broadcast per
 loop turn (at most `MAX_MESSAGES_PER_TURN` rank messages), split into messages of at most
 `MAX_EVENTS_PER_MESSAGE` events; the snapshot likewise.
 
-Cost (scripts/bench_fleet.py): an OFFLOAD is screened column by column, reserved in one
-`G2Directory.reserve` (batched, fenced eviction) and, when its copies land together and no
-block waits for a parent, committed in one `G2Directory.commit_many`; what remains per block
-is the Lineage policy (one insert and one evict in Python), dict/set bookkeeping and the event
-lists. `Coordinator.batched = False` keeps the per-item reference path (tests compare them).
+Groups: `serve_router` screens every OFFLOAD it reads in one turn, then handles them as one
+group (`_offload_group`): one `G2Directory.reserve_many` (one fenced eviction pass) for all of
+them, one `commit_many` for every batch whose copies land at once, then the ACKs. The only
+difference from handling them one by one: the group's evictions all come before its commits
+(so an eviction cannot see a leaf turned inner node by an earlier message of the group), and a
+block claimed by an earlier message of the group is a duplicate even if that message then
+loses it (a PLH twin rejected at commit): a miss. When the pool comes up short, the messages
+not covered in full go one by one after the others (same drops as one by one). Any other
+message first ends the pending group. `group_offloads = False` turns grouping off.
+
+Cost (scripts/bench_fleet.py): per group a fixed number of numpy calls; per block the column
+screening (`unpack_offload_columns` for a packed OFFLOAD, whose arrays go on to
+`G2Directory.commit_screened` and the packed events), the PLH, the Lineage policy
+(`shmkv.g2_lineage`: one insert, one evict), dict/set bookkeeping. `Coordinator.batched = False`
+keeps the per-item reference path (tests compare them).
 """
 
 from __future__ import annotations
@@ -90,8 +110,8 @@ from shmkv import transport as tp
 from shmkv.bandwidth import BandwidthModel
 from shmkv.clock import MonotonicClock
 from shmkv.errors import ConfigError, InvariantError, ProtocolError
-from shmkv.eviction import make_backend
 from shmkv.g2 import G2Directory, plhs_of
+from shmkv.g2_lineage import G2Lineage
 from shmkv.hashing import MAX_POSITION
 from shmkv.ids import U64_MASK, DpRank, SeqHash
 from shmkv.shm import FLAG_HAS_PARENT, READY, SEGMENT_PREFIX, G2Segment
@@ -108,6 +128,8 @@ MAX_IDLE_POLL_MS: Final = 1000
 BATCH_MIN_BLOCKS: Final = 32
 """OFFLOAD batches (and evictions) of at least this many blocks take the numpy paths."""
 _MAX_TRACKED_PEERS: Final = 4096
+_SHARED_FRAME_BYTES: Final = 16 * 1024
+"""Broadcasts at least this big are copied into libzmq once and shared by every send."""
 _SEGMENT_NAME_RE: Final = re.compile(rf"{SEGMENT_PREFIX}([A-Za-z0-9-]+)_g2")
 _NO_PARENT: Final = -1
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
@@ -273,6 +295,9 @@ class _Rank:
     transfers: dict[int, list[_Item]] = field(default_factory=dict)
     done: dict[int, list[int]] = field(default_factory=dict)
     """OFFLOAD_DONE to send at the next flush: batch -> item indexes."""
+    acks: list[dict[str, Any]] = field(default_factory=list)
+    """OFFLOAD_ACK bodies with "done" (every accepted copy landed) to send at the next flush,
+    after the events of their blocks."""
 
 
 @dataclass(slots=True)
@@ -341,8 +366,7 @@ class Coordinator:
             epoch=spec.epoch,
         )
         try:
-            policy, _tracker = make_backend("lineage", spec.num_g2_blocks)
-            self._directory = G2Directory(self._segment, policy)
+            self._directory = G2Directory(self._segment, G2Lineage())
             if spec.inject_bug == "ignore-pins":
                 logger.warning(
                     "coordinator: --inject-bug ignore-pins: pinned slots WILL be evicted"
@@ -377,14 +401,10 @@ class Coordinator:
         self._ignored: set[bytes] = set()
         self._inflight: dict[SeqHash, _Item] = {}
         self._deferred: dict[SeqHash, list[_Item]] = {}
-        self._ready: set[SeqHash] = set()
-        """Sequence hashes READY in G2 (mirrors the directory: the dedup test, ~20x faster than
-        a probe of the shared index)."""
         self._tokenless: set[int] = set()
         """Slots whose block was offloaded without token ids (their events say so)."""
-        self._out_events: list[list[Any]] = []
-        self._out_tokens = bytearray()
-        """Token ids of the queued "S" events, in event order (block_size u32 each)."""
+        self._out = _EventQueue(self._token_bytes)
+        """G2 events for the next broadcast (with the token ids of their stores)."""
         self._next_transfer_id = 0
         self._draining = False
         self._fence_count = 0
@@ -393,6 +413,9 @@ class Coordinator:
         """Whole OFFLOAD batches through `G2Directory.commit_many` (False: the per-item
         reference path, block by block; tests compare the two)."""
         self.batch_min_blocks = BATCH_MIN_BLOCKS
+        self.group_offloads = True
+        """`serve_router` handles the OFFLOADs it reads in one turn as one group (one
+        reservation, one `commit_many`); False handles each message on its own."""
         """Batches (and evictions) smaller than this take the per-item path even when
         `batched`: numpy's fixed cost per call (~1.5 us) loses to the Python loop on a
         handful of blocks. Tests set 1 to drive the batched path with small batches."""
@@ -529,6 +552,8 @@ class Coordinator:
         router = self._router
         assert router is not None
         handled = 0
+        group: list[_Offload] = []
+        claimed: set[SeqHash] = set()
         while handled < limit:
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
@@ -540,9 +565,19 @@ class Coordinator:
                 self.stats.ignored_messages += 1
                 continue
             try:
-                self._handle_rank_message(identity, tp.decode(frames[1:]))
+                msg = tp.decode(frames[1:])
+                conn = self._by_identity.get(identity) if msg.type == tp.OFFLOAD else None
+                if conn is not None and self.group_offloads:
+                    group.append(self._screen_offload(conn, msg, claimed))
+                    continue
+                if group:  # INVARIANT: earlier OFFLOADs are handled before any other message
+                    self._offload_group(group)
+                    group, claimed = [], set()
+                self._handle_rank_message(identity, msg)
             except ProtocolError as exc:
                 self._bad_message(identity, str(exc))
+        if group:
+            self._offload_group(group)
         return handled
 
     def _bad_message(self, identity: bytes, reason: str) -> None:
@@ -642,46 +677,58 @@ class Coordinator:
         if ready.size == 0:
             return
         slots = ready[np.argsort(seg.position[ready], kind="stable")]
-        seqs = seg.seq_hash[slots].tolist()
-        parents = seg.parent_hash[slots].tolist()
-        has_parent = (seg.flags[slots] & FLAG_HAS_PARENT).tolist()
-        locals_ = seg.local_hash[slots].tolist()
-        positions = seg.position[slots].tolist()
-        slot_list = slots.tolist()
-        tokenless = self._tokenless
-        for start in range(0, len(slot_list), MAX_EVENTS_PER_MESSAGE):
-            stop = start + MAX_EVENTS_PER_MESSAGE
-            events = [
-                [
-                    "S",
-                    seq,
-                    parent if flag else _NO_PARENT,
-                    local,
-                    pos,
-                    0 if slot in tokenless else 1,
-                ]
-                for seq, parent, flag, local, pos, slot in zip(
-                    seqs[start:stop],
-                    parents[start:stop],
-                    has_parent[start:stop],
-                    locals_[start:stop],
-                    positions[start:stop],
-                    slot_list[start:stop],
-                    strict=True,
-                )
-            ]
-            tokens = seg.tokens[slots[start:stop]].astype("<u4", copy=False).tobytes()
-            self._send_rank(conn, tp.G2_EVENTS, {"events": events}, (tokens,))
+        has_tokens = np.ones(slots.size, dtype=bool)
+        if self._tokenless:
+            has_tokens[np.isin(slots, np.fromiter(self._tokenless, dtype=np.intp))] = False
+        for start in range(0, int(slots.size), MAX_EVENTS_PER_MESSAGE):
+            part = slots[start : start + MAX_EVENTS_PER_MESSAGE]
+            queue = _EventQueue(self._token_bytes)
+            queue.stored(
+                seg.seq_hash[part],
+                seg.parent_hash[part],
+                (seg.flags[part] & FLAG_HAS_PARENT) != 0,
+                seg.local_hash[part],
+                seg.position[part],
+                seg.tokens[part].astype("<u4", copy=False).tobytes(),
+                has_tokens[start : start + MAX_EVENTS_PER_MESSAGE],
+            )
+            self._send_raw(conn, queue.message(0, len(queue)))
             self.stats.event_messages += 1
-            self.stats.events_sent += len(events)
+            self.stats.events_sent += len(queue)
 
     def _on_offload(self, conn: _Rank, msg: tp.Message) -> None:
+        self._offload_group([self._screen_offload(conn, msg, None)])
+
+    def _screen_offload(
+        self, conn: _Rank, msg: tp.Message, claimed: set[SeqHash] | None
+    ) -> _Offload:
+        """Validate and dedup one OFFLOAD (ProtocolError, after an all-rejected ACK, if it is
+        malformed); `claimed` holds the blocks taken by earlier OFFLOADs of the same group,
+        and gets this one's."""
         body = msg.body
         batch = tp.require(body, "batch", int)
-        raw_items = tp.require(body, "items", list)
+        packed = body.get("packed", False) is True
+        if packed:
+            num_items = tp.require(body, "num_items", int)
+            if not 0 <= num_items <= tp.MAX_PACKED_ITEMS:
+                raise ProtocolError(f"OFFLOAD: num_items {num_items} out of range")
+        else:
+            raw_items = tp.require(body, "items", list)
+            num_items = len(raw_items)
         try:
-            token_rows = self._parse_tokens(len(raw_items), body, msg.frames)
-            cand, rejected = self._screen(raw_items)
+            if packed:
+                if not msg.frames:
+                    raise ProtocolError("OFFLOAD: packed without an items frame")
+                columns: _Columns | None = tp.unpack_offload_columns(num_items, msg.frames[0])
+                assert columns is not None
+                token_rows = self._parse_tokens(num_items, body, msg.frames[1:])
+                cand, rejected = self._screen_columns(_column_lists(columns), claimed)
+                if rejected or not self._batching(num_items):
+                    columns = None
+            else:
+                columns = None
+                token_rows = self._parse_tokens(num_items, body, msg.frames)
+                cand, rejected = self._screen(raw_items, claimed)
         except ProtocolError as exc:
             # The rank waits for this batch: tell it nothing was taken, then count the error.
             self._send_rank(
@@ -690,7 +737,7 @@ class Coordinator:
                 {
                     "batch": batch,
                     "accepted": [],
-                    "rejected": list(range(len(raw_items))),
+                    "rejected": list(range(num_items)),
                     "deadline_ms": "inf",
                     "error": str(exc)[:200],
                 },
@@ -698,53 +745,128 @@ class Coordinator:
             raise
         stats = self.stats
         stats.offload_messages += 1
-        stats.offload_items += len(raw_items)
+        stats.offload_items += num_items
         stats.deduped += len(rejected)
-        rank = conn.rank
-        wanted = len(cand.idxs)
-        slots = (
-            self.directory.reserve(wanted, rank, vectorized=wanted >= self.batch_min_blocks)
-            if wanted
-            else []
-        )
+        if claimed is not None:
+            claimed.update(cand.seqs)
+        return _Offload(conn, batch, cand, rejected, token_rows, columns)
+
+    def _offload_group(self, group: list[_Offload]) -> None:
+        """Reserve for every screened OFFLOAD of `group` at once (one eviction pass), land or
+        queue their copies in arrival order, then ACK each.
+
+        A group of one is exactly the per-message handling. A larger group differs from its
+        messages handled one by one only in that every reservation (and so every eviction)
+        comes before the group's first commit: an eviction cannot see a leaf turned inner
+        node by an earlier message's commit. When the pool comes up short (everything else
+        pinned), the messages the reservation does not cover in full give their slots back
+        and go one by one after the others, so that they can evict the group's own blocks,
+        as they would have one by one (a short pool drops what one-by-one handling drops).
+        """
+        wanted = [len(entry.cand.idxs) for entry in group]
+        total = sum(wanted)
+        slots = self._reserve_for(group, wanted, total, self._batching(total))
+        covered = len(group)
+        if len(slots) < total and len(group) > 1:
+            covered, kept = 0, 0
+            while kept + wanted[covered] <= len(slots):
+                kept += wanted[covered]
+                covered += 1
+            directory = self.directory
+            for slot in reversed(slots[kept:]):  # NOTE: reversed: the free stack pops in order
+                directory.abort(slot)
+            del slots[kept:]
         self._queue_evictions()
-        if len(slots) < wanted:
-            stats.dropped += wanted - len(slots)
-            rejected.extend(cand.idxs[len(slots) :])
-            rejected.sort()
-            cand.truncate(len(slots))
+        self._land_group(group[:covered], wanted[:covered], slots)
+        for entry in group[covered:]:
+            self._offload_group([entry])
+
+    def _land_group(self, group: list[_Offload], wanted: list[int], slots: list[int]) -> None:
+        """Hand out `slots` in order, drop what they do not cover, land or queue the copies,
+        then ACK every OFFLOAD of `group`."""
+        stats = self.stats
         stats.accepted += len(slots)
-        deadline = math.inf
-        if slots:
-            now = self.clock.now_ms()
-            plhs = plhs_of(cand.seqs, cand.parents, cand.positions)
-            if (
-                self._batching(len(slots))
-                and self._instant
-                and not self._inflight
-                and not self._deferred
-            ):
-                # Copies land at once and nothing else is in flight: commit the batch as is.
-                self._land_batch(conn, batch, cand, slots, plhs, token_rows)
-                deadline = now
-            else:
-                items = self._track_items(rank, batch, cand, slots, plhs, token_rows)
-                if self._instant:
-                    # Copies land at once: no link, no chunks; parents first within the batch.
-                    self._land_chunk(conn, items)
-                    deadline = now
-                else:
-                    deadline = self._queue_transfers(conn, items, now)
-        self._send_rank(
-            conn,
-            tp.OFFLOAD_ACK,
-            {
-                "batch": batch,
-                "accepted": cand.idxs,
-                "rejected": rejected,
+        batching = self._batching(len(slots))
+        now = self.clock.now_ms() if slots else math.inf
+        deadlines: list[float] = []
+        staged = _Staged()
+        offset = 0
+        for entry, want in zip(group, wanted, strict=True):
+            got = slots[offset : offset + want]
+            offset += len(got)
+            cand = entry.cand
+            if len(got) < want:
+                stats.dropped += want - len(got)
+                entry.rejected.extend(cand.idxs[len(got) :])
+                entry.rejected.sort()
+                cand.truncate(len(got))
+                entry = entry._replace(columns=None)
+            deadlines.append(self._land_or_queue(entry, got, now, batching, staged))
+        self._commit_staged(staged)
+        for entry, deadline in zip(group, deadlines, strict=True):
+            conn, accepted = entry.conn, entry.cand.idxs
+            body = {
+                "batch": entry.batch,
+                "accepted": accepted,
+                "rejected": entry.rejected,
                 "deadline_ms": tp.encode_float(deadline),
-            },
-        )
+            }
+            if self._instant and len(conn.done.get(entry.batch, ())) == len(accepted):
+                # Every accepted copy landed already: the ACK says so (no OFFLOAD_DONE), and
+                # goes out after the events of those blocks, where the DONE would have.
+                conn.done.pop(entry.batch, None)
+                body["done"] = True
+                conn.acks.append(body)
+            else:
+                self._send_rank(conn, tp.OFFLOAD_ACK, body)
+
+    def _reserve_for(
+        self, group: list[_Offload], wanted: list[int], total: int, batching: bool
+    ) -> list[int]:
+        """Slots for the group's candidates, in order (the first ones when the pool is short)."""
+        if total == 0:
+            return []
+        directory = self.directory
+        if len(group) == 1:
+            return directory.reserve(total, group[0].conn.rank, vectorized=batching)
+        if batching:
+            owners: list[DpRank] = []
+            for entry, want in zip(group, wanted, strict=True):
+                owners += [entry.conn.rank] * want
+            return directory.reserve_many(owners)
+        slots: list[int] = []
+        for entry, want in zip(group, wanted, strict=True):
+            got = directory.reserve(want, entry.conn.rank, vectorized=False) if want else []
+            slots += got
+            if len(got) < want:
+                break  # the pool is short: later entries get nothing
+        return slots
+
+    def _land_or_queue(
+        self, entry: _Offload, slots: list[int], now: float, batching: bool, staged: _Staged
+    ) -> float:
+        """Commit (or stage for one `commit_many`) or queue the accepted items of one OFFLOAD;
+        returns the ACK's deadline."""
+        if not slots:
+            return math.inf
+        cand, conn = entry.cand, entry.conn
+        plhs = plhs_of(cand.seqs, cand.parents, cand.positions)
+        if not self._instant:
+            items = self._track_items(conn.rank, entry.batch, cand, slots, plhs, entry.token_rows)
+            return self._queue_transfers(conn, items, now)
+        if (
+            batching
+            and not self._inflight
+            and not self._deferred
+            and self._stage_batch(entry, slots, plhs, staged)
+        ):
+            # Copies land at once and nothing else is in flight: committed with the group.
+            return now
+        self._commit_staged(staged)  # INVARIANT: commits keep arrival order
+        # Copies land at once: no link, no chunks; parents first within the batch.
+        items = self._track_items(conn.rank, entry.batch, cand, slots, plhs, entry.token_rows)
+        self._land_chunk(conn, items)
+        return now
 
     def _track_items(
         self,
@@ -772,43 +894,88 @@ class Coordinator:
         self._inflight.update(zip(cand.seqs, items, strict=True))
         return items
 
-    def _land_batch(
-        self,
-        conn: _Rank,
-        batch: int,
-        cand: _Candidates,
-        slots: list[int],
-        plhs: list[int],
-        token_rows: npt.NDArray[np.uint32] | None,
-    ) -> None:
-        """Commit a whole accepted batch whose copies landed at once (nothing else in flight):
-        what `_land_chunk` does item by item, in one `G2Directory.commit_many`.
+    def _stage_batch(
+        self, entry: _Offload, slots: list[int], plhs: list[int], staged: _Staged
+    ) -> bool:
+        """Stage a whole accepted batch whose copies landed at once (nothing else in flight)
+        for `_commit_staged`: what `_land_chunk` does item by item, in one `commit_screened`.
 
-        Falls back to the per-item path when a block's parent comes later in the batch (it
-        would wait for it)."""
+        False (nothing staged) when a block's parent comes later in the batch (it would wait
+        for it: the per-item path)."""
+        cand = entry.cand
         order = _position_order(cand.positions)
         seqs = cand.seqs if order is None else [cand.seqs[k] for k in order]
         parents = cand.parents if order is None else [cand.parents[k] for k in order]
         if not _parents_come_first(seqs, parents):
-            items = self._track_items(conn.rank, batch, cand, slots, plhs, token_rows)
-            self._land_chunk(conn, items)
-            return
+            return False
         rows = cand.idxs
+        columns = entry.columns
         if order is not None:
             rows = [rows[k] for k in order]
             slots = [slots[k] for k in order]
             plhs = [plhs[k] for k in order]
-            locals_ = [cand.locals[k] for k in order]
-            positions = [cand.positions[k] for k in order]
+            columns = None
+        if columns is None:  # NOTE: lists (JSON items, a reordered or partial batch)
+            locals_ = cand.locals if order is None else [cand.locals[k] for k in order]
+            positions = cand.positions if order is None else [cand.positions[k] for k in order]
+            columns = _columns_of(seqs, parents, locals_, positions)
+        token_rows = entry.token_rows
+        if staged.seq_list and staged.has_tokens != (token_rows is not None):
+            self._commit_staged(staged)  # NOTE: one token source per commit
+        staged.has_tokens = token_rows is not None
+        if token_rows is not None:
+            whole = order is None and len(rows) == len(token_rows)  # rows: 0..n-1 then
+            staged.tokens.append(token_rows if whole else token_rows[rows])
+        staged.owners.append((entry.conn.rank, len(slots)))
+        staged.slots += slots
+        staged.columns.append(columns)
+        staged.plhs += plhs
+        staged.seq_list += seqs
+        entry.conn.done.setdefault(entry.batch, []).extend(rows)
+        return True
+
+    def _commit_staged(self, staged: _Staged) -> None:
+        """Commit what `_stage_batch` staged (one `commit_screened`) and empty `staged`."""
+        if not staged.seq_list:
+            return
+        parts = staged.columns
+        if len(parts) == 1:
+            seqs, parents, has_parent, locals_, positions = parts[0]
         else:
-            locals_, positions = cand.locals, cand.positions
-        tokens = None if token_rows is None else token_rows[rows]
-        self._commit_columns(conn.rank, slots, seqs, parents, locals_, positions, plhs, tokens)
-        conn.done.setdefault(batch, []).extend(rows)
+            seqs, parents, has_parent, locals_, positions = (
+                np.concatenate(column) for column in zip(*parts, strict=True)
+            )
+        tokens: npt.NDArray[np.uint32] | None = None
+        if staged.has_tokens:
+            token_parts = staged.tokens
+            tokens = token_parts[0] if len(token_parts) == 1 else np.concatenate(token_parts)
+        owner_parts = staged.owners
+        owners: DpRank | npt.NDArray[np.int64] = owner_parts[0][0]
+        if any(rank != owners for rank, _count in owner_parts):
+            owners = np.repeat(
+                np.array([rank for rank, _ in owner_parts], dtype=np.int64),
+                [count for _, count in owner_parts],
+            )
+        slots = staged.slots
+        committed = self.directory.commit_screened(
+            np.array(slots, dtype=np.intp),
+            seqs,
+            parents,
+            has_parent,
+            locals_,
+            positions,
+            tokens,
+            owners,
+            staged.plhs,
+            staged.seq_list,
+        )
+        columns = _Columns(seqs, parents, has_parent, locals_, positions)
+        self._queue_stores(committed, slots, columns, tokens)
+        staged.clear()
 
     def _commit_columns(
         self,
-        rank: DpRank,
+        rank: DpRank | list[DpRank],
         slots: list[int],
         seqs: list[SeqHash],
         parents: list[SeqHash | None],
@@ -821,40 +988,49 @@ class Coordinator:
         committed = self.directory.commit_many(
             slots, seqs, parents, locals_, positions, tokens, rank, plhs=plhs
         )
-        if all(committed):
-            keep = None
-        else:
+        self._queue_stores(committed, slots, _columns_of(seqs, parents, locals_, positions), tokens)
+
+    def _queue_stores(
+        self,
+        committed: list[bool],
+        slots: list[int],
+        columns: _Columns,
+        tokens: npt.NDArray[np.uint32] | None,
+    ) -> None:
+        """Queue the "S" events of the committed blocks (in order); count the duplicates."""
+        if not all(committed):
             keep = [k for k, ok in enumerate(committed) if ok]
             self.stats.duplicates_at_commit += len(committed) - len(keep)
-            seqs = [seqs[k] for k in keep]
-            parents = [parents[k] for k in keep]
-            locals_ = [locals_[k] for k in keep]
-            positions = [positions[k] for k in keep]
+            rows = np.array(keep, dtype=np.intp)
+            columns = _Columns(
+                columns.seqs[rows],
+                columns.parents[rows],
+                columns.has_parent[rows],
+                columns.locals[rows],
+                columns.positions[rows],
+            )
             slots = [slots[k] for k in keep]
             if tokens is not None:
-                tokens = tokens[keep]
-        if not seqs:
+                tokens = tokens[rows]
+        count = len(slots)
+        if not count:
             return
-        self.stats.offloaded += len(seqs)
-        self._ready.update(seqs)
-        has_tokens = 0 if tokens is None else 1
+        self.stats.offloaded += count
         if tokens is None:
             self._tokenless.update(slots)
-            self._out_tokens += bytes(self._token_bytes * len(seqs))
+            token_bytes = bytes(self._token_bytes * count)
         else:
             if self._tokenless:
                 self._tokenless.difference_update(slots)
-            self._out_tokens += _token_bytes(tokens)
-        self._out_events.extend(
-            [
-                ["S", seq, _NO_PARENT if parent is None else parent, local, pos, has_tokens]
-                for seq, parent, local, pos in zip(seqs, parents, locals_, positions, strict=True)
-            ]
-        )
+            token_bytes = _token_bytes(tokens)
+        self._out.stored(*columns, token_bytes, tokens is not None)
 
-    def _screen(self, raw_items: list[Any]) -> tuple[_Candidates, list[int]]:
+    def _screen(
+        self, raw_items: list[Any], claimed: set[SeqHash] | None = None
+    ) -> tuple[_Candidates, list[int]]:
         """Validate every item (ProtocolError before any change) and dedup: READY in G2, in
-        flight from any rank, or twice in this batch. Returns (candidates, rejected).
+        flight from any rank, taken by an earlier OFFLOAD of the group (`claimed`), or twice
+        in this batch. Returns (candidates, rejected).
 
         Whole columns at once; only a batch that fails a check (or has a duplicate) goes
         item by item, which also finds the offending item for the error."""
@@ -863,15 +1039,16 @@ class Coordinator:
             return _Candidates([], [], [], [], []), []
         columns = _item_columns(raw_items) if self._batching(count) else None
         if columns is None:
-            return self._screen_items(raw_items)
+            return self._screen_items(raw_items, claimed)
         seqs, parents, locals_, positions = columns
-        inflight, ready = self._inflight, self._ready
+        inflight, ready = self._inflight, self.directory.ready_seqs
         if (
             len(set(seqs)) != count
             or not ready.isdisjoint(seqs)
             or (inflight and not inflight.keys().isdisjoint(seqs))
+            or (claimed and not claimed.isdisjoint(seqs))
         ):
-            return self._screen_items(raw_items)
+            return self._screen_items(raw_items, claimed)
         return (
             _Candidates(
                 list(range(count)),
@@ -883,10 +1060,35 @@ class Coordinator:
             [],
         )
 
-    def _screen_items(self, raw_items: list[Any]) -> tuple[_Candidates, list[int]]:
+    def _screen_columns(
+        self,
+        columns: tuple[list[int], list[int | None], list[int], list[int]],
+        claimed: set[SeqHash] | None,
+    ) -> tuple[_Candidates, list[int]]:
+        """`_screen` of items validated already (a packed OFFLOAD's columns)."""
+        seqs, parents, locals_, positions = columns
+        count = len(seqs)
+        inflight, ready = self._inflight, self.directory.ready_seqs
+        if (
+            not self._batching(count)
+            or len(set(seqs)) != count
+            or not ready.isdisjoint(seqs)
+            or (inflight and not inflight.keys().isdisjoint(seqs))
+            or (claimed and not claimed.isdisjoint(seqs))
+        ):
+            raw_items = [
+                [seq, _NO_PARENT if parent is None else parent, local, pos]
+                for seq, parent, local, pos in zip(seqs, parents, locals_, positions, strict=True)
+            ]
+            return self._screen_items(raw_items, claimed)
+        return _Candidates(list(range(count)), seqs, parents, locals_, positions), []
+
+    def _screen_items(
+        self, raw_items: list[Any], claimed: set[SeqHash] | None = None
+    ) -> tuple[_Candidates, list[int]]:
         """`_screen` item by item (the reference path)."""
-        inflight, ready = self._inflight, self._ready
-        seen: set[SeqHash] = set()
+        inflight, ready = self._inflight, self.directory.ready_seqs
+        seen: set[SeqHash] = set() if claimed is None else set(claimed)
         cand = _Candidates([], [], [], [], [])
         rejected: list[int] = []
         mask, max_pos = U64_MASK, MAX_POSITION
@@ -1064,63 +1266,55 @@ class Coordinator:
             self.stats.duplicates_at_commit += 1
             return
         self.stats.offloaded += 1
-        self._ready.add(seq)
         if tokens is not None:
             if self._tokenless:
                 self._tokenless.discard(slot)
-            self._out_tokens += _token_bytes(tokens)
-            has_tokens = 1
+            self._out.stored_one(seq, parent, local, position, _token_bytes(tokens))
         else:
             self._tokenless.add(slot)
-            self._out_tokens += self._zero_token_bytes
-            has_tokens = 0
-        self._out_events.append(
-            ["S", seq, _NO_PARENT if parent is None else parent, local, position, has_tokens]
-        )
+            self._out.stored_one(seq, parent, local, position, None)
 
     def _queue_evictions(self) -> None:
         evicted = self.directory.take_evicted()
         if evicted:
-            self._ready.difference_update(evicted)
-            self._out_events.extend([["R", seq] for seq in evicted])
+            self._out.removed(evicted)
 
     # -- outgoing --------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Broadcast queued G2 events to every live rank, then send the OFFLOAD_DONEs."""
+        """Broadcast queued G2 events to every live rank, then send the ACKs that say "done"
+        and the OFFLOAD_DONEs."""
         self._queue_evictions()
-        events, token_bytes = self._out_events, self._out_tokens
-        if events:
-            self._out_events, self._out_tokens = [], bytearray()
-            self._broadcast_events(events, bytes(token_bytes))
+        if len(self._out):
+            events, self._out = self._out, _EventQueue(self._token_bytes)
+            self._broadcast_events(events)
         for conn in self._ranks.values():
+            if conn.acks:
+                acks, conn.acks = conn.acks, []
+                for body in acks:
+                    self._send_rank(conn, tp.OFFLOAD_ACK, body)
             if conn.done:
                 done, conn.done = conn.done, {}
                 for batch, indexes in done.items():
                     self._send_rank(conn, tp.OFFLOAD_DONE, {"batch": batch, "items": indexes})
 
-    def _broadcast_events(self, events: list[list[Any]], token_bytes: bytes) -> None:
-        """Send events (and the token ids of their stores, in order) to every live rank."""
+    def _broadcast_events(self, events: _EventQueue) -> None:
+        """Send events (packed G2_EVENTS, with the token ids of their stores) to every live
+        rank, in messages of at most `MAX_EVENTS_PER_MESSAGE` events."""
         targets = list(self._ranks.values())
-        offset = 0
-        store_bytes = self._token_bytes
-        for start in range(0, len(events), MAX_EVENTS_PER_MESSAGE):
-            chunk = events[start : start + MAX_EVENTS_PER_MESSAGE]
-            num_stores = (
-                len(token_bytes) // store_bytes
-                if len(events) <= MAX_EVENTS_PER_MESSAGE
-                else sum(1 for e in chunk if e[0] == "S")
+        count = len(events)
+        for start in range(0, count, MAX_EVENTS_PER_MESSAGE):
+            message: list[bytes] | list[zmq.Frame] = events.message(
+                start, min(count, start + MAX_EVENTS_PER_MESSAGE)
             )
-            frames: tuple[bytes, ...] = ()
-            if num_stores:
-                stop = offset + num_stores * store_bytes
-                frames = (token_bytes[offset:stop],)
-                offset = stop
-            header = tp.encode(tp.G2_EVENTS, {"events": chunk}, frames)
+            if len(targets) > 1 and sum(map(len, message)) >= _SHARED_FRAME_BYTES:
+                # NOTE: one copy into libzmq (copy=True: no zero-copy tracking thread),
+                # shared (refcounted) by every rank's send
+                message = [zmq.Frame(part, copy=True) for part in message]
             for conn in targets:
-                self._send_raw(conn, header)
+                self._send_raw(conn, message)
             self.stats.event_messages += 1
-            self.stats.events_sent += len(chunk)
+            self.stats.events_sent += min(count, start + MAX_EVENTS_PER_MESSAGE) - start
 
     def _send_rank(
         self,
@@ -1131,11 +1325,15 @@ class Coordinator:
     ) -> None:
         self._send_raw(conn, tp.encode(msg_type, body, frames))
 
-    def _send_raw(self, conn: _Rank, frames: list[bytes]) -> None:
+    def _send_raw(self, conn: _Rank, frames: list[bytes] | list[zmq.Frame]) -> None:
+        """Send one message; `zmq.Frame` parts are sent without a copy (shared)."""
         router = self._router
         assert router is not None
         try:
-            router.send_multipart([conn.identity, *frames])
+            if frames and isinstance(frames[0], zmq.Frame):
+                router.send_multipart([conn.identity, *frames], copy=False)
+            else:
+                router.send_multipart([conn.identity, *frames])
         except zmq.ZMQError as exc:  # pragma: no cover - HWM 0 and no ROUTER_MANDATORY
             logger.warning("coordinator: cannot send to rank %d: %s", conn.rank, exc)
 
@@ -1252,7 +1450,9 @@ class Coordinator:
             logger.error("coordinator: G2 invariant violated: %s", exc)
         self._fence_count += 1
         for conn in self._ranks.values():
-            self._send_rank(conn, tp.G2_EVENTS, {"events": [], "fence": self._fence_count})
+            self._send_rank(
+                conn, tp.G2_EVENTS, {"num_events": 0, "num_stores": 0, "fence": self._fence_count}
+            )
         self.stats.fences += 1
         self._send_sup(tp.STATE, self.state_body())
 
@@ -1280,11 +1480,6 @@ class Coordinator:
             "ranks_live": len(self._ranks),
         }
         out.update(asdict(self.stats))
-        if len(self._ready) != dstats.num_ready:  # pragma: no cover - a bug
-            raise InvariantError(
-                f"coordinator: {len(self._ready)} READY hashes cached, directory has "
-                f"{dstats.num_ready}"
-            )
         if include_pins:
             pins = self._segment.pins
             out["pinned"] = int(np.count_nonzero(pins.any(axis=0)))
@@ -1309,6 +1504,161 @@ class _Candidates(NamedTuple):
     def truncate(self, count: int) -> None:
         for column in self:
             del column[count:]
+
+
+class _Offload(NamedTuple):
+    """One screened OFFLOAD, waiting for the rest of its group (`Coordinator.serve_router`)."""
+
+    conn: _Rank
+    batch: int
+    cand: _Candidates
+    rejected: list[int]
+    token_rows: npt.NDArray[np.uint32] | None
+    columns: _Columns | None = None
+    """The candidates as arrays, when they are every item of a packed OFFLOAD, in order."""
+
+
+_Columns = tp.OffloadColumns
+"""Blocks as arrays (parents 0 where `has_parent` is False): what
+`G2Directory.commit_screened` and `_EventQueue.stored` take."""
+
+
+def _columns_of(
+    seqs: list[SeqHash], parents: list[SeqHash | None], locals_: list[int], positions: list[int]
+) -> _Columns:
+    return _Columns(
+        np.array(seqs, dtype=np.uint64),
+        np.array([0 if p is None else p for p in parents], dtype=np.uint64),
+        np.array([p is not None for p in parents], dtype=bool),
+        np.array(locals_, dtype=np.uint64),
+        np.array(positions, dtype=np.int64),
+    )
+
+
+def _column_lists(
+    columns: tp.OffloadColumns,
+) -> tuple[list[int], list[int | None], list[int], list[int]]:
+    """(seqs, parents (None for none), locals, positions) of a packed OFFLOAD, as lists."""
+    parents: list[int | None] = list(columns.parents.tolist())
+    if not columns.has_parent.all():
+        for k in np.flatnonzero(~columns.has_parent).tolist():
+            parents[k] = None
+    return (
+        columns.seqs.tolist(),
+        parents,
+        columns.locals.tolist(),
+        columns.positions.tolist(),
+    )
+
+
+@dataclass(slots=True)
+class _Staged:
+    """Whole batches staged for one `G2Directory.commit_screened`, in arrival order."""
+
+    owners: list[tuple[DpRank, int]] = field(default_factory=list)
+    """(rank, number of blocks) per staged batch."""
+    slots: list[int] = field(default_factory=list)
+    columns: list[_Columns] = field(default_factory=list)
+    plhs: list[int] = field(default_factory=list)
+    seq_list: list[SeqHash] = field(default_factory=list)
+    tokens: list[npt.NDArray[np.uint32]] = field(default_factory=list)
+    has_tokens: bool = False
+
+    def clear(self) -> None:
+        self.owners.clear()
+        self.slots.clear()
+        self.columns.clear()
+        self.plhs.clear()
+        self.seq_list.clear()
+        self.tokens.clear()
+
+
+class _EventQueue:
+    """G2 events waiting for a broadcast, as the columns of packed G2_EVENTS
+    (`shmkv.transport.pack_g2_events`), plus the token ids of the stores."""
+
+    __slots__ = ("_kinds", "_locals", "_metas", "_parents", "_row_bytes", "_seqs", "_tokens")
+
+    def __init__(self, row_bytes: int) -> None:
+        """`row_bytes`: the token bytes of one store (4 x block_size)."""
+        self._row_bytes = row_bytes
+        self._kinds = bytearray()
+        self._seqs = bytearray()
+        self._parents = bytearray()
+        self._locals = bytearray()
+        self._metas = bytearray()
+        self._tokens = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def removed(self, seqs: list[SeqHash]) -> None:
+        self._kinds += bytes(len(seqs))  # NOTE: G2_EVENT_REMOVED is 0
+        self._seqs += np.array(seqs, dtype="<u8").tobytes()
+
+    def stored(
+        self,
+        seqs: npt.NDArray[np.uint64],
+        parents: npt.NDArray[np.uint64],
+        has_parent: npt.NDArray[np.bool_],
+        locals_: npt.NDArray[np.uint64],
+        positions: npt.NDArray[np.integer],
+        token_bytes: bytes,
+        has_tokens: bool | npt.NDArray[np.bool_],
+    ) -> None:
+        """Stores of blocks (in order); `parents` is ignored where `has_parent` is False."""
+        meta = positions.astype("<u8")
+        meta |= has_parent.astype("<u8") << np.uint64(32)
+        if has_tokens is True:
+            meta |= np.uint64(tp.G2_HAS_TOKENS)
+        elif has_tokens is not False:
+            meta |= np.asarray(has_tokens, dtype="<u8") << np.uint64(33)
+        self._kinds += bytes([tp.G2_EVENT_STORED]) * len(seqs)
+        self._seqs += seqs.astype("<u8", copy=False).tobytes()
+        self._parents += np.where(has_parent, parents, np.uint64(0)).astype("<u8").tobytes()
+        self._locals += locals_.astype("<u8", copy=False).tobytes()
+        self._metas += meta.tobytes()
+        self._tokens += token_bytes
+
+    def stored_one(
+        self,
+        seq: SeqHash,
+        parent: SeqHash | None,
+        local: int,
+        position: int,
+        token_bytes: bytes | None,
+    ) -> None:
+        """One store; `token_bytes` None for a block offloaded without token ids (zeros)."""
+        meta = position | (0 if parent is None else tp.G2_HAS_PARENT)
+        if token_bytes is not None:
+            meta |= tp.G2_HAS_TOKENS
+        self._kinds.append(tp.G2_EVENT_STORED)
+        self._seqs += seq.to_bytes(8, "little")
+        self._parents += (0 if parent is None else parent).to_bytes(8, "little")
+        self._locals += local.to_bytes(8, "little")
+        self._metas += meta.to_bytes(8, "little")
+        self._tokens += bytes(self._row_bytes) if token_bytes is None else token_bytes
+
+    def message(self, start: int, stop: int) -> list[bytes]:
+        """The frames of a G2_EVENTS holding events `start` to `stop` (and their tokens)."""
+        kinds = self._kinds
+        first = kinds.count(tp.G2_EVENT_STORED, 0, start)
+        last = first + kinds.count(tp.G2_EVENT_STORED, start, stop)
+        count, stores = stop - start, last - first
+        header = tp.encode(tp.G2_EVENTS, {"num_events": count, "num_stores": stores})
+        if not count:
+            return header
+        frame = tp.pack_g2_events(
+            bytes(kinds[start:stop]),
+            bytes(self._seqs[8 * start : 8 * stop]),
+            bytes(self._parents[8 * first : 8 * last]),
+            bytes(self._locals[8 * first : 8 * last]),
+            bytes(self._metas[8 * first : 8 * last]),
+        )
+        if not stores:
+            return [*header, frame]
+        row = self._row_bytes
+        return [*header, frame, bytes(self._tokens[row * first : row * last])]
 
 
 def _item_columns(
@@ -1344,7 +1694,10 @@ def _position_order(positions: list[int]) -> list[int] | None:
 
 
 def _parents_come_first(seqs: list[SeqHash], parents: list[SeqHash | None]) -> bool:
-    """Whether every block whose parent is another block of the list comes after it."""
+    """Whether every block whose parent is another block of the list comes after it
+    (`seqs` distinct)."""
+    if parents[1:] == seqs[:-1] and (not parents or parents[0] not in seqs[1:]):
+        return True  # NOTE: one chain, parent first (the usual batch), at C speed
     where: dict[SeqHash | None, int] = dict(zip(seqs, range(len(seqs)), strict=True))
     return all(
         k > j or parent == seqs[k]

@@ -41,9 +41,11 @@ coordinator rebuilds the table (vectorized) and copies it in.
 Batched paths (same outcome as their per-block references, compared by
 tests/property/test_g2_vector_paths.py): `G2RankView.pin_prefixes` / `unpin_many` run the pin
 protocol over arrays (gather gen, then state and hash; `np.add.at` on the rank's row; one
-fence; gather state, then gen; undo with `np.subtract.at`); `G2Directory.reserve` evicts in
-rounds (EVICTING stores for all victims, one fence, one pin-row check), `commit_many` writes
-all fields, then READY, then the index; index inserts and removals are vectorized and leave
+fence; gather state, then gen; undo with `np.subtract.at`); `G2Directory.reserve` (and
+`reserve_many`, one slot per entry for the rank it names) evicts in rounds (the policy's
+`evict_many`, EVICTING stores for all victims, one fence, one pin-row check), `commit_many`
+(blocks of one rank or of several) inserts into the policy with one `insert_many`, writes all
+fields, then READY, then the index; index inserts and removals are vectorized and leave
 exactly the cells the per-key operations leave.
 
 Eviction policy keys are PLHs (`shmkv.hashing.make_plh(seq_hash, parent, position)`), so the
@@ -55,9 +57,9 @@ from __future__ import annotations
 
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence, Set as AbstractSet
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from types import TracebackType
 from typing import Final, Protocol, Self
 
@@ -149,7 +151,14 @@ class G2EvictionPolicy(Protocol):
 
     def evict(self) -> Plh | None: ...
 
-    def __len__(self) -> int: ...
+    def insert_many(self, plhs: Iterable[Plh]) -> None:
+        """`for plh in plhs: insert(plh)`; on a refusal the PLHs before it stay inserted."""
+
+    def evict_many(self, count: int) -> list[Plh]:
+        """Up to `count` victims, in the order `count` calls of `evict` would return them."""
+
+    def __len__(self) -> int:
+        """PLHs held; one more per successful insert (how a refused `insert_many` is told)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -839,6 +848,11 @@ class G2Directory(_IndexReader):
     def policy(self) -> G2EvictionPolicy:
         return self._policy
 
+    @property
+    def ready_seqs(self) -> AbstractSet[SeqHash]:
+        """The sequence hashes of the READY slots (a live, read-only view: do not modify)."""
+        return self._ready_seqs
+
     def stats(self) -> G2DirectoryStats:
         return G2DirectoryStats(
             num_free=self._num_free,
@@ -878,26 +892,46 @@ class G2Directory(_IndexReader):
         self._check_rank(owner_rank)
         if num_blocks < 0:
             raise ConfigError(f"cannot reserve {num_blocks} blocks")
-        take = min(num_blocks, self._num_free)
-        top = self._num_free
-        slots: list[int] = self._free_stack[top - take : top][::-1].tolist()
-        self._num_free = top - take
+        slots = self._take_slots(num_blocks, vectorized)
         if not vectorized:
-            if len(slots) < num_blocks:
-                slots.extend(self._evict_for(num_blocks - len(slots)))
             state, owner = self._state_mv, self._owner_mv
             for slot in slots:
                 state[slot] = RESERVED
                 owner[slot] = owner_rank
-            self._num_reserved += len(slots)
-            return slots
-        if len(slots) < num_blocks:
-            slots.extend(self._evict_many_for(num_blocks - len(slots)))
-        if slots:
+        elif slots:
             idx = np.array(slots, dtype=np.intp)
             self._state_np[idx] = RESERVED
             self._owner_np[idx] = owner_rank
+        self._num_reserved += len(slots)
+        return slots
+
+    def reserve_many(self, owner_ranks: Sequence[DpRank]) -> list[BlockId]:
+        """`reserve` of one slot per entry of `owner_ranks`, for that rank, in one batched pass
+        (as `reserve(len(owner_ranks), ...)`, vectorized). When the pool runs short the first
+        entries get the slots: slot k belongs to `owner_ranks[k]`."""
+        self._check_open()
+        if not owner_ranks:
+            return []
+        owners = np.asarray(owner_ranks, dtype=np.int64)
+        if owners.ndim != 1 or int(owners.min()) < 0 or int(owners.max()) >= self._num_ranks:
+            raise ConfigError(f"ranks must be in 0..{self._num_ranks - 1}")
+        slots = self._take_slots(len(owners), True)
+        if slots:
+            idx = np.array(slots, dtype=np.intp)
+            self._state_np[idx] = RESERVED
+            self._owner_np[idx] = owners[: len(slots)]
             self._num_reserved += len(slots)
+        return slots
+
+    def _take_slots(self, num_blocks: int, vectorized: bool) -> list[BlockId]:
+        """Up to `num_blocks` slots: FREE ones first, then evicted ones (not marked yet)."""
+        take = min(num_blocks, self._num_free)
+        top = self._num_free
+        slots: list[int] = self._free_stack[top - take : top][::-1].tolist()
+        self._num_free = top - take
+        if len(slots) < num_blocks:
+            wanted = num_blocks - len(slots)
+            slots.extend(self._evict_many_for(wanted) if vectorized else self._evict_for(wanted))
         return slots
 
     def _evict_for(self, wanted: int) -> list[int]:
@@ -933,37 +967,39 @@ class G2Directory(_IndexReader):
         back only at the end in both), so evictions and their order are the same.
         """
         policy, plh_to_slot = self._policy, self._plh_to_slot
-        evict = policy.evict
+        evict_many, pop = policy.evict_many, plh_to_slot.pop
         freed: list[int] = []
         backed_off: list[Plh] = []
         try:
             while len(freed) < wanted:
                 need = wanted - len(freed)
-                victims: list[Plh] = []
-                for _ in range(need):
-                    plh = evict()
-                    if plh is None:
-                        break
-                    victims.append(plh)
+                victims = evict_many(need)
                 if not victims:
                     break
-                slots = [plh_to_slot.get(plh, -1) for plh in victims]
+                slots = list(map(pop, victims, repeat(-1, len(victims))))
                 unknown: Plh | None = None
                 if -1 in slots:  # a policy bug: free the known ones before it, then raise
                     cut = slots.index(-1)
                     unknown = victims[cut]
+                    for plh, slot in zip(victims[cut + 1 :], slots[cut + 1 :], strict=True):
+                        if slot >= 0:
+                            plh_to_slot[plh] = slot
                     backed_off.extend(victims[cut + 1 :])
                     del victims[cut:], slots[cut:]
                 if slots:
-                    evicted_ok, keys = self._try_evict_many(slots)
-                    evicted = self._evicted
-                    for plh, slot, key, ok in zip(victims, slots, keys, evicted_ok, strict=True):
-                        if ok:
-                            del plh_to_slot[plh]
-                            evicted.append(key)
-                            freed.append(slot)
-                        else:
-                            backed_off.append(plh)
+                    pinned, keys = self._try_evict_many(slots)
+                    if pinned is None:  # the usual case: no victim was pinned
+                        self._evicted.extend(keys)
+                        freed.extend(slots)
+                    else:
+                        evicted = self._evicted
+                        for plh, slot, key, held in zip(victims, slots, keys, pinned, strict=True):
+                            if held:
+                                plh_to_slot[plh] = slot
+                                backed_off.append(plh)
+                            else:
+                                evicted.append(key)
+                                freed.append(slot)
                 if unknown is not None:
                     raise InvariantError(f"eviction policy returned unknown PLH {unknown:#x}")
                 if len(victims) < need:
@@ -973,13 +1009,14 @@ class G2Directory(_IndexReader):
                 policy.insert(plh)
         return freed
 
-    def _try_evict_many(self, slots: list[int]) -> tuple[list[bool], list[SeqHash]]:
+    def _try_evict_many(self, slots: list[int]) -> tuple[list[bool] | None, list[SeqHash]]:
         """The fenced eviction check for many READY slots at once.
 
         Stores EVICTING into every slot, one full fence, then loads every rank's pins of them
         (the coordinator's half of the Dekker handshake, batched: every store precedes the
         fence, every load follows it). Pinned slots go back to READY; the others are unindexed,
-        get gen+1 and turn FREE. Returns (evicted?, sequence hash) per slot, in order.
+        get gen+1 and turn FREE. Returns (pinned? per slot, or None when none was pinned;
+        sequence hash per slot), in order.
         """
         idx = np.array(slots, dtype=np.intp)
         state = self._state_np
@@ -987,21 +1024,23 @@ class G2Directory(_IndexReader):
         full_fence()
         pinned = self._pinned_mask(idx)
         keys = self._seq_hash_np[idx]
+        key_list: list[SeqHash] = keys.tolist()
         num_pinned = int(np.count_nonzero(pinned))
         if num_pinned:
             state[idx[pinned]] = _READY_I8
             self._num_evict_backoffs += num_pinned
             free = ~pinned
             idx, free_keys = idx[free], keys[free]
+            self._ready_seqs.difference_update(free_keys.tolist())
         else:
             free_keys = keys
+            self._ready_seqs.difference_update(key_list)
         self._index_remove_many(free_keys, idx)
-        self._ready_seqs.difference_update(free_keys.tolist())
         self._gen_np[idx] += 1  # INVARIANT: gen before state (module docstring)
         self._owner_np[idx] = NO_OWNER
         state[idx] = FREE
         self._num_evictions += int(idx.size)
-        return (~pinned).tolist(), keys.tolist()
+        return (pinned.tolist() if num_pinned else None), key_list
 
     def _pinned_mask(self, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
         """Whether any rank's row pins each slot of `idx` (read after the fence)."""
@@ -1123,11 +1162,11 @@ class G2Directory(_IndexReader):
         local_hashes: Sequence[LocalHash] | npt.NDArray[np.uint64],
         positions: Sequence[int] | npt.NDArray[np.integer],
         token_ids: npt.NDArray[np.uint32] | Sequence[Sequence[int] | None] | None,
-        owner_rank: DpRank,
+        owner_rank: DpRank | Sequence[DpRank],
         *,
         plhs: Sequence[Plh] | None = None,
     ) -> list[bool]:
-        """`commit` of many blocks reserved by one rank, in one vectorized pass.
+        """`commit` of many blocks, in one vectorized pass.
 
         The outcome is exactly that of calling `commit` for each block in order: the same
         duplicates (by sequence hash or PLH, including against earlier blocks of the batch),
@@ -1140,7 +1179,8 @@ class G2Directory(_IndexReader):
             seq_hashes, parent_hashes, local_hashes, positions: per block, as for `commit`.
             token_ids: an array of shape (n, block_size), a list with one entry per block
                 (block_size ids, or None for zeros), or None (zeros for all).
-            owner_rank: the rank that reserved the slots.
+            owner_rank: the rank that reserved the slots, or one rank per block (blocks
+                reserved by several ranks, e.g. through `reserve_many`).
             plhs: the blocks' PLHs if the caller has them.
 
         Returns:
@@ -1170,20 +1210,78 @@ class G2Directory(_IndexReader):
         seq_list: list[int] = seq_arr.tolist()
         if plhs is None:
             plhs = plhs_of(seq_list, parent_hashes, pos_arr.tolist())
-        plh_list = list(plhs)
-        duplicate = self._duplicates(seq_list, plh_list)
+        return self._commit_arrays(
+            idx, seq_arr, parent_arr, has_parent, local_arr, pos_arr, tokens,
+            list(plhs), seq_list, screened=False,
+        )  # fmt: skip
+
+    def commit_screened(
+        self,
+        slots: npt.NDArray[np.intp],
+        seq_hashes: npt.NDArray[np.uint64],
+        parent_hashes: npt.NDArray[np.uint64],
+        has_parent: npt.NDArray[np.bool_],
+        local_hashes: npt.NDArray[np.uint64],
+        positions: npt.NDArray[np.int64],
+        token_ids: npt.NDArray[np.uint32] | None,
+        owner_ranks: DpRank | npt.NDArray[np.int64],
+        plhs: list[Plh],
+        seq_list: list[SeqHash],
+    ) -> list[bool]:
+        """`commit_many` of columns the caller built and screened already: arrays of one
+        length (`parent_hashes` 0 where `has_parent` is False, positions in range), `plhs`
+        and `seq_list` (the sequence hashes as ints) matching them, and no sequence hash READY
+        or repeated in the batch (the coordinator's dedup guarantees it). Only PLH duplicates
+        are looked for; slots, owners and token shapes are checked as by `commit_many`.
+
+        Raises:
+            InvariantError, ConfigError: as `commit_many` (nothing changes then).
+        """
+        self._check_open()
+        count = len(slots)
+        if count == 0:
+            return []
+        lengths = {
+            len(seq_hashes), len(parent_hashes), len(has_parent), len(local_hashes),
+            len(positions), len(plhs), len(seq_list),
+        }  # fmt: skip
+        if lengths != {count}:
+            raise ConfigError(f"commit_screened: columns of different lengths ({count}, {lengths})")
+        idx = self._checked_reserved(slots, owner_ranks)
+        tokens = self._token_rows(token_ids, count)
+        return self._commit_arrays(
+            idx, seq_hashes, parent_hashes, has_parent, local_hashes, positions, tokens,
+            plhs, seq_list, screened=True,
+        )  # fmt: skip
+
+    def _commit_arrays(
+        self,
+        idx: npt.NDArray[np.intp],
+        seq_arr: npt.NDArray[np.uint64],
+        parent_arr: npt.NDArray[np.uint64],
+        has_parent: npt.NDArray[np.bool_],
+        local_arr: npt.NDArray[np.uint64],
+        pos_arr: npt.NDArray[np.int64],
+        tokens: npt.NDArray[np.uint32] | None,
+        plh_list: list[Plh],
+        seq_list: list[SeqHash],
+        *,
+        screened: bool,
+    ) -> list[bool]:
+        """The body of `commit_many` / `commit_screened` (checked columns)."""
+        count = len(seq_list)
+        duplicate = self._duplicates(seq_list, plh_list, screened)
         keep = [i for i, dup in enumerate(duplicate) if not dup] if any(duplicate) else None
         keep_plhs = plh_list if keep is None else [plh_list[i] for i in keep]
-        insert = self._policy.insert
+        policy = self._policy
+        held_before = len(policy)
         done = len(keep_plhs)
         failure: BaseException | None = None
         try:
-            for done, plh in enumerate(keep_plhs):  # noqa: B007 - `done` counts on failure
-                insert(plh)
-            else:
-                done = len(keep_plhs)
+            policy.insert_many(keep_plhs)
         except BaseException as exc:  # NOTE: finish the blocks before the refused one
             failure = exc
+            done = len(policy) - held_before
         limit = count if failure is None else (done if keep is None else keep[done])
         committed = list(range(done)) if keep is None else keep[:done]
         if committed:
@@ -1199,6 +1297,7 @@ class G2Directory(_IndexReader):
                 pos_arr if rows is None else pos_arr[rows],
                 tokens if tokens is None or rows is None else tokens[rows],
                 [plh_list[i] for i in committed] if rows is not None else plh_list,
+                seq_list if rows is None else None,
             )
         if keep is not None:
             for i in range(limit):
@@ -1210,7 +1309,9 @@ class G2Directory(_IndexReader):
         return [not dup for dup in duplicate]
 
     def _checked_reserved(
-        self, slots: Sequence[BlockId] | npt.NDArray[np.integer], owner_rank: DpRank
+        self,
+        slots: Sequence[BlockId] | npt.NDArray[np.integer],
+        owner_rank: DpRank | Sequence[DpRank] | npt.NDArray[np.int64],
     ) -> npt.NDArray[np.intp]:
         try:
             idx = np.asarray(slots, dtype=np.intp)
@@ -1222,10 +1323,17 @@ class G2Directory(_IndexReader):
         if outside.any():
             slot = int(idx[outside.argmax()])
             raise InvariantError(f"slot {slot} outside 0..{self._capacity - 1}")
-        bad = (self._state_np[idx] != RESERVED) | (self._owner_np[idx] != owner_rank)
+        if isinstance(owner_rank, int | np.integer):
+            owners: int | npt.NDArray[np.int64] = int(owner_rank)
+        else:
+            owners = np.asarray(owner_rank, dtype=np.int64)
+            if owners.shape != idx.shape:
+                raise ConfigError(f"commit_many: {owners.size} owner ranks for {idx.size} slots")
+        bad = (self._state_np[idx] != RESERVED) | (self._owner_np[idx] != owners)
         if bad.any():
-            slot = int(idx[bad.argmax()])
-            self._check_reserved(slot, owner_rank)  # raises with the details
+            at = int(bad.argmax())
+            owner = owners if isinstance(owners, int) else int(owners[at])
+            self._check_reserved(int(idx[at]), owner)  # raises with the details
         if np.unique(idx).size != idx.size:
             raise InvariantError("commit_many: a slot appears twice in one batch")
         return idx
@@ -1288,15 +1396,16 @@ class G2Directory(_IndexReader):
             rows[i] = np.frombuffer(ids, dtype=np.uint32)
         return rows
 
-    def _duplicates(self, seq_list: list[int], plh_list: list[Plh]) -> list[bool]:
-        """Which blocks `commit` would reject, in order (earlier blocks of the batch count)."""
+    def _duplicates(self, seq_list: list[int], plh_list: list[Plh], screened: bool) -> list[bool]:
+        """Which blocks `commit` would reject, in order (earlier blocks of the batch count).
+        `screened`: the caller guarantees no sequence hash is READY or repeated (only PLHs
+        are checked at set speed; the per-block pass below still checks everything)."""
         count = len(seq_list)
         ready_seqs, plh_to_slot = self._ready_seqs, self._plh_to_slot
         if (
-            ready_seqs.isdisjoint(seq_list)
-            and len(set(plh_list)) == count
-            and len(set(seq_list)) == count
+            len(set(plh_list)) == count
             and plh_to_slot.keys().isdisjoint(plh_list)
+            and (screened or (ready_seqs.isdisjoint(seq_list) and len(set(seq_list)) == count))
         ):
             return [False] * count
         duplicate: list[bool] = []
@@ -1321,8 +1430,10 @@ class G2Directory(_IndexReader):
         pos_arr: npt.NDArray[np.int64],
         tokens: npt.NDArray[np.uint32] | None,
         plhs: list[Plh],
+        seq_list: list[SeqHash] | None = None,
     ) -> None:
-        """Write the fields of reserved slots already in the policy, turn them READY, index."""
+        """Write the fields of reserved slots already in the policy, turn them READY, index
+        (`seq_list`: `seq_arr` as ints, if the caller has it)."""
         self._plh_to_slot.update(zip(plhs, idx.tolist(), strict=True))
         seg = self._segment
         self._seq_hash_np[idx] = seq_arr
@@ -1334,7 +1445,7 @@ class G2Directory(_IndexReader):
         # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
         self._state_np[idx] = _READY_I8
         self._index_insert_many(seq_arr, idx)
-        self._ready_seqs.update(seq_arr.tolist())
+        self._ready_seqs.update(seq_arr.tolist() if seq_list is None else seq_list)
         self._num_reserved -= int(idx.size)
         self._num_commits += int(idx.size)
 

@@ -7,7 +7,8 @@
 
 The client attaches the coordinator's segment (never registering it with the resource
 tracker), says HELLO {rank, pid, epoch} on a DEALER and waits for WELCOME; the coordinator then
-streams G2_EVENTS (format in `shmkv.coordinator`): first a snapshot of every READY block, then
+streams G2_EVENTS (format in `shmkv.coordinator`; packed columns, decoded by
+`shmkv.transport.unpack_g2_events`, or the JSON form): first a snapshot of every READY block, then
 every store and removal in one global order, to every rank. From those the client keeps a
 replica `plh -> seq hash` (plh = `make_plh(seq, parent, position)`), which turns the manager's
 PLHs into the sequence hashes the shared index is keyed by. A stale replica entry costs a miss,
@@ -24,7 +25,7 @@ host tier (its state dump). A restarted rank gets the snapshot and re-announces 
 Source slots: `enqueue_evictions` returns only the slots beyond the items (the batch's extras);
 every other slot stays quarantined until `tick` returns it: a rejected item (deduped or dropped
 for capacity) as soon as the ACK arrives, an accepted one once OFFLOAD_DONE says its copy
-landed. `earliest_deadline_ms` reports the batches still outstanding (an un-ACKed batch counts
+landed (or the ACK itself, with "done": true, when every copy landed at once). `earliest_deadline_ms` reports the batches still outstanding (an un-ACKed batch counts
 as due at once), so the rank keeps ticking, and its poller wakes on `socket` meanwhile.
 
 Time: the fleet's shared simulated clock (`now_ms` arguments). With a clock that never sleeps
@@ -284,21 +285,18 @@ class SharedG2Client:
         if len(source_slots) < len(items):
             raise ProtocolError(f"{len(items)} offload items but {len(source_slots)} source slots")
         bs = self._block_size
-        wire: list[list[int]] = []
-        has_tokens = all(item.meta.token_ids is not None for item in items)
-        tokens = array("I")
-        for item in items:
-            meta = item.meta
-            parent = meta.parent_hash
-            wire.append(
-                [
-                    meta.seq_hash,
-                    _NO_PARENT if parent is None else parent,
-                    meta.local_hash,
-                    plh_position(item.plh),
-                ]
-            )
-            if has_tokens:
+        metas = [item.meta for item in items]
+        has_tokens = all(meta.token_ids is not None for meta in metas)
+        items_frame = tp.pack_offload_items(
+            [meta.seq_hash for meta in metas],
+            [meta.parent_hash for meta in metas],
+            [meta.local_hash for meta in metas],
+            [plh_position(item.plh) for item in items],
+        )
+        frames: tuple[bytes, ...] = (items_frame,)
+        if has_tokens:
+            tokens = array("I")
+            for meta in metas:
                 ids = meta.token_ids
                 assert ids is not None
                 if len(ids) != bs:
@@ -307,17 +305,15 @@ class SharedG2Client:
                     tokens.extend(ids)
                 else:
                     tokens.extend(array("I", ids))
-        batch = self._next_batch
-        self._next_batch += 1
-        frames: tuple[bytes, ...] = ()
-        if has_tokens:
             if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
                 tokens.byteswap()
-            frames = (tokens.tobytes(),)
+            frames = (items_frame, tokens.tobytes())
+        batch = self._next_batch
+        self._next_batch += 1
         self._socket().send_multipart(
             tp.encode(
                 tp.OFFLOAD,
-                {"batch": batch, "items": wire, "has_tokens": has_tokens},
+                {"batch": batch, "num_items": len(items), "packed": True, "has_tokens": has_tokens},
                 frames,
             )
         )
@@ -400,13 +396,20 @@ class SharedG2Client:
         deadline = tp.decode_float(body.get("deadline_ms", "inf"))
         if not isinstance(deadline, int | float) or isinstance(deadline, bool):
             raise ProtocolError("OFFLOAD_ACK: deadline_ms must be a number")
+        done = body.get("done", False)
+        if not isinstance(done, bool):
+            raise ProtocolError("OFFLOAD_ACK: done must be a bool")
         batch.acked = True
         batch.deadline_ms = float(deadline)
-        batch.outstanding = set(accepted)
         slots = batch.slots
         self._released.extend(slots[i] for i in rejected)
         self._counts["accepted"] += len(accepted)
         self._counts["rejected"] += len(rejected)
+        if done:  # every accepted copy landed already: no OFFLOAD_DONE follows
+            self._released.extend(slots[i] for i in accepted)
+            self._counts["done"] += len(accepted)
+            accepted = []
+        batch.outstanding = set(accepted)
         if not accepted:
             del self._batches[batch_id]
 
@@ -424,54 +427,72 @@ class SharedG2Client:
 
     def _on_events(self, msg: tp.Message) -> None:
         body = msg.body
-        events = tp.require(body, "events", list)
         fence = body.get("fence")
         if fence is not None and (type(fence) is not int or fence < 1):
             raise ProtocolError("G2_EVENTS: fence must be an int >= 1")
-        parsed = _parse_events(events)
-        num_stores = sum(1 for e in parsed if e[0])
+        frames = msg.frames
+        if "events" in body:  # the JSON form
+            events = _parse_events(tp.require(body, "events", list))
+        else:
+            num_events = tp.require(body, "num_events", int)
+            num_stores = tp.require(body, "num_stores", int)
+            if num_events and not frames:
+                raise ProtocolError("G2_EVENTS: no events frame")
+            events = tp.unpack_g2_events(num_events, num_stores, frames[0] if num_events else b"")
+            frames = frames[1:] if num_events else frames
+        num_stores = len(events.parents)
         bs = self._block_size
         tokens: array[int] | None = None
         if num_stores:
-            if len(msg.frames) != 1 or len(msg.frames[0]) != num_stores * self._token_bytes:
+            if len(frames) != 1 or len(frames[0]) != num_stores * self._token_bytes:
                 raise ProtocolError(
                     f"G2_EVENTS: one token frame of {num_stores * self._token_bytes} bytes "
-                    f"expected, got {[len(f) for f in msg.frames]}"
+                    f"expected, got {[len(f) for f in frames]}"
                 )
             tokens = array("I")
-            tokens.frombytes(msg.frames[0])
+            tokens.frombytes(frames[0])
             if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
                 tokens.byteswap()
-        elif msg.frames:
+        elif frames:
             raise ProtocolError("G2_EVENTS: a token frame without stores")
+        self._apply_events(events, tokens, bs)
+        num_events = len(events.kinds)
+        self._counts["events_received"] += num_events
+        self._counts["stores_received"] += num_stores
+        self._counts["removals_received"] += num_events - num_stores
+        if fence is not None:
+            self._fences_received += 1
+
+    def _apply_events(
+        self, events: tp.G2EventColumns, tokens: array[int] | None, block_size: int
+    ) -> None:
+        """Apply validated events in order: the replica, then the host-tier announcer."""
         plh_to_seq, seq_to_plh = self._plh_to_seq, self._seq_to_plh
         out = self._events
         announcer = self._announcer
+        parents, locals_, positions = events.parents, events.locals, events.positions
+        has_tokens = events.has_tokens
         store = 0
-        for is_store, seq, parent, local, position, has_tokens in parsed:
-            if is_store:
+        for kind, seq in zip(events.kinds, events.seqs, strict=True):
+            if kind == tp.G2_EVENT_STORED:
+                parent = parents[store]
                 parent_hash = None if parent == _NO_PARENT else parent
-                plh = make_plh(seq, parent_hash, position)
+                plh = make_plh(seq, parent_hash, positions[store])
                 previous = seq_to_plh.get(seq)
                 if previous is not None and previous != plh:
                     plh_to_seq.pop(previous, None)
                 plh_to_seq[plh] = seq
                 seq_to_plh[seq] = plh
                 ids = None
-                if has_tokens and tokens is not None:
-                    ids = tokens[store * bs : (store + 1) * bs]
+                if has_tokens[store] and tokens is not None:
+                    ids = tokens[store * block_size : (store + 1) * block_size]
+                announcer.stored(BlockMeta(seq, parent_hash, locals_[store], ids), out)
                 store += 1
-                announcer.stored(BlockMeta(seq, parent_hash, local, ids), out)
             else:
                 old = seq_to_plh.pop(seq, None)
                 if old is not None:
                     plh_to_seq.pop(old, None)
                 announcer.removed(seq, out)
-        self._counts["events_received"] += len(parsed)
-        self._counts["stores_received"] += num_stores
-        self._counts["removals_received"] += len(parsed) - num_stores
-        if fence is not None:
-            self._fences_received += 1
 
     # -- time ------------------------------------------------------------------------------
 
@@ -663,12 +684,12 @@ class SharedG2Client:
         self.close()
 
 
-_ParsedEvent = tuple[bool, int, int, int, int, bool]
-
-
-def _parse_events(events: list[Any]) -> list[_ParsedEvent]:
-    """Validate a G2_EVENTS list; raises ProtocolError before anything is applied."""
-    out: list[_ParsedEvent] = []
+def _parse_events(events: list[Any]) -> tp.G2EventColumns:
+    """Validate a JSON G2_EVENTS list into columns; raises ProtocolError before anything is
+    applied."""
+    kinds = bytearray()
+    seqs: list[int] = []
+    columns = tp.G2EventColumns(b"", seqs, [], [], [], [])
     for event in events:
         if not isinstance(event, list) or not event:
             raise ProtocolError(f"G2_EVENTS: bad event {event!r:.80}")
@@ -687,15 +708,21 @@ def _parse_events(events: list[Any]) -> list[_ParsedEvent]:
                 or not 0 <= position <= MAX_POSITION
             ):
                 raise ProtocolError(f"G2_EVENTS: bad store {event!r:.120}")
-            out.append((True, seq, parent, local, position, bool(has_tokens)))
+            kinds.append(tp.G2_EVENT_STORED)
+            seqs.append(seq)
+            columns.parents.append(parent)
+            columns.locals.append(local)
+            columns.positions.append(position)
+            columns.has_tokens.append(bool(has_tokens))
         elif kind == "R" and len(event) == 2:
             seq = event[1]
             if type(seq) is not int or not 0 <= seq <= U64_MASK:
                 raise ProtocolError(f"G2_EVENTS: bad removal {event!r:.80}")
-            out.append((False, seq, 0, 0, 0, False))
+            kinds.append(tp.G2_EVENT_REMOVED)
+            seqs.append(seq)
         else:
             raise ProtocolError(f"G2_EVENTS: bad event {event!r:.80}")
-    return out
+    return columns._replace(kinds=bytes(kinds))
 
 
 __all__ = ["HELLO_TIMEOUT_S", "ClientStats", "SharedG2Client"]

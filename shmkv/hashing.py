@@ -14,17 +14,18 @@ import random
 import struct
 import sys
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import islice, repeat
-from typing import Final, NamedTuple, cast
+from collections.abc import Iterable, Sequence
+from itertools import islice
+from typing import Any, Final, NamedTuple
 
 import xxhash
 
 from shmkv.errors import ConfigError
 from shmkv.ids import XXH3_SEED, LocalHash, Plh, SeqHash
 
-_xxh3 = xxhash.xxh3_64_intdigest
-_pack_pair = struct.Struct("<QQ").pack
+# NOTE: Final: compiled (mypyc), a Final module name is a C static, not a dict lookup per call.
+_xxh3: Final = xxhash.xxh3_64_intdigest
+_pack_pair: Final = struct.Struct("<QQ").pack
 _TOKEN_BYTES: Final = 4
 assert array("I").itemsize == _TOKEN_BYTES, "array('I') must hold 32-bit tokens on this platform"
 
@@ -39,9 +40,6 @@ _M0_FRAG_BITS: Final = 59
 _M0_FRAG_MASK: Final = (1 << _M0_FRAG_BITS) - 1
 _M0_POSITION_SHIFT: Final = 2 * _M0_FRAG_BITS
 _M0_POSITIONS: Final = tuple(p << _M0_POSITION_SHIFT for p in range(_FAST_PLH_END))
-
-_block_slices: dict[int, list[slice]] = {}
-"""Per block byte size: `slice(i * step, (i + 1) * step)` for i = 0, 1, ... (grown on demand)."""
 
 
 class BlockHashes(NamedTuple):
@@ -70,19 +68,10 @@ def local_hash_of_bytes(block: bytes | memoryview) -> LocalHash:
     return _xxh3(block, seed=XXH3_SEED)
 
 
-def _slices(step: int, count: int) -> Iterator[slice]:
-    """The byte ranges of the first `count` blocks of `step` bytes."""
-    cached = _block_slices.get(step)
-    if cached is None or len(cached) < count:
-        cached = [slice(i * step, (i + 1) * step) for i in range(max(count, 64))]
-        _block_slices[step] = cached
-    return islice(cached, count)
-
-
-def _local_hashes_of(data: bytes | memoryview, step: int, count: int) -> list[LocalHash]:
-    """Local hashes of the first `count` blocks of `step` bytes in `data` (one C-level pass)."""
-    block_at = cast("Callable[[slice], bytes]", data.__getitem__)
-    return list(map(_xxh3, map(block_at, _slices(step, count)), repeat(XXH3_SEED, count)))
+def _local_hashes_of(data: bytes, step: int, count: int) -> list[LocalHash]:
+    """Local hashes of the first `count` blocks of `step` bytes in `data`."""
+    # NOTE: compiled, this beats the C-level `map` over slice objects by a quarter
+    return [_xxh3(data[start : start + step], XXH3_SEED) for start in range(0, count * step, step)]
 
 
 def local_block_hashes(tokens: Sequence[int] | array[int], block_size: int) -> list[LocalHash]:
@@ -137,22 +126,12 @@ def hash_blocks(
     count = len(data) // step
     if position + count - 1 > MAX_POSITION:
         raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
-    locals_ = _local_hashes_of(data, step, count)
+    # NOTE: typed `bytes`, compiled slicing is a direct call (a union goes through a slice object)
+    raw = data if isinstance(data, bytes) else bytes(data)
+    locals_ = _local_hashes_of(raw, step, count)
     seqs: list[SeqHash] = []
     if position >= 0 and position + count <= _FAST_PLH_END:
-        # Every block in mode 0: chain and pack PLHs in the same loop.
-        plhs: list[Plh] = []
-        add_seq, add_plh = seqs.append, plhs.append
-        mask = _M0_FRAG_MASK
-        prev = parent
-        parent_frag = 0 if parent is None else parent & mask
-        for pos, local in zip(_M0_POSITIONS[position : position + count], locals_, strict=True):
-            prev = local if prev is None else _xxh3(_pack_pair(prev, local), XXH3_SEED)
-            frag = prev & mask
-            add_plh(pos | (parent_frag << _M0_FRAG_BITS) | frag)
-            add_seq(prev)
-            parent_frag = frag
-        return BlockHashes(locals_, seqs, plhs)
+        return BlockHashes(locals_, seqs, _chain_mode0(locals_, parent, position, seqs))
     if count:
         append = seqs.append
         prev = parent
@@ -160,6 +139,35 @@ def hash_blocks(
             prev = local if prev is None else _xxh3(_pack_pair(prev, local), XXH3_SEED)
             append(prev)
     return BlockHashes(locals_, seqs, chain_plhs(seqs, parent, position))
+
+
+def _chain_mode0(
+    locals_: list[LocalHash], parent: SeqHash | None, position: int, seqs: list[SeqHash]
+) -> list[Plh]:
+    """Chain `locals_` into `seqs` (after `parent`) and return their PLHs; every block lies
+    in mode 0 (`position + len(locals_) <= _FAST_PLH_END`).
+
+    The PLH is `position << 118 | parent_frag << 59 | frag`: its three fields are disjoint,
+    so `+` packs them like `|`."""
+    # NOTE: the 64-bit hashes and 128-bit PLHs do not fit mypyc's short ints; typed `Any`,
+    # compiled code applies CPython's own int operators to them, which is faster there than
+    # mypyc's tagged-int fallbacks (and changes nothing interpreted).
+    plhs: list[Plh] = []
+    mask: Any = _M0_FRAG_MASK
+    frag_bits: Any = _M0_FRAG_BITS
+    prev: Any = parent
+    shifted_parent: Any = 0 if parent is None else (prev & mask) << frag_bits
+    positions = _M0_POSITIONS
+    index = position
+    for local in locals_:
+        prev = local if prev is None else _xxh3(_pack_pair(prev, local), XXH3_SEED)
+        frag: Any = prev & mask
+        base: Any = positions[index]
+        plhs.append(base + shifted_parent + frag)
+        seqs.append(prev)
+        shifted_parent = frag << frag_bits
+        index += 1
+    return plhs
 
 
 class PrefixHashCache:
@@ -240,20 +248,16 @@ def hash_block(
     """(local hash, sequence hash, PLH) of the one block whose token bytes are `data`, at
     `position` after `parent` (a decode step filling a block)."""
     local = _xxh3(data, XXH3_SEED)
-    if parent is None:
-        current = local
-        if 0 <= position < _FAST_PLH_END:
-            return local, current, (position << _M0_POSITION_SHIFT) | (current & _M0_FRAG_MASK)
-    else:
-        current = _xxh3(_pack_pair(parent, local), XXH3_SEED)
-        if 0 <= position < _FAST_PLH_END:
-            return (
-                local,
-                current,
-                (position << _M0_POSITION_SHIFT)
-                | ((parent & _M0_FRAG_MASK) << _M0_FRAG_BITS)
-                | (current & _M0_FRAG_MASK),
-            )
+    current = local if parent is None else _xxh3(_pack_pair(parent, local), XXH3_SEED)
+    if 0 <= position < _FAST_PLH_END:
+        # NOTE: `Any` for the big ints and `+` for disjoint fields: see `_chain_mode0`
+        mask: Any = _M0_FRAG_MASK
+        tail: Any = current
+        plh: Any = _M0_POSITIONS[position] + (tail & mask)
+        if parent is not None:
+            head: Any = parent
+            plh += (head & mask) << _M0_FRAG_BITS
+        return local, current, plh
     return local, current, make_plh(current, parent, position)
 
 

@@ -16,10 +16,11 @@ hash, local hash, token ids) needed for events and offload. It lives in `_regist
 by PLH) from registration until eviction. `_active_full` maps a sequence hash to the
 registration it names and how many request-level handles that name holds.
 
-Hot-path representation: one registration is created per newly stored block, so it is a
-6-int list (`_Rec`, fields `_SLOT`.. `_REFS` below) rather than an object, its token ids (only
-kept when signals carry them) live in `_token_ids`, and an `_active_full` entry is the tuple
-`(record, handles)`.
+Hot-path representation: a registration is a `_Block` (int fields; compiled with mypyc, a
+native struct); its token ids (only kept when signals carry them) live in `_token_ids`. A block
+is also the `_active_full` entry of its own name (its sequence hash), counting the handles under
+that name; a hit on a registered block under another name (matching is by PLH) gets an *alias*
+entry, a `_Block` whose `target` is the registration.
 
 Events (when enabled) are appended to an internal list in emission order and drained with
 `take_events()`. Bad input raises `SignalError` before any state changes.
@@ -30,9 +31,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
-from operator import itemgetter
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, Final, NoReturn, TypeAlias
 
 from shmkv.errors import ConfigError, InvariantError, SignalError
 from shmkv.events import BlockRemoved, BlockStored, KvEvent, StorageTier
@@ -54,34 +53,52 @@ if TYPE_CHECKING:
 _DEVICE = StorageTier.DEVICE
 _HOST = StorageTier.HOST_PINNED
 
-_Rec: TypeAlias = list[int]
-"""A registered block: `[slot, plh, seq_hash, parent_hash, local_hash, refs]`."""
-_SLOT: Final = 0
-"""The physical slot (BlockId) holding the block."""
-_PLH: Final = 1
-"""Its positional lineage hash (the `_registered` key)."""
-_SEQ: Final = 2
-"""Its sequence hash."""
-_PARENT: Final = 3
-"""The parent's sequence hash, or `_NO_PARENT` (hashes are unsigned, so -1 is free)."""
-_LOCAL: Final = 4
-"""Its local hash (0 when the signal did not carry one)."""
-_REFS: Final = 5
-"""Handles from any source (request-level names and prefix pins); 0 = inactive."""
 _NO_PARENT: Final = -1
-
-_slot_of: Final = itemgetter(_SLOT)
-_seq_of: Final = itemgetter(_SEQ)
-
-_Entry: TypeAlias = tuple[_Rec, int]
-"""`_active_full[seq_hash]`: the registration and the number of handles under that name."""
-_Evicted: TypeAlias = tuple[_Rec, Sequence[int] | None]
-"""An evicted registration and its token ids, on its way to the offload engine."""
+"""`_Block.parent` of a block without a parent (hashes are unsigned, so -1 is free)."""
+_NO_SLOT: Final = -1
+"""`_Block.slot` while a bulk store has not assigned the slot yet."""
 
 
-def _parent_of(rec: _Rec) -> SeqHash | None:
-    parent = rec[_PARENT]
+class _Block:
+    """A registered block, and the `_active_full` entry of its own name; or an alias entry."""
+
+    __slots__ = ("handles", "local", "parent", "plh", "refs", "seq", "slot", "target")
+
+    def __init__(
+        self, slot: BlockId, plh: Plh, seq: SeqHash, parent: int, local: LocalHash, handles: int
+    ) -> None:
+        self.slot = slot
+        """The physical slot (BlockId) holding the block."""
+        self.plh = plh
+        """Its positional lineage hash (the `_registered` key)."""
+        self.seq = seq
+        """Its sequence hash: the name this entry counts handles for."""
+        self.parent = parent
+        """The parent's sequence hash, or `_NO_PARENT`."""
+        self.local = local
+        """Its local hash (0 when the signal did not carry one)."""
+        self.handles = handles
+        """Request-level handles held under the name `seq` (0: not an active name)."""
+        self.refs = handles
+        """Handles from any source (every name and prefix pin); 0 = inactive."""
+        self.target: _Block | None = None
+        """None for a registration; for an alias entry, the registration it names."""
+
+
+def _alias(name: SeqHash, rec: _Block) -> _Block:
+    """A new alias entry: one handle under `name` on the registration `rec`."""
+    alias = _Block(rec.slot, rec.plh, name, rec.parent, rec.local, 1)
+    alias.target = rec
+    return alias
+
+
+def _parent_of(rec: _Block) -> SeqHash | None:
+    parent = rec.parent
     return None if parent == _NO_PARENT else parent
+
+
+_Evicted: TypeAlias = tuple[_Block, Sequence[int] | None]
+"""An evicted registration and its token ids, on its way to the offload engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +173,11 @@ class KvManager:
         self.eviction = eviction
         self._backend, self._tracker = make_backend(eviction, max_capacity)
         self._reset: deque[BlockId] = deque(range(max_capacity))
-        self._registered: dict[Plh, _Rec] = {}
+        self._registered: dict[Plh, _Block] = {}
         self._token_ids: dict[Plh, Sequence[int]] = {}
         """Token ids of the registered blocks whose signals carried them."""
-        self._active_full: dict[SeqHash, _Entry] = {}
+        self._active_full: dict[SeqHash, _Block] = {}
+        """Active names: each name's registration, or an alias entry (see `_Block`)."""
         self._active_partial: dict[PartialId, BlockId] = {}
         self._num_full_refs = 0
         self._num_quarantined = 0
@@ -195,7 +213,7 @@ class KvManager:
 
     def refcount(self, seq_hash: SeqHash) -> int:
         entry = self._active_full.get(seq_hash)
-        return 0 if entry is None else entry[1]
+        return 0 if entry is None else entry.handles
 
     def has_partial(self, partial_id: PartialId) -> bool:
         return partial_id in self._active_partial
@@ -209,7 +227,7 @@ class KvManager:
     def registered_seq_hashes(self) -> list[SeqHash]:
         """Sequence hashes of every registered block (active or inactive): what a router
         should believe this rank holds in G1."""
-        return [rec[_SEQ] for rec in self._registered.values()]
+        return [rec.seq for rec in self._registered.values()]
 
     def get_prefill_cost(self, sequence: ActiveSequence) -> PrefillCost:
         overlap = 0
@@ -224,7 +242,7 @@ class KvManager:
                     rec = registered.get(plh)
                     if rec is None:
                         break
-                    if rec[_REFS] > 0:
+                    if rec.refs > 0:
                         active_overlap += 1
                 overlap += 1
         bs = self.block_size
@@ -259,13 +277,7 @@ class KvManager:
         self.next_event_id = event_id + 1
         self._events.append(
             BlockStored(
-                event_id=event_id,
-                dp_rank=self.dp_rank,
-                tier=tier,
-                parent_hash=parent_hash,
-                block_hashes=block_hashes,
-                tokens_hashes=tokens_hashes,
-                token_ids=token_ids,
+                event_id, self.dp_rank, tier, parent_hash, block_hashes, tokens_hashes, token_ids
             )
         )
 
@@ -274,11 +286,7 @@ class KvManager:
             return
         event_id = self.next_event_id
         self.next_event_id = event_id + 1
-        self._events.append(
-            BlockRemoved(
-                event_id=event_id, dp_rank=self.dp_rank, tier=tier, block_hashes=block_hashes
-            )
-        )
+        self._events.append(BlockRemoved(event_id, self.dp_rank, tier, block_hashes))
 
     def _emit_g2_events(self, events: list[G2Event]) -> None:
         for event in events:
@@ -382,19 +390,23 @@ class KvManager:
             if type(block) is int:
                 entry = active_full.get(block)
                 if entry is not None:  # hit on a block active under this name
-                    rec = entry[0]
-                    active_full[block] = (rec, entry[1] + 1)
-                    rec[_REFS] += 1
+                    entry.handles += 1
+                    target = entry.target
+                    (entry if target is None else target).refs += 1
                 else:
                     plh = plhs[full_idx]
                     found = registered.get(plh)
                     if found is not None:  # hit on a registered block (maybe inactive)
-                        if not found[_REFS]:
+                        if not found.refs:
                             backend.remove(plh)
                         if tracker is not None:
                             tracker.touch(plh)
-                        found[_REFS] += 1
-                        active_full[block] = (found, 1)
+                        found.refs += 1
+                        if found.seq == block:
+                            found.handles = 1
+                            active_full[block] = found
+                        else:
+                            active_full[block] = _alias(block, found)
                     else:  # NewStore: take a slot
                         if try_bulk:  # only at the first miss: store the rest in one go?
                             try_bulk = False
@@ -427,13 +439,13 @@ class KvManager:
                                 break
                             slot = taken
                         local = local_hashes[full_idx] if local_hashes else 0
-                        rec = [slot, plh, block, prev, local, 1]
+                        rec = _Block(slot, plh, block, prev, local, 1)
                         registered[plh] = rec
                         if token_ids is not None:
                             token_map[plh] = token_ids[full_idx]
                         if tracker is not None:
                             tracker.touch(plh)
-                        active_full[block] = (rec, 1)
+                        active_full[block] = rec
                         num_refs += 1
                         if run_start < 0:
                             run_start = full_idx
@@ -487,24 +499,28 @@ class KvManager:
         tracker = self._tracker
         num_hits = 0  # = the full index: every block before this one was a full block
         for block in blocks:
-            entry = active_full.get(block)  # type: ignore[arg-type]
+            if type(block) is not int:
+                break
+            entry = active_full.get(block)
             if entry is not None:
-                rec = entry[0]
-                active_full[block] = (rec, entry[1] + 1)  # type: ignore[index]
+                entry.handles += 1
+                target = entry.target
+                (entry if target is None else target).refs += 1
             else:
-                if type(block) is not int:
-                    break
                 plh = plhs[num_hits]
                 found = registered.get(plh)
                 if found is None:
                     break
-                rec = found
-                if not rec[_REFS]:
+                if not found.refs:
                     remove(plh)
                 if tracker is not None:
                     tracker.touch(plh)
-                active_full[block] = (rec, 1)
-            rec[_REFS] += 1
+                found.refs += 1
+                if found.seq == block:
+                    found.handles = 1
+                    active_full[block] = found
+                else:
+                    active_full[block] = _alias(block, found)
             num_hits += 1
         return num_hits
 
@@ -522,20 +538,29 @@ class KvManager:
         extra = len(blocks) - start - count
         if extra > 1 or (extra == 1 and type(blocks[-1]) is int):
             return None
-        hashes: list[SeqHash] = blocks[start : start + count]  # type: ignore[assignment]
-        plhs = signal.plhs[full_idx:]
         reset = self._reset
         backend = self._backend
+        if len(reset) + len(backend) < count:
+            return None
+        hashes: list[SeqHash] = blocks[start : start + count]  # type: ignore[assignment]
+        plhs = signal.plhs[full_idx:]
+        local_hashes = signal.local_hashes[full_idx:] if signal.local_hashes else [0] * count
         active_full = self._active_full
         registered = self._registered
-        if (
-            len(reset) + len(backend) < count
-            or not active_full.keys().isdisjoint(hashes)
-            or not registered.keys().isdisjoint(plhs)
-            or len(set(hashes)) != count
-            or len(set(plhs)) != count
-        ):
-            return None
+        # Optimistic: register as we go; a block held, registered or repeated undoes it all.
+        new: list[_Block] = []
+        parent = prev
+        for seq_hash, plh, local in zip(hashes, plhs, local_hashes, strict=True):
+            rec = _Block(_NO_SLOT, plh, seq_hash, parent, local, 1)
+            if active_full.setdefault(seq_hash, rec) is not rec:
+                self._unstore(new)
+                return None
+            if registered.setdefault(plh, rec) is not rec:
+                del active_full[seq_hash]
+                self._unstore(new)
+                return None
+            new.append(rec)
+            parent = seq_hash
         num_reset = min(count, len(reset))
         if num_reset == len(reset):  # take every free slot (none, once the pool has filled)
             slots = list(reset)
@@ -544,25 +569,24 @@ class KvManager:
             slots = [reset.popleft() for _ in range(num_reset)]
         evicted: list[SeqHash] = []
         if num_reset < count:
-            victims = backend.evict_many(count - num_reset)
-            records = list(map(registered.pop, victims))
-            if self._token_ids:
-                for victim in victims:
-                    self._token_ids.pop(victim, None)
-            slots += map(_slot_of, records)
-            evicted = list(map(_seq_of, records))
-        parents = [prev]
-        parents += hashes[:-1]
-        local_hashes = signal.local_hashes[full_idx:] if signal.local_hashes else repeat(0)
-        # The new `_Rec`s `[slot, plh, seq_hash, parent_hash, local_hash, refs=1]`.
-        new: list[_Rec] = list(
-            map(list, zip(slots, plhs, hashes, parents, local_hashes, repeat(1)))
-        )
-        registered.update(zip(plhs, new, strict=True))
-        active_full.update(zip(hashes, zip(new, repeat(1)), strict=True))
+            token_map = self._token_ids
+            for victim in backend.evict_many(count - num_reset):
+                vrec = registered.pop(victim)
+                slots.append(vrec.slot)
+                evicted.append(vrec.seq)
+                if token_map:
+                    token_map.pop(victim, None)
+        for rec, slot in zip(new, slots, strict=True):
+            rec.slot = slot
         if signal.token_ids is not None:
             self._token_ids.update(zip(plhs, signal.token_ids[full_idx:], strict=True))
         return count, evicted
+
+    def _unstore(self, new: list[_Block]) -> None:
+        """Unregister the blocks a bulk store registered before it gave up."""
+        for rec in new:
+            del self._active_full[rec.seq]
+            del self._registered[rec.plh]
 
     def _use_tail_partial(self, block: RawBlock, evicted: list[SeqHash]) -> int:
         """The partial block ending a bulk-stored Use (no offload engine): 1 if held."""
@@ -575,8 +599,8 @@ class KvManager:
                 if victim is None:
                     return 0
                 rec, _ids = self._take_victim(victim)
-                evicted.append(rec[_SEQ])
-                slot = rec[_SLOT]
+                evicted.append(rec.seq)
+                slot = rec.slot
             self._active_partial[partial_id] = slot
         return 1
 
@@ -605,8 +629,8 @@ class KvManager:
         vrec = self._registered.pop(victim)
         if self._token_ids:
             self._token_ids.pop(victim, None)
-        active_partial[partial_id] = vrec[_SLOT]
-        self._emit_removed(_DEVICE, [vrec[_SEQ]])
+        active_partial[partial_id] = vrec.slot
+        self._emit_removed(_DEVICE, [vrec.seq])
         return 1
 
     def _emit_use_events(
@@ -681,13 +705,12 @@ class KvManager:
         rec = taken[0]
         if self._offload is not None:
             blocked.append(taken)
-            blocked_slots.append(rec[_SLOT])
+            blocked_slots.append(rec.slot)
             pending = self._pending_allocations(blocks, next_start, plhs, next_full_idx)
             self._extend_blocked_batch(blocked, blocked_slots, 1 + pending)
             return None
-        evicted.append(rec[_SEQ])
-        slot: BlockId = rec[_SLOT]
-        return slot
+        evicted.append(rec.seq)
+        return rec.slot
 
     def _take_victim(self, victim: Plh) -> _Evicted:
         """Unregister an evicted block; returns its record and token ids."""
@@ -706,7 +729,7 @@ class KvManager:
                 return
             taken = self._take_victim(victim)
             evicted.append(taken)
-            slots.append(taken[0][_SLOT])
+            slots.append(taken[0].slot)
 
     def _offload_evicted(self, evicted: list[_Evicted], slots: list[BlockId]) -> None:
         """Hand evicted blocks and their quarantined slots to the offload engine, then publish
@@ -714,13 +737,13 @@ class KvManager:
         offload = self._offload
         assert offload is not None
         items = [
-            OffloadItem(rec[_PLH], BlockMeta(rec[_SEQ], _parent_of(rec), rec[_LOCAL], token_ids))
+            OffloadItem(rec.plh, BlockMeta(rec.seq, _parent_of(rec), rec.local, token_ids))
             for rec, token_ids in evicted
         ]
         self._num_quarantined += len(slots)
         released = offload.enqueue_evictions(items, slots)
         self._release_quarantined(released)
-        self._emit_removed(_DEVICE, [rec[_SEQ] for rec, _ in evicted])
+        self._emit_removed(_DEVICE, [rec.seq for rec, _ in evicted])
         self._emit_g2_events(offload.take_events())
 
     def _release_quarantined(self, slots: Sequence[BlockId]) -> None:
@@ -737,7 +760,7 @@ class KvManager:
         for block in blocks:
             if type(block) is int:
                 entry = self._active_full.get(block)
-                if entry is None or entry[1] < counts[block]:
+                if entry is None or entry.handles < counts[block]:
                     raise SignalError(f"Deref: full block {block:#x} is not held")
             else:
                 partial_id = block.partial_id  # type: ignore[union-attr]
@@ -757,44 +780,57 @@ class KvManager:
 
     def _deref(self, blocks: list[RawBlock]) -> None:
         active_full = self._active_full
-        active_partial = self._active_partial
-        # Validate everything before changing anything.
-        names = set(blocks)
-        if len(names) != len(blocks):
-            self._check_deref_counted(blocks)
-            partials = [block for block in blocks if type(block) is not int]
-        else:
-            # The blocks not held under a full name must all be held partial blocks.
-            not_full = names.difference(active_full)
-            for block in not_full:
-                if type(block) is int or block.partial_id not in active_partial:  # type: ignore[union-attr]
-                    self._check_deref_in_order(blocks)  # raises for the first culprit
-            if len(not_full) > 1:
-                partials = [block for block in blocks if block in not_full]
-            else:
-                partials = list(not_full)
-        if not partials:
-            fulls = blocks
-        elif len(partials) == 1 and blocks[0] is partials[0]:
-            fulls = blocks[1:]  # a request's tail-first free starts with its partial block
-        else:
-            fulls = [block for block in blocks if type(block) is int]
-        pop = active_full.pop
         released: list[Plh] = []  # blocks going inactive, in Deref order
-        release = released.append
-        # `map` is lazy: each pop happens just before its block's turn, as repeats require.
-        for block, (rec, handles) in zip(fulls, map(pop, fulls), strict=True):  # type: ignore[arg-type]
-            if handles != 1:
-                active_full[block] = (rec, handles - 1)  # type: ignore[index]
-            refs = rec[_REFS] - 1
-            rec[_REFS] = refs
+        taken: list[_Block] = []  # the entry of each full block, in order (to undo)
+        partials: list[PartialBlock] = []
+        # Optimistic: release handle by handle; a block not held undoes it all, then raises.
+        for block in blocks:
+            if type(block) is not int:
+                partials.append(block)  # type: ignore[arg-type]
+                continue
+            entry = active_full.pop(block, None)
+            if entry is None:
+                self._undo_deref(taken)
+                self._raise_deref_error(blocks)
+            handles = entry.handles - 1
+            entry.handles = handles
+            if handles:
+                active_full[block] = entry
+            rec = entry.target
+            if rec is None:
+                rec = entry
+            refs = rec.refs - 1
+            rec.refs = refs
             if not refs:
-                release(rec[_PLH])
-        self._num_full_refs -= len(fulls)
+                released.append(rec.plh)
+            taken.append(entry)
+        active_partial = self._active_partial
+        if partials:
+            ids = {block.partial_id for block in partials}
+            if len(ids) != len(partials) or not ids <= active_partial.keys():
+                self._undo_deref(taken)
+                self._raise_deref_error(blocks)
+        self._num_full_refs -= len(taken)
         if released:
             self._backend.insert_many(released)
         for block in partials:
-            self._reset.append(active_partial.pop(block.partial_id))  # type: ignore[union-attr]
+            self._reset.append(active_partial.pop(block.partial_id))
+
+    def _undo_deref(self, taken: list[_Block]) -> None:
+        """Give back the handles a failing Deref released (`taken`, in Deref order)."""
+        active_full = self._active_full
+        for entry in reversed(taken):
+            entry.handles += 1
+            active_full[entry.seq] = entry
+            target = entry.target
+            (entry if target is None else target).refs += 1
+
+    def _raise_deref_error(self, blocks: list[RawBlock]) -> NoReturn:
+        """Raise the SignalError of a Deref that cannot apply (nothing has changed)."""
+        if len(set(blocks)) != len(blocks):
+            self._check_deref_counted(blocks)
+        self._check_deref_in_order(blocks)
+        raise InvariantError("Deref failed, yet every block is held")
 
     def _promote(self, signal: Promote) -> None:
         slot = self._active_partial.get(signal.partial_id)
@@ -810,9 +846,9 @@ class KvManager:
         entry = self._active_full.get(seq_hash)
         if entry is not None:
             self._reset.append(slot)
-            rec = entry[0]
-            self._active_full[seq_hash] = (rec, entry[1] + 1)
-            rec[_REFS] += 1
+            entry.handles += 1
+            target = entry.target
+            (entry if target is None else target).refs += 1
             self._num_full_refs += 1
             return
         plh = signal.plh
@@ -821,20 +857,20 @@ class KvManager:
         if found is not None:
             rec = found
             self._reset.append(slot)
-            if not rec[_REFS]:
+            if not rec.refs:
                 self._backend.remove(plh)
             if tracker is not None:
                 tracker.touch(plh)
         else:
             parent_hash = signal.parent_hash
-            rec = [
+            rec = _Block(
                 slot,
                 plh,
                 seq_hash,
                 _NO_PARENT if parent_hash is None else parent_hash,
                 signal.local_hash,
                 0,
-            ]
+            )
             self._registered[plh] = rec
             if token_ids is not None:
                 self._token_ids[plh] = token_ids
@@ -848,8 +884,12 @@ class KvManager:
                     [signal.local_hash],
                     None if token_ids is None else [token_ids],
                 )
-        rec[_REFS] += 1
-        self._active_full[seq_hash] = (rec, 1)
+        rec.refs += 1
+        if rec.seq == seq_hash:
+            rec.handles = 1
+            self._active_full[seq_hash] = rec
+        else:
+            self._active_full[seq_hash] = _alias(seq_hash, rec)
         self._num_full_refs += 1
 
     # ── offload engine (G2) ───────────────────────────────────────────────────────────────
@@ -899,14 +939,14 @@ class KvManager:
             taken = self._take_victim(victim)
             if self._offload is not None:
                 blocked = [taken]
-                blocked_slots = [taken[0][_SLOT]]
+                blocked_slots = [taken[0].slot]
                 self._extend_blocked_batch(blocked, blocked_slots, 1 + count - len(slots))
                 self._reset.extend(slots)
                 self._emit_removed(_DEVICE, evicted)
                 self._offload_evicted(blocked, blocked_slots)
                 return SWAP_IN_BLOCKED
-            evicted.append(taken[0][_SEQ])
-            slots.append(taken[0][_SLOT])
+            evicted.append(taken[0].seq)
+            slots.append(taken[0].slot)
         self._emit_removed(_DEVICE, evicted)
         self._num_reserved += len(slots)
         return slots
@@ -967,14 +1007,14 @@ class KvManager:
                 flush()
                 run_parent = entry.seq_hash
             else:
-                self._registered[entry.plh] = [
+                self._registered[entry.plh] = _Block(
                     slot,
                     entry.plh,
                     entry.seq_hash,
                     _NO_PARENT if prev_hash is None else prev_hash,
                     entry.local_hash,
                     0,
-                ]
+                )
                 if entry.token_ids is not None:
                     self._token_ids[entry.plh] = entry.token_ids
                 if self._tracker is not None:
@@ -999,10 +1039,10 @@ class KvManager:
             return None
         for rec in recs:
             assert rec is not None
-            if rec[_REFS] == 0:
-                self._backend.remove(rec[_PLH])
-            rec[_REFS] += 1
-            self._prefix_pins[rec[_PLH]] += 1
+            if rec.refs == 0:
+                self._backend.remove(rec.plh)
+            rec.refs += 1
+            self._prefix_pins[rec.plh] += 1
         return list(prefix_plhs)
 
     def unpin_g1_prefix(self, pinned_plhs: Sequence[Plh]) -> None:
@@ -1015,15 +1055,15 @@ class KvManager:
             self._prefix_pins[plh] -= 1
             if not self._prefix_pins[plh]:
                 del self._prefix_pins[plh]
-            rec[_REFS] -= 1
-            if rec[_REFS] == 0:
+            rec.refs -= 1
+            if rec.refs == 0:
                 self._backend.insert(plh)
 
     # ── invariants ────────────────────────────────────────────────────────────────────────
 
     def check_invariants(self) -> None:
         """Raise InvariantError unless every structure agrees (tests call this after each step)."""
-        registered_ids = [rec[_SLOT] for rec in self._registered.values()]
+        registered_ids = [rec.slot for rec in self._registered.values()]
         held = (
             len(self._reset)
             + len(registered_ids)
@@ -1042,23 +1082,29 @@ class KvManager:
         if len(set(visible)) != len(visible):
             raise InvariantError("a slot is in two pools at once")
         handles_by_rec: Counter[int] = Counter()
-        for seq_hash, (rec, handles) in self._active_full.items():
+        for seq_hash, entry in self._active_full.items():
+            handles = entry.handles
             if handles <= 0:
                 raise InvariantError(f"active entry {seq_hash:#x} with {handles} handles")
-            if self._registered.get(rec[_PLH]) is not rec:
+            rec = entry if entry.target is None else entry.target
+            if entry.seq != seq_hash or (entry.target is None) != (rec.seq == seq_hash):
+                raise InvariantError(f"active entry {seq_hash:#x} is malformed")
+            if self._registered.get(rec.plh) is not rec:
                 raise InvariantError(f"active entry {seq_hash:#x} names an unregistered block")
             handles_by_rec[id(rec)] += handles
         if sum(handles_by_rec.values()) != self._num_full_refs:
             raise InvariantError("num_full_refs disagrees with the active entries")
         num_inactive = 0
         for plh, rec in self._registered.items():
-            if len(rec) != _REFS + 1 or rec[_PLH] != plh:
-                raise InvariantError(f"registration keyed {plh:#x} is malformed: {rec}")
-            refs = rec[_REFS]
+            if rec.plh != plh or rec.target is not None:
+                raise InvariantError(f"registration keyed {plh:#x} is malformed")
+            if rec.handles and self._active_full.get(rec.seq) is not rec:
+                raise InvariantError(f"block {rec.seq:#x} counts handles under an inactive name")
+            refs = rec.refs
             if refs < handles_by_rec[id(rec)]:
-                raise InvariantError(f"block {rec[_SEQ]:#x} has fewer refs than handles")
+                raise InvariantError(f"block {rec.seq:#x} has fewer refs than handles")
             if (refs == 0) != (plh in self._backend):
-                raise InvariantError(f"block {rec[_SEQ]:#x}: ref_cnt {refs} vs inactive pool")
+                raise InvariantError(f"block {rec.seq:#x}: ref_cnt {refs} vs inactive pool")
             num_inactive += refs == 0
         if num_inactive != len(self._backend):
             raise InvariantError("the eviction backend holds blocks that are not registered")

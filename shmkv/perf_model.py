@@ -118,8 +118,14 @@ class PerfModel:
     def scaled_decode_ms(
         self, batch: int, active_kv_tokens: int, context_length: int, total_kv_tokens: int
     ) -> float:
-        """`decode_ms(...)` divided by the speedup and the decode speedup."""
-        return (
-            decode_ms(batch, active_kv_tokens, context_length, total_kv_tokens)
-            / self._decode_divisor
+        """`decode_ms(...)` divided by the speedup and the decode speedup (inlined: called
+        once per pass)."""
+        if batch <= 0:
+            return 0.0 / self._decode_divisor
+        utilization = active_kv_tokens / total_kv_tokens if total_kv_tokens > 0 else 1.0
+        duration_ms = (
+            DECODE_QUADRATIC * utilization * utilization
+            + DECODE_LINEAR * utilization
+            + DECODE_CONSTANT_MS
         )
+        return max(MIN_DECODE_MS, duration_ms) / self._decode_divisor

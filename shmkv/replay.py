@@ -36,8 +36,6 @@ from shmkv.workload import RequestSpec, Session
 ROUTER_MODES: Final = ("round_robin", "kv")
 HOST_TIER_CREDIT: Final = 0.75
 """How much a host-tier (G2) prefix block is worth to the KV router, relative to a device hit."""
-DECODE_RUN_SKIPS: Final = 8
-"""After a decode run of a single pass, a rank's next 8 steady passes go through `step`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,7 +100,6 @@ class _Rank:
     __slots__ = (
         "busy",
         "clock_ms",
-        "decode_run_skips",
         "idle_retries",
         "index",
         "num_routed",
@@ -120,9 +117,6 @@ class _Rank:
         """`scheduler.has_work()`, refreshed after each of its passes and submissions (nothing
         else changes it)."""
         self.num_routed = 0
-        self.decode_run_skips = 0
-        """Steady passes left to run through `step` before trying `run_decode_passes` again
-        (after a run of one pass: ranks taking turns pass by pass gain nothing from it)."""
 
 
 class Replay:
@@ -272,13 +266,16 @@ class Replay:
         which loses ties), and not after `max_time_ms`. Accounts the passes; None = not one."""
         before_ms = next_arrival_ms
         until_ms = max_time_ms
+        index = rank.index
         for other in self._ranks:
             if other is rank or other.stalled or not other.busy:
                 continue
-            if other.index < rank.index:
-                before_ms = min(before_ms, other.clock_ms)
-            else:
-                until_ms = min(until_ms, other.clock_ms)
+            clock_ms = other.clock_ms
+            if other.index < index:
+                if clock_ms < before_ms:
+                    before_ms = clock_ms
+            elif clock_ms < until_ms:
+                until_ms = clock_ms
         run = rank.scheduler.run_decode_passes(rank.clock_ms, before_ms, until_ms)
         if run is None:
             return None
@@ -328,16 +325,11 @@ class Replay:
             if best.clock_ms > max_time:
                 break
             scheduler = best.scheduler
-            if scheduler.in_steady_decode():
-                if best.decode_run_skips:
-                    best.decode_run_skips -= 1
-                else:
-                    run = self._run_decode_passes(best, next_arrival, max_time)
-                    if run is not None:
-                        outcome.num_passes += len(run.ends_ms)
-                        if len(run.ends_ms) == 1:
-                            best.decode_run_skips = DECODE_RUN_SKIPS
-                        continue
+            if scheduler.in_steady_decode():  # even one pass is cheaper this way than `step`
+                run = self._run_decode_passes(best, next_arrival, max_time)
+                if run is not None:
+                    outcome.num_passes += len(run.ends_ms)
+                    continue
             result = scheduler.step(best.clock_ms)
             best.busy = scheduler.has_work()
             outcome.num_passes += 1

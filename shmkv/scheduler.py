@@ -30,9 +30,10 @@ Steady decode without a Python call per pass (`run_decode_passes`, used by the o
 replay): while every running request is a cohort member and no member leaves, a stretch of
 passes is run in one call. Passes with no block event cost only their duration (their tokens
 are drawn for the whole stretch at once and appended with one slice per member); passes with
-block crossings / allocations go through `step`'s bulk path. The caller bounds the stretch
-in time (the next arrival, other ranks' clocks), so the passes and their results are exactly
-those of calling `step` once per pass.
+block crossings / allocations do what `step`'s bulk path would (`_event_pass`: one bulk token
+draw, then the Promotes). The caller bounds the stretch in time (the next arrival, other
+ranks' clocks), so the passes and their results are exactly those of calling `step` once per
+pass. `step` itself takes this path for a steady pass.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from array import array
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final
 
@@ -60,7 +60,14 @@ from shmkv.manager import (
 )
 from shmkv.offload import OffloadEngine, SwapInHandle
 from shmkv.perf_model import PerfModel
-from shmkv.sequence import ActiveSequence, RandomWords, append_random_tokens, append_tokens
+from shmkv.sequence import (
+    ActiveSequence,
+    RandomWords,
+    append_crossing_tokens,
+    append_random_tokens,
+    append_tokens,
+    random_words,
+)
 from shmkv.signals import Deref, Promote, RawBlock, Use
 
 
@@ -111,55 +118,135 @@ class _Request:
         """Cohort members: the pass that emits their last token (they leave for it)."""
 
 
-@dataclass(slots=True)
 class _SwapIn:
-    request: _Request
-    handle: SwapInHandle
-    slots: list[int]
-    skip_blocks: int
-    pinned_prefix: list[Plh]
-    """The request's G1 prefix (blocks `[0, skip_blocks)`), held until the onboarded blocks are
-    registered behind it: evicting it meanwhile would orphan them (their Stored would name a
-    parent the router was told is gone)."""
+    """A request parked on a G2 -> G1 swap-in."""
+
+    __slots__ = ("handle", "pinned_prefix", "request", "skip_blocks", "slots")
+
+    def __init__(
+        self,
+        request: _Request,
+        handle: SwapInHandle,
+        slots: list[int],
+        skip_blocks: int,
+        pinned_prefix: list[Plh],
+    ) -> None:
+        self.request = request
+        self.handle = handle
+        self.slots = slots
+        self.skip_blocks = skip_blocks
+        self.pinned_prefix = pinned_prefix
+        """The request's G1 prefix (blocks `[0, skip_blocks)`), held until the onboarded
+        blocks are registered behind it: evicting it meanwhile would orphan them (their Stored
+        would name a parent the router was told is gone)."""
 
 
-@dataclass(slots=True)
 class PassResult:
-    """What one pass did. Times are simulated milliseconds."""
+    """What one pass did. Times are simulated milliseconds.
 
-    start_ms: float
-    end_ms: float
-    did_work: bool
-    admissions: list[tuple[RequestId, int]] = field(default_factory=list)
-    """(request, reused input tokens) for every admission of this pass."""
-    first_tokens: list[RequestId] = field(default_factory=list)
-    second_tokens: list[RequestId] = field(default_factory=list)
-    num_decode_tokens: int = 0
-    """Non-first tokens of requests that also emitted in the previous pass of this rank: each
-    one's inter-token latency is `end_ms - prev_end_ms`."""
-    prev_end_ms: float = 0.0
-    token_gaps: list[tuple[RequestId, float]] = field(default_factory=list)
-    """(request, ITL) of non-first tokens whose request skipped the previous pass."""
-    completions: list[tuple[RequestId, int]] = field(default_factory=list)
-    """(request, output tokens) of requests that finished this pass."""
-    rejections: list[RequestId] = field(default_factory=list)
-    preemptions: list[RequestId] = field(default_factory=list)
-    events: list[KvEvent] = field(default_factory=list)
+    A plain class rather than a dataclass: compiled (mypyc), a dataclass's generated
+    `__init__` runs as interpreted code, several times slower than this one."""
+
+    __slots__ = (
+        "admissions",
+        "completions",
+        "did_work",
+        "end_ms",
+        "events",
+        "first_tokens",
+        "num_decode_tokens",
+        "preemptions",
+        "prev_end_ms",
+        "rejections",
+        "second_tokens",
+        "start_ms",
+        "token_gaps",
+    )
+
+    def __init__(
+        self,
+        start_ms: float,
+        end_ms: float,
+        did_work: bool,
+        admissions: list[tuple[RequestId, int]] | None = None,
+        first_tokens: list[RequestId] | None = None,
+        second_tokens: list[RequestId] | None = None,
+        num_decode_tokens: int = 0,
+        prev_end_ms: float = 0.0,
+        token_gaps: list[tuple[RequestId, float]] | None = None,
+        completions: list[tuple[RequestId, int]] | None = None,
+        rejections: list[RequestId] | None = None,
+        preemptions: list[RequestId] | None = None,
+        events: list[KvEvent] | None = None,
+    ) -> None:
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        self.did_work = did_work
+        self.admissions: list[tuple[RequestId, int]] = [] if admissions is None else admissions
+        """(request, reused input tokens) for every admission of this pass."""
+        self.first_tokens: list[RequestId] = [] if first_tokens is None else first_tokens
+        self.second_tokens: list[RequestId] = [] if second_tokens is None else second_tokens
+        self.num_decode_tokens = num_decode_tokens
+        """Non-first tokens of requests that also emitted in the previous pass of this rank:
+        each one's inter-token latency is `end_ms - prev_end_ms`."""
+        self.prev_end_ms = prev_end_ms
+        self.token_gaps: list[tuple[RequestId, float]] = [] if token_gaps is None else token_gaps
+        """(request, ITL) of non-first tokens whose request skipped the previous pass."""
+        self.completions: list[tuple[RequestId, int]] = [] if completions is None else completions
+        """(request, output tokens) of requests that finished this pass."""
+        self.rejections: list[RequestId] = [] if rejections is None else rejections
+        self.preemptions: list[RequestId] = [] if preemptions is None else preemptions
+        self.events: list[KvEvent] = [] if events is None else events
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _PASS_RESULT_FIELDS)
+        return f"PassResult({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PassResult):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in _PASS_RESULT_FIELDS)
 
 
-@dataclass(slots=True)
+_PASS_RESULT_FIELDS: Final = (
+    "start_ms",
+    "end_ms",
+    "did_work",
+    "admissions",
+    "first_tokens",
+    "second_tokens",
+    "num_decode_tokens",
+    "prev_end_ms",
+    "token_gaps",
+    "completions",
+    "rejections",
+    "preemptions",
+    "events",
+)
+
+
 class DecodeRun:
     """What `RankScheduler.run_decode_passes` did: consecutive steady decode passes, pass k
     from `ends_ms[k - 1]` (`start_ms` for the first) to `ends_ms[k]`, each emitting
     `num_decode_tokens` tokens whose ITL is the pass end minus the previous pass end
     (`prev_end_ms` before the first)."""
 
-    start_ms: float
-    prev_end_ms: float
-    ends_ms: list[float]
-    num_decode_tokens: int
-    events: list[tuple[int, list[KvEvent]]]
-    """(pass index in the run, that pass's KV events) for the passes that have some."""
+    __slots__ = ("ends_ms", "events", "num_decode_tokens", "prev_end_ms", "start_ms")
+
+    def __init__(
+        self,
+        start_ms: float,
+        prev_end_ms: float,
+        ends_ms: list[float],
+        num_decode_tokens: int,
+        events: list[tuple[int, list[KvEvent]]],
+    ) -> None:
+        self.start_ms = start_ms
+        self.prev_end_ms = prev_end_ms
+        self.ends_ms = ends_ms
+        self.num_decode_tokens = num_decode_tokens
+        self.events = events
+        """(pass index in the run, that pass's KV events) for the passes that have some."""
 
     def pass_results(self) -> list[PassResult]:
         """The `PassResult` that `step` would have returned for each pass."""
@@ -229,6 +316,7 @@ class RankScheduler:
         self._has_offload = offload is not None
         """Whether the manager has an offload engine (refreshed at every pass)."""
         self.perf = PerfModel(config.speedup_ratio, config.decode_speedup_ratio)
+        self._total_kv_tokens = config.num_gpu_blocks * config.block_size
         self.emit_token_ids = emit_token_ids and enable_events
         self._rng = random.Random(config.seed * 1_000_003 + dp_rank)
         self._prefix_hashes = PrefixHashCache(config.block_size)
@@ -328,26 +416,14 @@ class RankScheduler:
     # ── one pass ──────────────────────────────────────────────────────────────────────────
 
     def step(self, now_ms: float) -> PassResult:
-        if self._cohort_size and not self._explicit and self._cohort_pass not in self._due:
-            run = self.run_decode_passes(now_ms, now_ms, now_ms)  # one plain pass
+        if self._cohort_size and not self._explicit:
+            run = self.run_decode_passes(now_ms, now_ms, now_ms)  # one steady pass
             if run is not None:
                 return run.pass_results()[0]
         return self._step(now_ms)
 
     def _step(self, now_ms: float) -> PassResult:
-        result = PassResult(
-            now_ms,
-            now_ms,
-            False,
-            admissions=[],
-            first_tokens=[],
-            second_tokens=[],
-            token_gaps=[],
-            completions=[],
-            rejections=[],
-            preemptions=[],
-            events=[],
-        )
+        result = PassResult(now_ms, now_ms, False)
         manager = self.manager
         self._has_offload = manager.has_offload_engine()
         if self._has_offload:
@@ -485,7 +561,8 @@ class RankScheduler:
 
         A *plain* pass (no member at a block boundary) costs no per-request work here: its
         tokens are drawn and appended for a whole stretch of such passes at once. A pass with
-        block events runs through `step`'s bulk path.
+        block events (crossings and allocations only, prefix caching on) runs `_event_pass`:
+        what `step`'s bulk path does for it, without the general machinery.
 
         The first pass starts at `now_ms`; each next one starts when the previous ends, and
         runs only while that start is `< before_ms` and `<= until_ms` (the caller's limits:
@@ -507,36 +584,33 @@ class RankScheduler:
         if manager.has_offload_engine():
             return None
         due = self._due
-        scaled_decode_ms = self.perf.scaled_decode_ms
-        total_kv_tokens = config.num_gpu_blocks * self.block_size
+        perf = self.perf
+        total_kv_tokens = self._total_kv_tokens
         base = self._cohort_len_base
-        prev_end_ms = self._prev_end_ms
         ends: list[float] = []
         events: list[tuple[int, list[KvEvent]]] = []
         num_plain = 0
         """Plain passes run but not yet committed (tokens, clocks): see `_commit_plain`."""
         clock = self._cohort_pass
-        start = now_ms
+        start: float = now_ms
+        caching = config.enable_prefix_caching
+        prev_end_ms = self._prev_end_ms
         while len(ends) < _MAX_DECODE_RUN:
+            tokens = base + members * clock
+            end = start + perf.scaled_decode_ms(members, tokens, tokens // members, total_kv_tokens)
+            if end <= start:  # a pass taking no time: `step` handles deadlines
+                break
             if clock in due:
-                if not self._bulk_events_only(clock, start):
+                if not (caching and self._bulk_events_only(clock, start)):
                     break
                 self._commit_plain(num_plain, clock, ends)
                 num_plain = 0
-                result = self._step(start)
-                self._check_steady_result(result, members)
-                end = result.end_ms
-                if result.events:
-                    events.append((len(ends), result.events))
-                clock = self._cohort_pass
+                pass_events = self._event_pass(start, end)
+                if pass_events:
+                    events.append((len(ends), pass_events))
+                clock += 1
                 ends.append(end)
-                if self._explicit or self._cohort_size != members or end <= start:
-                    break
             else:
-                tokens = base + members * clock
-                end = start + scaled_decode_ms(members, tokens, tokens // members, total_kv_tokens)
-                if end <= start:  # a plain pass taking no time: `step` handles deadlines
-                    break
                 if not ends:  # recorded before the run: they belong to its first pass
                     early = manager.take_events()
                     if early:
@@ -576,7 +650,7 @@ class RankScheduler:
             return
         members = self._cohort_size
         count = members * num_passes
-        words = RandomWords(self._rng, count).take(count)
+        words = random_words(self._rng, count)
         if num_passes == 1:
             append_tokens(self._running_tokens, words)
         else:
@@ -588,19 +662,29 @@ class RankScheduler:
         self._pass_index += num_passes
         self._prev_end_ms = self._last_emit_ms = ends[-1]
 
-    def _check_steady_result(self, result: PassResult, members: int) -> None:
-        if (
-            result.admissions
-            or result.first_tokens
-            or result.second_tokens
-            or result.token_gaps
-            or result.completions
-            or result.rejections
-            or result.preemptions
-            or result.num_decode_tokens != members
-            or not result.did_work
-        ):
-            raise InvariantError(f"steady decode pass did more than decode on rank {self.dp_rank}")
+    def _event_pass(self, now_ms: float, end_ms: float) -> list[KvEvent]:
+        """One steady decode pass ending at `end_ms` whose events are block crossings and
+        allocations only (`_bulk_events_only`, prefix caching on): what `_step`'s bulk path
+        does for it, without the general machinery. Returns the pass's KV events."""
+        self._has_offload = False  # `run_decode_passes` checked it
+        crossing, allocating = self._take_due_events(now_ms)
+        manager = self.manager
+        if allocating:  # the scheduling phase: in running order
+            if len(allocating) > 1:
+                allocating.sort(key=_order_of)
+            for request in allocating:
+                partial = request.seq.partial_block
+                if partial is None or not manager.use_partial(partial):
+                    raise InvariantError(f"bulk pass: allocation failed on rank {self.dp_rank}")
+        if crossing:
+            self._emit_crossing_members(crossing)
+        else:
+            append_random_tokens(self._running_tokens, self._rng)
+        self._crossing = []
+        self._cohort_pass += 1
+        self._pass_index += 1
+        self._prev_end_ms = self._last_emit_ms = end_ms
+        return manager.take_events()
 
     # ── the running list and the cohort ───────────────────────────────────────────────────
 
@@ -692,17 +776,32 @@ class RankScheduler:
         due = self._due.pop(clock, None)
         if due is None:
             return crossing, allocating
+        # The next event, as `_plan_event` would plan it: a crossing member allocates its new
+        # block next pass; an allocating one crosses when its token fills that block.
+        after_alloc = clock + self.block_size - 1
+        buckets = self._due
         for request in due:
             if not request.in_cohort or request.event_pass != clock:
                 continue  # stale: it left the cohort or was rescheduled
             kind = request.event_kind
-            if kind == _ALLOC and (self._has_offload or request.blocked_until_ms > now_ms):
-                kind = _LEAVE  # an offload can block the allocation: the per-request path
-            if kind == _LEAVE:
+            if kind == _CROSS:
+                crossing.append(request)
+                kind, event_pass = _ALLOC, clock + 1
+            elif kind == _ALLOC and not (self._has_offload or request.blocked_until_ms > now_ms):
+                allocating.append(request)
+                kind, event_pass = _CROSS, after_alloc
+            else:  # leaving, or an offload could block the allocation: the per-request path
                 self._leave_cohort(request, scheduled=False)
                 continue
-            (crossing if kind == _CROSS else allocating).append(request)
-            self._plan_event(request, len(request.seq.tokens) + 1, clock + 1)
+            if event_pass >= request.leave_pass:
+                kind, event_pass = _LEAVE, request.leave_pass
+            request.event_kind = kind
+            request.event_pass = event_pass
+            bucket = buckets.get(event_pass)
+            if bucket is None:
+                buckets[event_pass] = [request]
+            else:
+                bucket.append(request)
         return crossing, allocating
 
     def _bulk_is_exact(self, explicit: list[_Request], budget: int, num_allocating: int) -> bool:
@@ -1004,6 +1103,10 @@ class RankScheduler:
             append_random_tokens(self._running_tokens, self._rng)
             result.num_decode_tokens += members
             return end_ms
+        if not walk and self.config.enable_prefix_caching:  # only members, some crossing
+            self._emit_crossing_members(crossing)
+            result.num_decode_tokens += members
+            return end_ms
         if crossing:
             walk = sorted(walk + [(r, _CROSSING) for r in crossing], key=_walk_order)
         # Positions are taken before any completion below shrinks the running list. All the
@@ -1037,6 +1140,21 @@ class RankScheduler:
             raise InvariantError(f"bulk pass: {words.remaining} random words left unused")
         result.num_decode_tokens += members
         return end_ms
+
+    def _emit_crossing_members(self, crossing: list[_Request]) -> None:
+        """A pass where only cohort members run and `crossing` ones open a new block with
+        their token: every token in one bulk draw (the words `generate_token` would draw one
+        by one, in running order), then the crossing members' Promotes, in running order."""
+        if len(crossing) > 1:
+            crossing.sort(key=_order_of)
+        orders = self._running_orders
+        positions = [bisect_left(orders, request.order) for request in crossing]
+        partial_ids = append_crossing_tokens(self._running_tokens, positions, self._rng)
+        manager = self.manager
+        for index in range(len(crossing)):
+            promote = crossing[index].seq.open_block(partial_ids[index])
+            if promote is not None:
+                manager.process(promote)
 
     def _emit_one(
         self,

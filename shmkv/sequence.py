@@ -18,6 +18,7 @@ import sys
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from shmkv.errors import ConfigError, SignalError
 from shmkv.hashing import (
@@ -28,7 +29,7 @@ from shmkv.hashing import (
     make_plh,
     token_bytes,
 )
-from shmkv.ids import SEQUENCE_DEFAULT_BLOCK_SIZE, LocalHash, Plh, SeqHash
+from shmkv.ids import SEQUENCE_DEFAULT_BLOCK_SIZE, LocalHash, PartialId, Plh, SeqHash
 from shmkv.signals import (
     Deref,
     FullBlock,
@@ -41,8 +42,16 @@ from shmkv.signals import (
 )
 
 _shared_rng = random.Random(0x5EED)
-_consume = deque[None](maxlen=0).extend
-_BIG_ENDIAN = sys.byteorder == "big"
+# NOTE: Final: compiled (mypyc), Final module names are C statics, not dict lookups per use.
+_consume: Final = deque[None](maxlen=0).extend
+_array_append: Final = array.append
+_BIG_ENDIAN: Final = sys.byteorder == "big"
+
+
+def _random_bytes(rng: random.Random, count: int) -> bytes:
+    """`rng.randbytes(count)`, without its interpreted frame: `random.Random.randbytes` is
+    `getrandbits(count * 8).to_bytes(count, "little")` (CPython's random.py)."""
+    return rng.getrandbits(count * 8).to_bytes(count, "little")
 
 
 def _is_int(value: object) -> bool:
@@ -271,6 +280,43 @@ class ActiveSequence:
         self._partial = PartialBlock(getrandbits(128))
         return promote
 
+    def open_block(self, partial_id: PartialId) -> Promote | None:
+        """The rest of `generate_token` once its token is appended (by `append_crossing_tokens`)
+        and opens a new block: promote the full partial block (returned) and open a partial
+        block `partial_id`. Prefix caching on only (no random block hash to draw)."""
+        tokens = self.tokens
+        bs = self.block_size
+        if len(tokens) % bs != 1 or not self.enable_prefix_caching:
+            raise SignalError(
+                "open_block() needs a caching sequence whose last token opens a block"
+            )
+        partial = self._partial
+        if partial is None:
+            self._partial = PartialBlock(partial_id)
+            return None
+        # `_promote_partial` with caching on, inlined (once per block of every decoding request)
+        seqs = self.seq_hashes
+        index = len(seqs)
+        if index > MAX_POSITION:
+            raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
+        parent = seqs[-1] if seqs else None
+        block = tokens[index * bs : (index + 1) * bs]
+        local, current, plh = hash_block(
+            token_bytes(block) if _BIG_ENDIAN else block.tobytes(), parent, index
+        )
+        self.local_hashes.append(local)
+        seqs.append(current)
+        self.plhs.append(plh)
+        self._partial = PartialBlock(partial_id)
+        return Promote(
+            partial.partial_id,
+            current,
+            parent,
+            local,
+            plh,
+            block.tolist() if self.emit_token_ids else None,
+        )
+
     def next_token_words(self) -> int:
         """How many 32-bit random words the next `generate_token()` draws: one for a random
         token, and on a block boundary two for a random block hash (prefix caching off) and
@@ -342,6 +388,16 @@ class ActiveSequence:
         return signals
 
 
+def random_words(rng: random.Random, count: int) -> array[int]:
+    """The next `count` 32-bit words of `rng`, as `count` calls of `getrandbits(32)` would
+    return them, in one call."""
+    words = array("I")
+    words.frombytes(_random_bytes(rng, 4 * count))
+    if _BIG_ENDIAN:  # pragma: no cover - randbytes packs the 32-bit words little-endian
+        words.byteswap()
+    return words
+
+
 class RandomWords:
     """`count` 32-bit words drawn from `rng` in one call, handed out in order.
 
@@ -354,10 +410,7 @@ class RandomWords:
     __slots__ = ("_position", "_words")
 
     def __init__(self, rng: random.Random, count: int) -> None:
-        self._words = array("I")
-        self._words.frombytes(rng.randbytes(4 * count))
-        if _BIG_ENDIAN:  # pragma: no cover - randbytes packs the 32-bit words little-endian
-            self._words.byteswap()
+        self._words = random_words(rng, count)
         self._position = 0
 
     @property
@@ -388,8 +441,38 @@ def append_tokens(token_arrays: Sequence[array[int]], tokens: Sequence[int]) -> 
     """Bulk decode step: append `tokens[i]` to `token_arrays[i]` (one C-level pass).
 
     Only for sequences whose new token neither crosses a block boundary (`len % block_size`
-    stays != 1) nor completes them: the caller guarantees it."""
-    _consume(map(array.append, token_arrays, tokens))
+    stays != 1) nor completes them (the caller guarantees it), or that finish the step with
+    `open_block` (`append_crossing_tokens`)."""
+    _consume(map(_array_append, token_arrays, tokens))
+
+
+def append_crossing_tokens(
+    token_arrays: Sequence[array[int]], positions: Sequence[int], rng: random.Random
+) -> list[PartialId]:
+    """`append_random_tokens` where the sequences at `positions` (ascending) open a new block
+    with their token: each of those draws, right after its token, the 128-bit id of its new
+    partial block (four words, as `generate_token` with prefix caching on). Returns those ids,
+    in order; the caller finishes each of those sequences' step with `open_block(id)`."""
+    if not positions:
+        append_random_tokens(token_arrays, rng)
+        return []
+    count = len(token_arrays) + 4 * len(positions)
+    data = _random_bytes(rng, 4 * count)
+    words = array("I")
+    words.frombytes(data)
+    if _BIG_ENDIAN:  # pragma: no cover - randbytes packs the 32-bit words little-endian
+        words.byteswap()
+    from_bytes = int.from_bytes
+    partial_ids: list[PartialId] = []
+    # Crossing j's token is word `position + 4 j`, its id the four words after it.
+    for extra, position in enumerate(positions):
+        start = 4 * (position + 4 * extra + 1)
+        partial_ids.append(from_bytes(data[start : start + 16], "little"))
+    for extra in range(len(positions) - 1, -1, -1):
+        start = positions[extra] + 4 * extra + 1
+        del words[start : start + 4]
+    append_tokens(token_arrays, words)
+    return partial_ids
 
 
 def append_random_tokens(token_arrays: Sequence[array[int]], rng: random.Random) -> None:
@@ -399,4 +482,4 @@ def append_random_tokens(token_arrays: Sequence[array[int]], rng: random.Random)
     if count == 1:
         token_arrays[0].append(rng.getrandbits(32))
         return
-    append_tokens(token_arrays, RandomWords(rng, count).take(count))
+    append_tokens(token_arrays, random_words(rng, count))

@@ -95,7 +95,7 @@ class Use:
     ) -> Use:
         """Build from internal blocks without conversion. `num_full`, when given, must be the
         number of int (full) blocks in `raw_blocks`: the caller vouches for it."""
-        self = cls.__new__(cls)
+        self = cls(())
         self._init(raw_blocks, local_hashes, plhs, token_ids, parent, num_full)
         return self
 
@@ -134,7 +134,7 @@ class Deref:
 
     @classmethod
     def from_raw(cls, raw_blocks: list[RawBlock]) -> Deref:
-        self = cls.__new__(cls)
+        self = cls(())
         self.raw_blocks = raw_blocks
         return self
 

@@ -3,7 +3,9 @@
 Wire form of every control message (DEALER <-> ROUTER, never pickle):
 
     frame 0   orjson header {"v": PROTOCOL_VERSION, "t": <type>, ...body}
-    frame 1.. optional raw payload frames (e.g. token ids as little-endian u32)
+    frame 1.. optional raw payload frames (e.g. token ids as little-endian u32, the items
+              of a packed OFFLOAD: `pack_offload_items` / `unpack_offload_items`, or the
+              events of a packed G2_EVENTS: `pack_g2_events` / `unpack_g2_events`)
 
 JSON has no inf/nan: a body must carry non-finite floats through `encode_float`.
 `decode` validates the version, the type, frame counts and sizes and raises `ProtocolError`
@@ -18,14 +20,21 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from itertools import repeat
+from operator import and_, rshift
+from typing import Any, Final, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 import zmq
 
 from shmkv.errors import ConfigError, ProtocolError
+from shmkv.hashing import MAX_POSITION
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +46,16 @@ MAX_FRAMES: Final = 4096
 # Message types. Rank <-> coordinator:
 HELLO: Final = "hello"  # rank -> coord {rank, pid, epoch}
 WELCOME: Final = "welcome"  # coord -> rank {segment, num_ranks, epoch}
-OFFLOAD: Final = "offload"  # rank -> coord {batch, items: [[seq, parent|-1, local, pos]]} + tokens
-OFFLOAD_ACK: Final = "offload_ack"  # coord -> rank {batch, accepted: [i], rejected: [i]}
+# rank -> coord {batch, items: [[seq, parent|-1, local, pos]]} + tokens, or the packed form
+# {batch, num_items, packed: true} + items frame (`pack_offload_items`) + tokens
+OFFLOAD: Final = "offload"
+# coord -> rank {batch, accepted: [i], rejected: [i], deadline_ms, done?}; "done": true when
+# every accepted copy landed already (no OFFLOAD_DONE follows)
+OFFLOAD_ACK: Final = "offload_ack"
 OFFLOAD_DONE: Final = "offload_done"  # coord -> rank {batch, items: [i]} copies finished/dropped
-G2_EVENTS: Final = (
-    "g2_events"  # coord -> every rank {events: [[kind, seq, parent, local]]} + tokens
-)
+# coord -> every rank {num_events, num_stores} + events frame (`pack_g2_events`) + tokens, or
+# the JSON form {events: [[kind, seq, parent, local, position, has_tokens] | ["R", seq]]}
+G2_EVENTS: Final = "g2_events"
 # Supervisor <-> any process:
 READY: Final = "ready"  # {role, rank, pid, version, ...endpoints}
 SUBMIT: Final = (
@@ -77,6 +90,217 @@ MESSAGE_TYPES: Final = frozenset(
         ERROR,
     }
 )
+
+
+PACKED_ITEM_BYTES: Final = 32
+"""A packed OFFLOAD item: four little-endian u64 words (see `pack_offload_items`)."""
+PACKED_HAS_PARENT: Final = 1 << 32
+"""Flag in a packed item's fourth word: the parent word holds a parent hash."""
+MAX_PACKED_ITEMS: Final = MAX_FRAME_BYTES // PACKED_ITEM_BYTES
+_PACKED_BAD_BITS: Final = ((1 << 64) - 1) & ~(PACKED_HAS_PARENT | MAX_POSITION)
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
+
+
+def pack_offload_items(
+    seq_hashes: Sequence[int],
+    parent_hashes: Sequence[int | None],
+    local_hashes: Sequence[int],
+    positions: Sequence[int],
+) -> bytes:
+    """The items frame of a packed OFFLOAD: per item the words `seq`, `parent` (0 when there
+    is none), `local`, `position | PACKED_HAS_PARENT` (the flag only when there is a parent).
+
+    Raises:
+        ProtocolError: columns of different lengths, a hash outside u64, a bad position.
+    """
+    count = len(seq_hashes)
+    if not count == len(parent_hashes) == len(local_hashes) == len(positions):
+        raise ProtocolError("packed OFFLOAD: columns of different lengths")
+    words = array("Q", bytes(PACKED_ITEM_BYTES * count))
+    try:
+        words[0::4] = array("Q", seq_hashes)
+        words[1::4] = array("Q", [0 if p is None else p for p in parent_hashes])
+        words[2::4] = array("Q", local_hashes)
+        words[3::4] = array(
+            "Q",
+            [
+                pos if p is None else pos | PACKED_HAS_PARENT
+                for pos, p in zip(positions, parent_hashes, strict=True)
+            ],
+        )
+    except (OverflowError, TypeError) as exc:
+        raise ProtocolError(f"packed OFFLOAD: hashes must be u64: {exc}") from exc
+    if count and not 0 <= min(positions) <= max(positions) <= MAX_POSITION:
+        raise ProtocolError(f"packed OFFLOAD: positions must be in 0..{MAX_POSITION}")
+    if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
+        words.byteswap()
+    return words.tobytes()
+
+
+def unpack_offload_items(
+    num_items: int, frame: bytes
+) -> tuple[list[int], list[int | None], list[int], list[int]]:
+    """(seq hashes, parent hashes (None for none), local hashes, positions) of a packed
+    OFFLOAD's items frame, validated.
+
+    Raises:
+        ProtocolError: a frame of the wrong size, unknown flag bits, a position out of range,
+            or a parent word set without the flag.
+    """
+    if not 0 <= num_items <= MAX_PACKED_ITEMS or len(frame) != num_items * PACKED_ITEM_BYTES:
+        raise ProtocolError(
+            f"packed OFFLOAD: {num_items} items need {num_items * PACKED_ITEM_BYTES} bytes, "
+            f"got {len(frame)}"
+        )
+    words = array("Q")
+    words.frombytes(frame)
+    if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
+        words.byteswap()
+    meta = words[3::4]
+    if any(map(and_, meta, repeat(_PACKED_BAD_BITS, num_items))):
+        raise ProtocolError("packed OFFLOAD: unknown flag bits or a position out of range")
+    positions = list(map(and_, meta, repeat(MAX_POSITION, num_items)))
+    raw_parents: list[int] = words[1::4].tolist()
+    flags = list(map(rshift, meta, repeat(32, num_items)))
+    if all(flags):
+        parents: list[int | None] = list(raw_parents)
+    else:
+        parents = [p if f else None for p, f in zip(raw_parents, flags, strict=True)]
+        if any(p for p, f in zip(raw_parents, flags, strict=True) if not f):
+            raise ProtocolError("packed OFFLOAD: a parent hash without its flag")
+    return words[0::4].tolist(), parents, words[2::4].tolist(), positions
+
+
+class OffloadColumns(NamedTuple):
+    """A packed OFFLOAD's items as arrays (`unpack_offload_columns`), one entry per item."""
+
+    seqs: npt.NDArray[np.uint64]
+    parents: npt.NDArray[np.uint64]
+    """0 where the item has no parent (`has_parent` False)."""
+    has_parent: npt.NDArray[np.bool_]
+    locals: npt.NDArray[np.uint64]
+    positions: npt.NDArray[np.int64]
+
+
+def unpack_offload_columns(num_items: int, frame: bytes) -> OffloadColumns:
+    """`unpack_offload_items` as arrays (read-only views of `frame` where it can), validated
+    the same way.
+
+    Raises:
+        ProtocolError: as `unpack_offload_items`.
+    """
+    if not 0 <= num_items <= MAX_PACKED_ITEMS or len(frame) != num_items * PACKED_ITEM_BYTES:
+        raise ProtocolError(
+            f"packed OFFLOAD: {num_items} items need {num_items * PACKED_ITEM_BYTES} bytes, "
+            f"got {len(frame)}"
+        )
+    words = np.frombuffer(frame, dtype="<u8").reshape(num_items, 4)
+    meta = words[:, 3]
+    if (meta & np.uint64(_PACKED_BAD_BITS)).any():
+        raise ProtocolError("packed OFFLOAD: unknown flag bits or a position out of range")
+    has_parent = (meta & np.uint64(PACKED_HAS_PARENT)) != 0
+    parents = words[:, 1]
+    if not has_parent.all() and parents[~has_parent].any():
+        raise ProtocolError("packed OFFLOAD: a parent hash without its flag")
+    positions = (meta & np.uint64(MAX_POSITION)).astype(np.int64)
+    return OffloadColumns(words[:, 0], parents, has_parent, words[:, 2], positions)
+
+
+G2_EVENT_REMOVED: Final = 0
+G2_EVENT_STORED: Final = 1
+G2_HAS_PARENT: Final = PACKED_HAS_PARENT
+"""Flag in a packed store's meta word: the parent word holds a parent hash."""
+G2_HAS_TOKENS: Final = 1 << 33
+"""Flag in a packed store's meta word: the tokens frame holds the block's real token ids."""
+_G2_BAD_BITS: Final = ((1 << 64) - 1) & ~(G2_HAS_PARENT | G2_HAS_TOKENS | MAX_POSITION)
+
+
+def g2_events_frame_bytes(num_events: int, num_stores: int) -> int:
+    """Size of a packed G2_EVENTS events frame (`pack_g2_events`)."""
+    return 9 * num_events + 24 * num_stores
+
+
+def pack_g2_events(
+    kinds: bytes, seqs: bytes, parents: bytes, locals_: bytes, metas: bytes
+) -> bytes:
+    """The events frame of a packed G2_EVENTS of n events, m of them stores: little-endian u64
+    words `seq[n]`, then per store (in event order) `parent[m]` (0 when there is none),
+    `local[m]`, `meta[m]` (`position | G2_HAS_PARENT? | G2_HAS_TOKENS?`), then `kind[n]`
+    bytes (`G2_EVENT_STORED` / `G2_EVENT_REMOVED`). Each argument is already in that byte
+    form (the coordinator builds them column by column); only the lengths are checked.
+
+    Raises:
+        ProtocolError: columns of inconsistent lengths.
+    """
+    count, stores = len(kinds), len(parents) // 8
+    if (
+        len(seqs) != 8 * count
+        or len(parents) % 8
+        or not len(parents) == len(locals_) == len(metas)
+        or stores > count
+    ):
+        raise ProtocolError("packed G2_EVENTS: columns of inconsistent lengths")
+    return b"".join((seqs, parents, locals_, metas, kinds))
+
+
+class G2EventColumns(NamedTuple):
+    """A packed G2_EVENTS, validated (`unpack_g2_events`): per event its kind and sequence
+    hash; per store (in event order) parent (-1 for none), local hash, position, has_tokens."""
+
+    kinds: bytes
+    seqs: list[int]
+    parents: list[int]
+    locals: list[int]
+    positions: list[int]
+    has_tokens: list[bool]
+
+
+def unpack_g2_events(num_events: int, num_stores: int, frame: bytes) -> G2EventColumns:
+    """Decode and validate the events frame of a packed G2_EVENTS (`pack_g2_events`).
+
+    Raises:
+        ProtocolError: wrong counts or size, an unknown kind, a store count that does not
+            match the kinds, unknown flag bits, a position out of range, a parent hash
+            without its flag.
+    """
+    if (
+        type(num_events) is not int
+        or type(num_stores) is not int
+        or not 0 <= num_stores <= num_events <= MAX_FRAME_BYTES // 9
+    ):
+        raise ProtocolError(f"packed G2_EVENTS: bad counts {num_events!r}, {num_stores!r}")
+    if len(frame) != g2_events_frame_bytes(num_events, num_stores):
+        raise ProtocolError(
+            f"packed G2_EVENTS: {num_events} events ({num_stores} stores) need "
+            f"{g2_events_frame_bytes(num_events, num_stores)} bytes, got {len(frame)}"
+        )
+    words_end = 8 * (num_events + 3 * num_stores)
+    kinds = bytes(frame[words_end:])
+    if kinds.count(G2_EVENT_STORED) != num_stores or kinds.count(G2_EVENT_REMOVED) != (
+        num_events - num_stores
+    ):
+        raise ProtocolError("packed G2_EVENTS: unknown kinds, or a wrong number of stores")
+    words = np.frombuffer(frame, dtype="<u8", count=num_events + 3 * num_stores)
+    stores = words[num_events:].reshape(3, num_stores)
+    meta = stores[2]
+    if (meta & np.uint64(_G2_BAD_BITS)).any():
+        raise ProtocolError("packed G2_EVENTS: unknown flag bits or a position out of range")
+    has_parent = (meta & np.uint64(G2_HAS_PARENT)) != 0
+    parent_list: list[int] = stores[0].tolist()
+    if not has_parent.all():
+        if stores[0][~has_parent].any():
+            raise ProtocolError("packed G2_EVENTS: a parent hash without its flag")
+        parent_list = [
+            p if flag else -1 for p, flag in zip(parent_list, has_parent.tolist(), strict=True)
+        ]
+    return G2EventColumns(
+        kinds,
+        words[:num_events].tolist(),
+        parent_list,
+        stores[1].tolist(),
+        (meta & np.uint64(MAX_POSITION)).tolist(),
+        ((meta & np.uint64(G2_HAS_TOKENS)) != 0).tolist(),
+    )
 
 
 @dataclass(frozen=True, slots=True)

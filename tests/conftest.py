@@ -12,6 +12,8 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, settings
 
+import shmkv
+
 settings.register_profile(
     "ci",
     derandomize=True,
@@ -22,6 +24,25 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=50)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+CORE_MODE = shmkv.core_mode()
+
+
+def pytest_report_header() -> str:
+    return f"shmkv core: {CORE_MODE}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`pure_core` tests patch or subclass core classes, which compiled (mypyc) classes do not
+    allow: they run in the source-core pass of scripts/test.sh (SHMKV_PURE=1)."""
+    if CORE_MODE != "compiled":
+        return
+    skip = pytest.mark.skip(reason="needs the core from source: run with SHMKV_PURE=1")
+    for item in items:
+        if item.get_closest_marker("pure_core") is not None:
+            item.add_marker(skip)
+
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "shmkv_"

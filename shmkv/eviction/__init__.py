@@ -6,18 +6,22 @@ chosen by a TinyLFU frequency estimate).
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from shmkv.errors import ConfigError
 from shmkv.eviction.base import EvictionBackend, FrequencyTracker
 from shmkv.eviction.lru import LruBackend
 
+if TYPE_CHECKING:
+    from shmkv.eviction.tinylfu import TinyLfuTracker
+
 EvictionName = Literal["lineage", "lru", "multi-lru"]
 EVICTION_NAMES: Final[tuple[str, ...]] = ("lineage", "lru", "multi-lru")
 
 
-def make_backend(name: str, capacity: int) -> tuple[EvictionBackend, FrequencyTracker | None]:
-    """Build the backend `name` for a pool of `capacity` blocks, with its tracker if it uses one."""
+def make_backend(name: str, capacity: int) -> tuple[EvictionBackend, TinyLfuTracker | None]:
+    """Build the backend `name` for a pool of `capacity` blocks, with its tracker if it uses one
+    (typed as the one tracker there is, so a compiled caller calls it directly)."""
     if name == "lru":
         return LruBackend(), None
     if name == "lineage":

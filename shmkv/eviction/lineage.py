@@ -14,10 +14,12 @@ are unique, so the leaf queue is a min-heap of ticks plus a tick -> node map; he
 nodes that stopped being leaves are skipped lazily and compacted away now and then. A real node
 that becomes a leaf again re-enters the queue with its original tick.
 
-Hot-path representation (this sits under every block-manager operation): a node key is the PLH
-with its parent-fragment field cleared, i.e. the int `[mode][position][0][current fragment]`,
-which is unique per (position, current fragment) because the mode follows from the position;
-a node is a 5-int list `[key, plh, tick, parent key, child count]` with -1 for "none".
+Hot-path representation (this sits under every block-manager operation): the nodes of one
+position live in one *level*, a dict keyed by their current fragment; a PLH is decoded into
+(position, current fragment, parent fragment), all small ints, so only the decoding touches the
+128-bit PLH. A node is a `_Node` (int fields, -1 for "none") that knows its level and links to
+its parent node, so pruning walks up without a lookup. Compiled (mypyc) it is a native struct.
+`encode_key` / `decode_key` pack (position, fragment) into one int for other lineage indexes.
 """
 
 from __future__ import annotations
@@ -35,24 +37,15 @@ from shmkv.ids import Plh
 _MODES: Final = ((59, 0, 8), (55, 256, 16), (51, 1 << 16, 24))
 _MODE_SHIFT: Final = 126
 _PLH_LIMIT: Final = len(_MODES) << _MODE_SHIFT
-_KEY_MASK: Final = tuple(
-    (((1 << (2 + pos_bits)) - 1) << (2 * frag)) | ((1 << frag) - 1) for frag, _, pos_bits in _MODES
-)
-"""Per mode: keeps the mode, position and current-fragment fields, clears the parent fragment."""
 
-# Mode 0 (positions 0..255) is by far the common case; its decoding is inlined.
-_M0_END: Final = 1 << _MODE_SHIFT  # every mode-0 PLH is below this
+# Mode 0 (positions 0..255) is by far the common case; its decoding is inlined: `plh >> 118`
+# is the position (a mode-0 PLH is below 1 << 126), the low 59 bits the current fragment and
+# the next 59 the parent fragment.
+_M0_LEVELS: Final = 256
+_M0_POS_SHIFT: Final = 118
+_M0_FRAG_BITS: Final = 59
 _M0_FRAG: Final = (1 << 59) - 1
-_M0_POS_ONE: Final = 1 << 118  # position 1, parent 0, current 0; a PLH below it is a root
-_M0_POS: Final = ((1 << 8) - 1) << 118
-_M0_KEY: Final = _KEY_MASK[0]
 
-# Node fields.
-_KEY: Final = 0
-_PLH: Final = 1  # -1 for a placeholder ghost
-_TICK: Final = 2  # -1 for a ghost
-_PARENT: Final = 3  # -1 for a root or a placeholder ghost
-_CHILDREN: Final = 4
 _NONE: Final = -1
 _COMPACT_SLACK: Final = 64
 """Extra heap entries tolerated on top of twice the heap size after the last rebuild."""
@@ -70,19 +63,15 @@ def decode_key(key: int) -> tuple[int, int]:
     return (key >> (2 * frag_bits)) & ((1 << pos_bits) - 1), key & ((1 << frag_bits) - 1)
 
 
-def _node_key(plh: Plh) -> int:
+def _decode(plh: Plh) -> tuple[int, int, int]:
+    """(position, current fragment, parent fragment) of any PLH; the parent of a node at
+    position p > 0 is (p - 1, parent fragment), across mode boundaries too."""
     if not 0 <= plh < _PLH_LIMIT:
         raise InvariantError(f"Lineage: {plh:#x} is not a positional lineage hash")
-    return plh & _KEY_MASK[plh >> _MODE_SHIFT]
-
-
-def _parent_key(plh: Plh) -> int:
-    """Node key of the parent of `plh` (any mode, across mode boundaries), or -1 for a root."""
     frag_bits, _first, pos_bits = _MODES[plh >> _MODE_SHIFT]
+    mask = (1 << frag_bits) - 1
     position = (plh >> (2 * frag_bits)) & ((1 << pos_bits) - 1)
-    if position == 0:
-        return _NONE
-    return encode_key(position - 1, (plh >> frag_bits) & ((1 << frag_bits) - 1))
+    return position, plh & mask, (plh >> frag_bits) & mask
 
 
 class NodeView(NamedTuple):
@@ -94,89 +83,163 @@ class NodeView(NamedTuple):
     children: int
 
 
+class _Node:
+    """One forest node: a real block, a ghost or a placeholder (see the module docstring)."""
+
+    __slots__ = ("children", "frag", "level", "parent", "plh", "tick")
+
+    def __init__(
+        self,
+        level: dict[int, _Node],
+        frag: int,
+        plh: int,
+        tick: int,
+        parent: _Node | None,
+        children: int,
+    ) -> None:
+        self.level = level
+        """The level (the nodes of this node's position) holding it under `frag`."""
+        self.frag = frag
+        """The current fragment: the node's key in its level."""
+        self.plh = plh
+        """The block's full PLH; _NONE for a placeholder ghost."""
+        self.tick = tick
+        """The insertion tick; _NONE for a ghost."""
+        self.parent = parent
+        """The parent node; None for a root or a placeholder ghost."""
+        self.children = children
+        """How many nodes link to this one."""
+
+
+_NO_NODE: Final = _Node({}, _NONE, _NONE, _NONE, None, 0)
+"""Stands for "no node" where a `_Node` local must always hold one."""
+
+
 class LineageBackend:
     """Leaf-first eviction by insertion tick over the lineage forest of inactive blocks."""
 
-    __slots__ = ("_departed", "_heap", "_heap_limit", "_leaves", "_nodes", "_tick")
+    __slots__ = (
+        "_departed",
+        "_heap",
+        "_heap_limit",
+        "_high",
+        "_leaves",
+        "_low",
+        "_spare",
+        "_tick",
+    )
 
     def __init__(self) -> None:
-        self._nodes: dict[int, list[int]] = {}
-        self._leaves: dict[int, list[int]] = {}  # tick -> real childless node: the leaf queue
+        self._low: list[dict[int, _Node]] = [{} for _ in range(_M0_LEVELS)]
+        """The levels of positions 0..255 (mode 0), by position."""
+        self._high: dict[int, dict[int, _Node]] = {}
+        """The levels of positions >= 256, created on first use."""
+        self._leaves: dict[int, _Node] = {}  # tick -> real childless node: the leaf queue
         self._heap: list[int] = []  # ticks; may also hold stale and duplicate entries
         self._heap_limit = _COMPACT_SLACK  # `remove` rebuilds the heap once it is longer
         self._tick = 0  # the next insertion tick = number of successful inserts so far
         self._departed = 0  # removes + evictions so far; len = _tick - _departed
+        self._spare: list[_Node] = []
+        """Nodes pruned from the forest, reused by the chain inserts of `insert_many` (cheaper
+        than a new object, interpreted and compiled); never more than the forest's peak size."""
+
+    def _level(self, position: int) -> dict[int, _Node]:
+        """The level of `position`, created if needed."""
+        if position < _M0_LEVELS:
+            return self._low[position]
+        level = self._high.get(position)
+        if level is None:
+            level = {}
+            self._high[position] = level
+        return level
+
+    def _find(self, plh: Plh) -> _Node | None:
+        """The node at `plh`'s (position, current fragment), whatever it holds."""
+        position = plh >> _M0_POS_SHIFT
+        if 0 <= position < _M0_LEVELS:
+            return self._low[position].get(plh & _M0_FRAG)
+        if position < 0:
+            return None
+        position, frag, _parent_frag = _decode(plh)
+        return self._level(position).get(frag)
 
     # ------------------------------------------------------------------ operations
     # insert/remove/evict are the block manager's hot path: locals, inlined loops, no helpers.
 
     def insert(self, plh: Plh) -> None:
-        if plh < _M0_END:
-            key = plh & _M0_KEY
-            if plh >= _M0_POS_ONE:
-                parent_key = ((plh & _M0_POS) - _M0_POS_ONE) | ((plh >> 59) & _M0_FRAG)
-            else:
-                parent_key = _NONE
+        position = plh >> _M0_POS_SHIFT
+        if 0 <= position < _M0_LEVELS:
+            frag = plh & _M0_FRAG
+            parent_frag = (plh >> _M0_FRAG_BITS) & _M0_FRAG
+            level = self._low[position]
         else:
-            key = _node_key(plh)
-            parent_key = _parent_key(plh)
-        nodes = self._nodes
-        node = nodes.get(key)
+            position, frag, parent_frag = _decode(plh)
+            level = self._level(position)
+        node = level.get(frag)
         tick = self._tick
         if node is None:
-            nodes[key] = node = [key, plh, tick, parent_key, 0]
-        elif node[_TICK] != _NONE:
-            what = "inserted twice" if node[_PLH] == plh else f"conflicts with {node[_PLH]:#x}"
+            node = _Node(level, frag, plh, tick, None, 0)
+            level[frag] = node
+        elif node.tick != _NONE:
+            what = "inserted twice" if node.plh == plh else f"conflicts with {node.plh:#x}"
             raise InvariantError(f"Lineage: PLH {plh:#x} {what}")
-        elif node[_PLH] == _NONE:  # fill a placeholder ghost (it has children)
-            node[_PLH] = plh
-            node[_TICK] = tick
-            node[_PARENT] = parent_key
-        elif node[_PLH] == plh:  # a ghost left by reactivation: still linked, has children
-            node[_TICK] = tick
+        elif node.plh == _NONE:  # fill a placeholder ghost (it has children)
+            node.plh = plh
+            node.tick = tick
+        elif node.plh == plh:  # a ghost left by reactivation: still linked, has children
+            node.tick = tick
             self._tick = tick + 1
             return
         else:
-            raise InvariantError(f"Lineage: PLH {plh:#x} conflicts with ghost {node[_PLH]:#x}")
+            raise InvariantError(f"Lineage: PLH {plh:#x} conflicts with ghost {node.plh:#x}")
         self._tick = tick + 1
-        if parent_key != _NONE:
-            parent = nodes.get(parent_key)
+        if position:
+            parent_level = self._level(position - 1)
+            parent = parent_level.get(parent_frag)
             if parent is None:
-                nodes[parent_key] = [parent_key, _NONE, _NONE, _NONE, 1]
+                parent = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
+                parent_level[parent_frag] = parent
             else:
-                if not parent[_CHILDREN]:  # an existing childless node is a real leaf
-                    del self._leaves[parent[_TICK]]
-                parent[_CHILDREN] += 1
-        if not node[_CHILDREN]:
+                if not parent.children:  # an existing childless node is a real leaf
+                    del self._leaves[parent.tick]
+                parent.children += 1
+            node.parent = parent
+        if not node.children:
             heappush(self._heap, tick)
             self._leaves[tick] = node
 
     def remove(self, plh: Plh) -> bool:
-        nodes = self._nodes
-        node = nodes.get(plh & _M0_KEY if plh < _M0_END else _node_key(plh))
-        if node is None or node[_PLH] != plh or node[_TICK] == _NONE:
+        position = plh >> _M0_POS_SHIFT
+        if 0 <= position < _M0_LEVELS:  # mode 0: inline decoding
+            node = self._low[position].get(plh & _M0_FRAG)
+        else:
+            node = self._find(plh)
+        if node is None or node.plh != plh or node.tick == _NONE:
             return False
         self._departed += 1
-        if node[_CHILDREN]:
-            node[_TICK] = _NONE  # a ghost that keeps its PLH, parent link and children
+        if node.children:
+            node.tick = _NONE  # a ghost that keeps its PLH, parent link and children
             return True
         leaves = self._leaves
-        del leaves[node[_TICK]]  # its heap entry goes stale
+        del leaves[node.tick]  # its heap entry goes stale
+        spare = self._spare
         # Prune `node` and the ancestor ghosts it leaves childless.
         while True:
-            del nodes[node[_KEY]]
-            parent_key = node[_PARENT]
-            if parent_key == _NONE:
+            del node.level[node.frag]
+            spare.append(node)
+            parent = node.parent
+            if parent is None:
                 break
-            node = nodes[parent_key]
-            node[_CHILDREN] -= 1
-            if node[_CHILDREN]:
+            children = parent.children - 1
+            parent.children = children
+            if children:
                 break
-            tick = node[_TICK]
+            tick = parent.tick
             if tick != _NONE:  # a real parent becomes a leaf again, with its original tick
                 heappush(self._heap, tick)
-                leaves[tick] = node
+                leaves[tick] = parent
                 break
+            node = parent
         if len(self._heap) > self._heap_limit:
             self._compact()
         return True
@@ -191,24 +254,26 @@ class LineageBackend:
         else:
             return None
         self._departed += 1
-        nodes = self._nodes
+        spare = self._spare
         node = victim
         # Prune `node` and the ancestor ghosts it leaves childless (the loop of `remove`).
         while True:
-            del nodes[node[_KEY]]
-            parent_key = node[_PARENT]
-            if parent_key == _NONE:
+            del node.level[node.frag]
+            spare.append(node)
+            parent = node.parent
+            if parent is None:
                 break
-            node = nodes[parent_key]
-            node[_CHILDREN] -= 1
-            if node[_CHILDREN]:
+            children = parent.children - 1
+            parent.children = children
+            if children:
                 break
-            tick = node[_TICK]
+            tick = parent.tick
             if tick != _NONE:  # a real parent becomes a leaf again, with its original tick
                 heappush(heap, tick)
-                leaves[tick] = node
+                leaves[tick] = parent
                 break
-        return victim[_PLH]
+            node = parent
+        return victim.plh
 
     # ------------------------------------------------------------------ bulk operations
     # Same outcome as the scalar loops they replace, for the manager's per-request paths.
@@ -220,72 +285,86 @@ class LineageBackend:
         fills the placeholder the previous one made for its parent, which is kept at hand
         (`fresh`) instead of being looked up and re-checked.
         """
-        nodes = self._nodes
-        setdefault = nodes.setdefault
+        low = self._low
         leaves = self._leaves
         heap = self._heap
+        spare = self._spare
         tick = self._tick
-        fresh: list[int] = []  # the placeholder the previous insert made for its parent ...
-        fresh_key = _NONE  # ... and its key (_NONE: there is none)
+        fresh = _NO_NODE  # the placeholder the previous insert made for its parent ...
+        fresh_position = _NONE  # ... and its position (_NONE: there is none)
         try:
             for plh in plhs:
-                if _M0_POS_ONE <= plh < _M0_END:  # mode 0, not a root: inline decoding
-                    key = plh & _M0_KEY
-                    parent_key = ((plh & _M0_POS) - _M0_POS_ONE) | ((plh >> 59) & _M0_FRAG)
-                    if key == fresh_key:  # the chain case: fill the fresh placeholder
-                        fresh[_PLH] = plh
-                        fresh[_TICK] = tick  # it has a child: not a leaf
-                        fresh[_PARENT] = parent_key
+                position = plh >> _M0_POS_SHIFT
+                if 0 < position < _M0_LEVELS:  # mode 0, not a root: inline decoding
+                    frag = plh & _M0_FRAG
+                    parent_frag = (plh >> _M0_FRAG_BITS) & _M0_FRAG
+                    if position == fresh_position and frag == fresh.frag:  # the chain case
+                        fresh.plh = plh  # fill the fresh placeholder
+                        fresh.tick = tick  # it has a child: not a leaf
                         tick += 1
-                        placeholder = [parent_key, _NONE, _NONE, _NONE, 1]
-                        parent = setdefault(parent_key, placeholder)  # one lookup, not two
+                        parent_level = low[position - 1]
+                        if spare:  # reuse a pruned node as the parent's placeholder
+                            placeholder = spare.pop()
+                            placeholder.level = parent_level
+                            placeholder.frag = parent_frag
+                            placeholder.plh = _NONE
+                            placeholder.tick = _NONE
+                            placeholder.parent = None
+                            placeholder.children = 1
+                        else:
+                            placeholder = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
+                        parent = parent_level.setdefault(parent_frag, placeholder)
+                        fresh.parent = parent
                         if parent is placeholder:
                             fresh = placeholder
-                            fresh_key = parent_key
+                            fresh_position = position - 1
                         else:
-                            if not parent[_CHILDREN]:  # an existing childless node is a leaf
-                                del leaves[parent[_TICK]]
-                            parent[_CHILDREN] += 1
-                            fresh_key = _NONE
+                            spare.append(placeholder)
+                            if not parent.children:  # an existing childless node is a leaf
+                                del leaves[parent.tick]
+                            parent.children += 1
+                            fresh_position = _NONE
                         continue
-                elif plh < _M0_END:
-                    key = plh & _M0_KEY
-                    parent_key = _NONE
+                    level = low[position]
+                elif position == 0:
+                    frag = plh & _M0_FRAG
+                    parent_frag = 0
+                    level = low[0]
                 else:
-                    key = _node_key(plh)
-                    parent_key = _parent_key(plh)
-                fresh_key = _NONE
-                node = nodes.get(key)
+                    position, frag, parent_frag = _decode(plh)
+                    level = self._level(position)
+                fresh_position = _NONE
+                node = level.get(frag)
                 if node is None:
-                    nodes[key] = node = [key, plh, tick, parent_key, 0]
-                elif node[_TICK] != _NONE:
-                    what = (
-                        "inserted twice" if node[_PLH] == plh else f"conflicts with {node[_PLH]:#x}"
-                    )
+                    node = _Node(level, frag, plh, tick, None, 0)
+                    level[frag] = node
+                elif node.tick != _NONE:
+                    what = "inserted twice" if node.plh == plh else f"conflicts with {node.plh:#x}"
                     raise InvariantError(f"Lineage: PLH {plh:#x} {what}")
-                elif node[_PLH] == _NONE:  # fill a placeholder ghost (it has children)
-                    node[_PLH] = plh
-                    node[_TICK] = tick
-                    node[_PARENT] = parent_key
-                elif node[_PLH] == plh:  # a ghost left by reactivation: still linked
-                    node[_TICK] = tick
+                elif node.plh == _NONE:  # fill a placeholder ghost (it has children)
+                    node.plh = plh
+                    node.tick = tick
+                elif node.plh == plh:  # a ghost left by reactivation: still linked
+                    node.tick = tick
                     tick += 1
                     continue
                 else:
                     raise InvariantError(
-                        f"Lineage: PLH {plh:#x} conflicts with ghost {node[_PLH]:#x}"
+                        f"Lineage: PLH {plh:#x} conflicts with ghost {node.plh:#x}"
                     )
-                if parent_key != _NONE:
-                    placeholder = [parent_key, _NONE, _NONE, _NONE, 1]
-                    parent = setdefault(parent_key, placeholder)
+                if position:
+                    parent_level = self._level(position - 1)
+                    placeholder = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
+                    parent = parent_level.setdefault(parent_frag, placeholder)
+                    node.parent = parent
                     if parent is placeholder:
                         fresh = placeholder
-                        fresh_key = parent_key
+                        fresh_position = position - 1
                     else:
-                        if not parent[_CHILDREN]:  # an existing childless node is a real leaf
-                            del leaves[parent[_TICK]]
-                        parent[_CHILDREN] += 1
-                if not node[_CHILDREN]:
+                        if not parent.children:  # an existing childless node is a real leaf
+                            del leaves[parent.tick]
+                        parent.children += 1
+                if not node.children:
                     heappush(heap, tick)
                     leaves[tick] = node
                 tick += 1
@@ -302,64 +381,65 @@ class LineageBackend:
         """
         heap = self._heap
         leaves = self._leaves
-        nodes = self._nodes
+        spare = self._spare
         victims: list[Plh] = []
-        append = victims.append
         remaining = count
         while remaining > 0:
             while heap:
-                node = leaves.pop(heappop(heap), None)  # None: a stale entry
-                if node is not None:
+                found = leaves.pop(heappop(heap), None)  # None: a stale entry
+                if found is not None:
+                    node = found
                     break
             else:
                 break
             while True:  # evict `node`, then maybe its parent, and so on up
-                append(node[_PLH])
+                victims.append(node.plh)
                 remaining -= 1
-                del nodes[node[_KEY]]
-                parent_key = node[_PARENT]
-                if parent_key == _NONE:
+                del node.level[node.frag]
+                spare.append(node)
+                parent = node.parent
+                if parent is None:
                     break
-                parent = nodes[parent_key]
-                children = parent[_CHILDREN] - 1
+                children = parent.children - 1
                 if children:
-                    parent[_CHILDREN] = children
+                    parent.children = children
                     break
                 # The parent is left childless. Its child count is only written back when it
                 # stays in the forest: a ghost is pruned and a next victim is deleted anyway.
-                tick = parent[_TICK]
+                tick = parent.tick
                 if tick == _NONE:  # a ghost left childless: prune it (and maybe more)
                     self._prune_from(parent)
                     break
                 # A real parent becomes a leaf again, with its original tick.
-                if remaining and (tick == node[_TICK] + 1 or not heap or tick < heap[0]):
+                if remaining and (tick == node.tick + 1 or not heap or tick < heap[0]):
                     node = parent  # older than every queued leaf: the next victim
                     continue
-                parent[_CHILDREN] = 0
+                parent.children = 0
                 heappush(heap, tick)
                 leaves[tick] = parent
                 break
         self._departed += count - remaining
         return victims
 
-    def _prune_from(self, node: list[int]) -> None:
+    def _prune_from(self, node: _Node) -> None:
         """Prune the childless ghost `node` and the ancestor ghosts it leaves childless; a real
         ancestor left childless becomes a leaf again, with its original tick."""
-        nodes = self._nodes
         while True:
-            del nodes[node[_KEY]]
-            parent_key = node[_PARENT]
-            if parent_key == _NONE:
+            del node.level[node.frag]
+            self._spare.append(node)
+            parent = node.parent
+            if parent is None:
                 return
-            node = nodes[parent_key]
-            node[_CHILDREN] -= 1
-            if node[_CHILDREN]:
+            children = parent.children - 1
+            parent.children = children
+            if children:
                 return
-            tick = node[_TICK]
+            tick = parent.tick
             if tick != _NONE:
                 heappush(self._heap, tick)
-                self._leaves[tick] = node
+                self._leaves[tick] = parent
                 return
+            node = parent
 
     def _compact(self) -> None:
         """Rebuild the heap from the live leaves, dropping stale and duplicate entries.
@@ -381,62 +461,78 @@ class LineageBackend:
     def __contains__(self, plh: object) -> bool:
         if not isinstance(plh, int) or not 0 <= plh < _PLH_LIMIT:
             return False
-        node = self._nodes.get(_node_key(plh))
-        return node is not None and node[_PLH] == plh and node[_TICK] != _NONE
+        node = self._find(plh)
+        return node is not None and node.plh == plh and node.tick != _NONE
+
+    def _levels(self) -> list[tuple[int, dict[int, _Node]]]:
+        """Every level by position (empty ones too)."""
+        return [*enumerate(self._low), *self._high.items()]
+
+    def _node_at(self, position: int, fragment: int) -> _Node | None:
+        """The node at (position, current fragment), for tests."""
+        return self._level(position).get(fragment)
 
     def leaf_queue(self) -> list[tuple[int, Plh]]:
         """The leaf queue as (tick, PLH) pairs, oldest first; for tests and debugging."""
-        return sorted((tick, node[_PLH]) for tick, node in self._leaves.items())
+        return sorted((tick, node.plh) for tick, node in self._leaves.items())
 
     def forest(self) -> dict[tuple[int, int], NodeView]:
         """Every node by (position, current fragment); for tests and debugging."""
         return {
-            decode_key(key): NodeView(
-                None if node[_PLH] == _NONE else node[_PLH],
-                None if node[_TICK] == _NONE else node[_TICK],
-                None if node[_PARENT] == _NONE else decode_key(node[_PARENT]),
-                node[_CHILDREN],
+            (position, frag): NodeView(
+                None if node.plh == _NONE else node.plh,
+                None if node.tick == _NONE else node.tick,
+                None if node.parent is None else (position - 1, node.parent.frag),
+                node.children,
             )
-            for key, node in self._nodes.items()
+            for position, level in self._levels()
+            for frag, node in level.items()
         }
 
     def check_invariants(self) -> None:
-        nodes = self._nodes
-        children: dict[int, int] = dict.fromkeys(nodes, 0)
+        children: dict[int, int] = {}  # id(node) -> nodes linking to it
         real = 0
-        for key, node in nodes.items():
-            where = decode_key(key)
-            if len(node) != 5 or node[_KEY] != key or encode_key(*where) != key:
-                raise InvariantError(f"Lineage: malformed node {node} at {where}")
-            plh, tick, parent = node[_PLH], node[_TICK], node[_PARENT]
-            if plh == _NONE:
-                if tick != _NONE or parent != _NONE:
-                    raise InvariantError(f"Lineage: placeholder {where} is real or linked")
-            else:
-                if lineage_key(plh) != where:
-                    raise InvariantError(f"Lineage: PLH {plh:#x} stored at {where}")
-                expected_parent = lineage_parent_key(plh)
-                if parent != (_NONE if expected_parent is None else encode_key(*expected_parent)):
-                    raise InvariantError(f"Lineage: node {where} links to the wrong parent")
-            if tick != _NONE:
-                real += 1
-                if not 0 <= tick < self._tick:
-                    raise InvariantError(f"Lineage: node {where} has tick {tick}")
-            elif node[_CHILDREN] <= 0:
-                raise InvariantError(f"Lineage: ghost {where} has no children")
-            if parent != _NONE:
-                if parent not in children:
-                    raise InvariantError(f"Lineage: node {where} links to a missing parent")
-                children[parent] += 1
-        for key, count in children.items():
-            if nodes[key][_CHILDREN] != count:
-                raise InvariantError(
-                    f"Lineage: node {decode_key(key)} counts {nodes[key][_CHILDREN]} children"
-                    f" but {count} link to it"
-                )
+        for position, level in self._levels():
+            for frag, node in level.items():
+                where = (position, frag)
+                if node.frag != frag or node.level is not level:
+                    raise InvariantError(f"Lineage: malformed node at {where}")
+                plh, tick, parent = node.plh, node.tick, node.parent
+                if plh == _NONE:
+                    if tick != _NONE or parent is not None:
+                        raise InvariantError(f"Lineage: placeholder {where} is real or linked")
+                else:
+                    if lineage_key(plh) != where:
+                        raise InvariantError(f"Lineage: PLH {plh:#x} stored at {where}")
+                    linked = None if parent is None else (position - 1, parent.frag)
+                    if linked != lineage_parent_key(plh):
+                        raise InvariantError(f"Lineage: node {where} links to the wrong parent")
+                if tick != _NONE:
+                    real += 1
+                    if not 0 <= tick < self._tick:
+                        raise InvariantError(f"Lineage: node {where} has tick {tick}")
+                elif node.children <= 0:
+                    raise InvariantError(f"Lineage: ghost {where} has no children")
+                if parent is not None:
+                    if self._level(position - 1).get(parent.frag) is not parent:
+                        raise InvariantError(f"Lineage: node {where} links to a missing parent")
+                    children[id(parent)] = children.get(id(parent), 0) + 1
+        for position, level in self._levels():
+            for frag, node in level.items():
+                count = children.get(id(node), 0)
+                if node.children != count:
+                    raise InvariantError(
+                        f"Lineage: node {(position, frag)} counts {node.children} children"
+                        f" but {count} link to it"
+                    )
         if real != len(self):
             raise InvariantError(f"Lineage: {len(self)} real nodes recorded, {real} found")
-        leaves = {n[_TICK]: n for n in nodes.values() if n[_TICK] != _NONE and not n[_CHILDREN]}
+        leaves = {
+            node.tick: node
+            for _position, level in self._levels()
+            for node in level.values()
+            if node.tick != _NONE and not node.children
+        }
         if leaves.keys() != self._leaves.keys() or any(
             self._leaves[tick] is not node for tick, node in leaves.items()
         ):

@@ -18,10 +18,14 @@ import xxhash
 from shmkv.errors import ConfigError
 from shmkv.ids import Plh
 
-_xxh3 = xxhash.xxh3_64_intdigest
+_xxh3: Final = xxhash.xxh3_64_intdigest
 
 SEEDS: Final = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5)
 """The four fixed xxh3 seeds (one per hash function)."""
+_SEED0: Final = SEEDS[0]
+_SEED1: Final = SEEDS[1]
+_SEED2: Final = SEEDS[2]
+_SEED3: Final = SEEDS[3]
 COUNTER_MAX: Final = 15
 RESET_FACTOR: Final = 10
 """A reset happens once `size` reaches RESET_FACTOR * capacity."""
@@ -71,7 +75,11 @@ class TinyLfuTracker:
             return found
         data = plh.to_bytes(16, "little")
         words = len(self._table)
-        h0, h1, h2, h3 = (_xxh3(data, seed=seed) for seed in SEEDS)
+        # NOTE: unrolled, seeds positional: compiled, a generator or keywords are generic calls
+        h0 = _xxh3(data, _SEED0)
+        h1 = _xxh3(data, _SEED1)
+        h2 = _xxh3(data, _SEED2)
+        h3 = _xxh3(data, _SEED3)
         found = (
             h0 % words, (h0 & 15) << 2, h1 % words, (h1 & 15) << 2,
             h2 % words, (h2 & 15) << 2, h3 % words, (h3 & 15) << 2,

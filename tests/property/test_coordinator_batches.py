@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import zmq
 from hypothesis import given, settings, strategies as st
 
 from shmkv import transport as tp
@@ -38,12 +39,12 @@ FIELDS = ("state", "gen", "seq_hash", "parent_hash", "local_hash", "position", "
           "tokens", "index_slot", "pins")  # fmt: skip
 
 
-def _coordinator(tmp: Path, tag: str, batched: bool) -> Coordinator:
+def _coordinator(tmp: Path, tag: str, batched: bool, capacity: int = CAPACITY) -> Coordinator:
     fleet = f"cb{uuid.uuid4().hex[:10]}"
     spec = CoordinatorSpec(
         fleet_id=fleet,
         segment_name=segment_name(fleet),
-        num_g2_blocks=CAPACITY,
+        num_g2_blocks=capacity,
         block_size=BLOCK_SIZE,
         num_ranks=NUM_RANKS,
         endpoint=f"ipc://{tmp}/{tag}c",
@@ -64,7 +65,7 @@ class _Recorder:
         self.sent: list[tuple[int, list[bytes]]] = []
         coord._send_raw = self._record  # type: ignore[method-assign]
 
-    def _record(self, conn: Any, frames: list[bytes]) -> None:
+    def _record(self, conn: Any, frames: list[bytes] | list[zmq.Frame]) -> None:
         msg = tp.decode(frames)
         msg.body.pop("deadline_ms", None)  # "now" on the wall clock: differs between the two
         self.sent.append((conn.rank, [orjson.dumps({"t": msg.type, **msg.body}), *msg.frames]))

@@ -36,6 +36,7 @@ from shmkv.eviction.lru import LruBackend
 from shmkv.g2 import G2Directory, G2RankView, PinnedRun, plhs_of
 from shmkv.hashing import make_plh
 from shmkv.shm import G2Segment
+from tests.refusing_policy import RefusingLru
 
 CAPACITY = 10
 NUM_RANKS = 2
@@ -334,17 +335,6 @@ def test_commit_many_refuses_bad_input_and_changes_nothing(fleet_id: str) -> Non
             directory.close()
 
 
-class _RefusingLru(LruBackend):
-    def __init__(self, refused: int) -> None:
-        super().__init__()
-        self.refused = refused
-
-    def insert(self, plh: int) -> None:
-        if plh == self.refused:
-            raise InvariantError("refused")
-        super().insert(plh)
-
-
 @pytest.mark.parametrize("refused_at", [0, 2, 4])
 def test_a_policy_refusal_mid_batch_stops_where_the_per_block_path_stops(refused_at: int) -> None:
     seqs = [11, 12, 11, 13, 14, 15]  # the third is a duplicate of the first
@@ -357,7 +347,7 @@ def test_a_policy_refusal_mid_batch_stops_where_the_per_block_path_stops(refused
             )
             stack.callback(seg.close)
             stack.callback(seg.unlink)
-            directory = G2Directory(seg, _RefusingLru(refused))
+            directory = G2Directory(seg, RefusingLru(refused))
             stack.callback(directory.close)
             segs.append(seg)
             dirs.append(directory)

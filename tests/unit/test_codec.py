@@ -496,6 +496,7 @@ class _TaggedCleared(AllBlocksCleared):
     ],
     ids=["json", "vllm", "vllm-legacy"],
 )
+@pytest.mark.pure_core  # compiled event classes cannot be subclassed in Python
 def test_subclassed_events_encode_like_their_base(codec: JsonCodec | VllmCodec) -> None:
     base = example_batch()
     first, second, _ = base.events

@@ -33,6 +33,8 @@ from shmkv.sequence import ActiveSequence, RandomWords, append_random_tokens
 from shmkv.signals import Deref, MoveBlock
 from shmkv.workload import RequestSpec, Session, synthetic_sessions
 
+pytestmark = pytest.mark.pure_core  # turns fast paths off by patching core methods
+
 # ── workloads ────────────────────────────────────────────────────────────────────────────
 
 

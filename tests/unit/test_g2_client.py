@@ -152,12 +152,15 @@ def test_offload_is_one_batched_message_and_slots_come_back_after_ack_and_done(
     msg = harness.recv_offload()
     assert msg.type == tp.OFFLOAD
     assert msg.body["has_tokens"] is True
-    wire = msg.body["items"]
-    assert wire[0] == [items[0].meta.seq_hash, -1, items[0].meta.local_hash, 0]
-    assert wire[2][1] == items[1].meta.seq_hash
-    assert wire[2][3] == 2
-    assert len(msg.frames) == 1
-    assert array("I", msg.frames[0]).tolist() == [t for i in items for t in i.meta.token_ids or []]
+    assert msg.body["packed"] is True
+    assert msg.body["num_items"] == 3
+    assert len(msg.frames) == 2
+    seqs, parents, locals_, positions = tp.unpack_offload_items(3, msg.frames[0])
+    assert seqs == [item.meta.seq_hash for item in items]
+    assert parents == [None, items[0].meta.seq_hash, items[1].meta.seq_hash]
+    assert locals_ == [item.meta.local_hash for item in items]
+    assert positions == [0, 1, 2]
+    assert array("I", msg.frames[1]).tolist() == [t for i in items for t in i.meta.token_ids or []]
     assert not harness.router.poll(10), "one message per batch"
     batch = msg.body["batch"]
     assert client.earliest_deadline_ms() == 0.0, "an un-ACKed batch is due at once"
@@ -177,6 +180,68 @@ def test_offload_is_one_batched_message_and_slots_come_back_after_ack_and_done(
     assert client.num_outstanding_batches == 0
     stats = client.stats()
     assert (stats.accepted, stats.rejected, stats.done) == (2, 1, 2)
+
+
+def test_an_ack_that_says_done_releases_every_slot_at_once(harness: Harness) -> None:
+    client = harness.client
+    client.enqueue_evictions(_chain(6, 3), [20, 21, 22])
+    batch = harness.recv_offload().body["batch"]
+    body = {"batch": batch, "accepted": [0, 2], "rejected": [1], "deadline_ms": 0.0, "done": True}
+    harness.deliver(tp.OFFLOAD_ACK, body)
+    assert sorted(client.tick(0.0)) == [20, 21, 22]
+    assert client.num_outstanding_batches == 0
+    assert client.num_quarantined == 0
+    stats = client.stats()
+    assert (stats.accepted, stats.rejected, stats.done) == (2, 1, 2)
+    with pytest.raises(ProtocolError):  # no OFFLOAD_DONE may follow
+        harness.deliver(tp.OFFLOAD_DONE, {"batch": batch, "items": [0]})
+
+
+def _packed_events(events: list[list[Any]]) -> tuple[dict[str, Any], tuple[bytes, ...]]:
+    """The packed G2_EVENTS body and events frame of JSON-form events."""
+
+    def words(values: list[int]) -> bytes:
+        return b"".join(v.to_bytes(8, "little") for v in values)
+
+    stores = [e for e in events if e[0] == "S"]
+    frame = tp.pack_g2_events(
+        bytes(tp.G2_EVENT_STORED if e[0] == "S" else tp.G2_EVENT_REMOVED for e in events),
+        words([e[1] for e in events]),
+        words([max(0, e[2]) for e in stores]),
+        words([e[3] for e in stores]),
+        words(
+            [
+                e[4] | (tp.G2_HAS_PARENT if e[2] >= 0 else 0) | (tp.G2_HAS_TOKENS if e[5] else 0)
+                for e in stores
+            ]
+        ),
+    )
+    return {"num_events": len(events), "num_stores": len(stores)}, (frame,)
+
+
+def test_packed_events_act_as_their_json_form(harness: Harness) -> None:
+    client = harness.client
+    items = _chain(7, 4)
+    stored = harness.store(items[:3])
+    events = [*stored["events"], ["R", items[2].meta.seq_hash]]
+    body, frames = _packed_events(events)
+    harness.deliver(tp.G2_EVENTS, body, (*frames, stored["tokens"]))
+    packed = client.take_events()
+    packed_replica = sorted(client.replica_seq_hashes())
+    harness.deliver(tp.G2_EVENTS, {"events": [["R", i.meta.seq_hash] for i in items[:2]]})
+    client.take_events()
+    assert client.replica_seq_hashes() == []
+    harness.deliver(tp.G2_EVENTS, {"events": events}, (stored["tokens"],))
+    assert client.take_events() == packed
+    assert sorted(client.replica_seq_hashes()) == packed_replica
+    assert _stream(packed) == [
+        *(("S", i.meta.seq_hash) for i in items[:3]),
+        ("R", items[2].meta.seq_hash),
+    ]
+    assert isinstance(packed[1], G2Stored)
+    assert list(packed[1].meta.token_ids or []) == list(items[1].meta.token_ids or [])
+    stats = client.stats()
+    assert (stats.stores_received, stats.removals_received) == (6, 4)
 
 
 def test_an_ack_with_an_infinite_deadline_still_keeps_the_rank_ticking(harness: Harness) -> None:
@@ -203,6 +268,11 @@ def test_an_ack_with_an_infinite_deadline_still_keeps_the_rank_ticking(harness: 
         (tp.G2_EVENTS, {"events": [["X", 1]]}),
         (tp.G2_EVENTS, {"events": [["R", -5]]}),
         (tp.G2_EVENTS, {"events": [], "fence": 0}),
+        (tp.G2_EVENTS, {"num_events": 1, "num_stores": 0}),  # no events frame
+        (tp.G2_EVENTS, {"num_events": 0, "num_stores": 0, "fence": 0}),
+        (tp.G2_EVENTS, {"num_events": -1, "num_stores": 0}),
+        (tp.G2_EVENTS, {"num_stores": 0}),
+        (tp.OFFLOAD_ACK, {"batch": 1, "accepted": [0, 1], "rejected": [], "done": 1}),
         (tp.WELCOME, {"segment": "other", "epoch": 3}),
         (tp.SUBMIT, {}),
     ],

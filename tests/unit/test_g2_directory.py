@@ -29,6 +29,7 @@ from shmkv.shm import (
     RESERVED,
     G2Segment,
 )
+from tests.refusing_policy import RefusingLru
 
 BLOCK_SIZE = 4
 
@@ -594,22 +595,9 @@ def test_policy_keys_are_plhs(pool: Pool) -> None:
     assert make_plh(B, A, 1) in policy
 
 
-class _RefusingLru(LruBackend):
-    """A policy that refuses one key, as Lineage refuses a clashing (position, fragment)."""
-
-    def __init__(self, refused: int) -> None:
-        super().__init__()
-        self.refused = refused
-
-    def insert(self, plh: int) -> None:
-        if plh == self.refused:
-            raise InvariantError("refused")
-        super().insert(plh)
-
-
 def test_a_policy_refusal_leaves_the_slot_reserved(fleet_id: str) -> None:
     with G2Segment.create(f"{fleet_id}p", capacity=4, block_size=BLOCK_SIZE, num_ranks=1) as seg:
-        directory = G2Directory(seg, _RefusingLru(make_plh(B, None, 0)))
+        directory = G2Directory(seg, RefusingLru(make_plh(B, None, 0)))
         try:
             [slot] = directory.reserve(1, owner_rank=0)
             with pytest.raises(InvariantError, match="refused"):

@@ -13,6 +13,8 @@ from shmkv.errors import ConfigError
 from shmkv.hashing import (
     MAX_POSITION,
     chain_sequence_hashes,
+    hash_block,
+    hash_blocks,
     lineage_key,
     lineage_parent_key,
     local_block_hashes,
@@ -244,6 +246,32 @@ def test_hashes_are_deterministic_and_prefix_closed(
 def test_hashes_match_independent_reference(tokens: list[int], block_size: int) -> None:
     assert local_block_hashes(tokens, block_size) == ref_locals(tokens, block_size)
     assert sequence_hashes(tokens, block_size) == ref_seqs(tokens, block_size)
+
+
+@given(
+    tokens=st.lists(st.integers(min_value=0, max_value=U32_MAX), max_size=64),
+    parent=st.none() | U64,
+    position=st.sampled_from([0, 1, 200, 250, 253, 254, 255, 300, 65_534, 65_535]),
+)
+def test_hash_blocks_and_hash_block_pack_plhs_like_make_plh(
+    tokens: list[int], parent: int | None, position: int
+) -> None:
+    """The inlined PLH packing (mode 0 fast paths) and the general one agree, on both sides
+    of the mode boundary, with and without a parent, from bytes or a memoryview."""
+    block_size = 4
+    data = token_bytes(tokens)
+    hashes = hash_blocks(data, block_size, parent, position)
+    assert hash_blocks(memoryview(data), block_size, parent, position) == hashes
+    expected_locals = ref_locals(tokens, block_size)
+    assert hashes.local_hashes == expected_locals
+    prev = parent
+    for i, local in enumerate(expected_locals):
+        seq = local if prev is None else sequence_hash(prev, local)
+        plh = make_plh(seq, prev, position + i)
+        assert (hashes.seq_hashes[i], hashes.plhs[i]) == (seq, plh)
+        block = data[4 * block_size * i : 4 * block_size * (i + 1)]
+        assert hash_block(block, prev, position + i) == (local, seq, plh)
+        prev = seq
 
 
 # ── optional parity with the real router package ─────────────────────────────────────────

@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "shmkv"
 LAYER_OF_MODULE: dict[str, int] = {
     # 0 vocabulary
     "ids": 0,
+    "_native": 0,
     "errors": 0,
     "config": 0,
     "clock": 0,
@@ -36,6 +37,7 @@ LAYER_OF_MODULE: dict[str, int] = {
     # 2 process boundary
     "shm": 2,
     "g2": 2,
+    "g2_lineage": 2,
     "codec": 2,
     "publisher": 2,
     "transport": 2,

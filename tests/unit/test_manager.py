@@ -648,6 +648,7 @@ def manager_run(seed: int, backend: str, fast: bool) -> list[object]:
     return trace
 
 
+@pytest.mark.pure_core  # turns the fast paths off by patching the manager
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_paths_match_the_per_block_loops(backend: str, seed: int) -> None:
@@ -762,3 +763,66 @@ def test_bulk_eviction_keeps_lineage_order_when_a_re_leafed_parent_is_not_next()
     removed = [e for e in mgr.take_events() if isinstance(e, BlockRemoved)]
     assert [list(e.block_hashes) for e in removed] == [[a2, a1, b2, b1, e2, e1, p2, p1]]
     mgr.check_invariants()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bulk_store_gives_up_on_a_registered_plh_and_the_loop_makes_an_alias(backend: str) -> None:
+    """After a miss, the rest of a Use is stored in one go only if none of it is in G1. A later
+    block whose PLH is registered under another name undoes that attempt; the per-block loop
+    then stores the new blocks and holds the registered one under the new name (an alias)."""
+    mgr = make_mgr(16, backend=backend)
+    assert mgr.process(Use([FullBlock(h) for h in (1, 2, 3)], [], [plh(1), plh(2), plh(3)])) == 3
+    mgr.process(Deref([FullBlock(h) for h in (3, 2, 1)]))
+    mgr.take_events()
+    signal = Use([FullBlock(h) for h in (10, 11, 12)], [7, 8, 9], [plh(10), plh(11), plh(2)])
+    assert mgr.process(signal) == 3
+    mgr.check_invariants()
+    assert [mgr.refcount(h) for h in (10, 11, 12, 2)] == [1, 1, 1, 0]
+    assert mgr.is_active(12)
+    assert not mgr.is_active(2)
+    assert mgr.num_active_blocks() == 3  # 10, 11 and the block registered as 2
+    assert mgr.num_inactive_blocks() == 2  # 1 and 3
+    events = mgr.take_events()
+    assert [(stored(e).block_hashes, stored(e).tokens_hashes) for e in events] == [
+        ([10, 11], [7, 8])
+    ]
+    # The alias releases the registered block, which goes inactive again.
+    mgr.process(Deref([FullBlock(12)]))
+    mgr.check_invariants()
+    assert mgr.num_inactive_blocks() == 3
+    assert sorted(mgr.registered_seq_hashes()) == [1, 2, 3, 10, 11]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bulk_store_gives_up_on_a_repeated_block(backend: str) -> None:
+    """A name repeated in the rest of a Use undoes the bulk attempt: the loop stores it once
+    and its repeat takes a second handle, exactly as before."""
+    mgr = make_mgr(8, backend=backend)
+    signal = Use([FullBlock(h) for h in (20, 21, 20)], [], [plh(20), plh(21), plh(20)])
+    assert mgr.process(signal) == 3
+    mgr.check_invariants()
+    assert [mgr.refcount(h) for h in (20, 21)] == [2, 1]
+    assert mgr.num_active_blocks() == 2
+    assert mgr.num_active_block_refs() == 3
+    assert [stored(e).block_hashes for e in mgr.take_events()] == [[20, 21]]
+    mgr.process(Deref([FullBlock(h) for h in (20, 21, 20)]))
+    mgr.check_invariants()
+    assert mgr.num_active_block_refs() == 0
+    assert mgr.num_inactive_blocks() == 2
+
+
+def test_a_failing_deref_gives_back_every_handle_it_released() -> None:
+    """A Deref is applied block by block and undone when a later block is not held: the
+    handles, refcounts and inactive pool are exactly as before."""
+    mgr = make_mgr(8)
+    mgr.process(Use([FullBlock(1), FullBlock(2), PartialBlock(8)], [], [plh(1), plh(2)]))
+    mgr.process(Use([FullBlock(1)], [], [plh(1)]))
+    with pytest.raises(SignalError, match="full block 0x2 is not held"):
+        mgr.process(Deref([FullBlock(1), FullBlock(1), FullBlock(2), FullBlock(2)]))
+    with pytest.raises(SignalError, match="partial block 0x9 is not held"):
+        mgr.process(Deref([FullBlock(2), FullBlock(1), PartialBlock(9)]))
+    mgr.check_invariants()
+    assert [mgr.refcount(1), mgr.refcount(2)] == [2, 1]
+    assert mgr.has_partial(8)
+    assert mgr.num_inactive_blocks() == 0
+    assert mgr.num_active_block_refs() == 4

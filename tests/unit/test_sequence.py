@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+import shmkv
 from shmkv.errors import ConfigError, SignalError
 from shmkv.hashing import (
     local_block_hashes,
@@ -15,7 +16,7 @@ from shmkv.hashing import (
     plh_position,
     sequence_hashes,
 )
-from shmkv.sequence import ActiveSequence
+from shmkv.sequence import ActiveSequence, append_crossing_tokens, random_words
 from shmkv.signals import Deref, FullBlock, MoveBlock, PartialBlock, Promote, Use
 
 
@@ -390,9 +391,90 @@ def test_bad_construction_raises_config_error(
 
 
 def test_non_int_block_size_raises_config_error() -> None:
-    with pytest.raises(ConfigError):
+    # A compiled core checks the argument's type on entry: TypeError, before any state exists.
+    with pytest.raises(TypeError if shmkv.core_mode() == "compiled" else ConfigError):
         ActiveSequence([1, 2], 4, 4.0)  # type: ignore[arg-type]
 
 
 def test_default_block_size_is_64() -> None:
     assert ActiveSequence([1, 2], 4).block_size == 64
+
+
+# ── bulk decode draws (the scheduler's cohort) ───────────────────────────────────────────
+
+
+@pytest.mark.parametrize("emit", [False, True])
+@pytest.mark.parametrize("positions", [[], [0], [3], [0, 1, 2, 3], [1, 3], [2]])
+def test_crossing_token_draws_equal_generate_token_one_by_one(
+    positions: list[int], emit: bool
+) -> None:
+    """`append_crossing_tokens` + `open_block` = one `generate_token` per sequence, in
+    order: the same tokens, partial ids, Promotes, identities and rng state afterwards."""
+
+    def sequences(rng: random.Random) -> list[ActiveSequence]:
+        seqs = []
+        for i in range(4):
+            # crossing ones: 7 prompt tokens + 1 generated = a full partial block at rest
+            # (the next token promotes it); the others: 6 tokens, mid-block
+            length = 7 if i in positions else 6
+            seq = ActiveSequence(list(range(i, i + length)), 20, 4, True, emit, rng=rng)
+            if i in positions:
+                seq.generate_token()
+            seqs.append(seq)
+        return seqs
+
+    bulk_rng, single_rng = random.Random(5), random.Random(5)
+    bulk, single = sequences(bulk_rng), sequences(single_rng)
+    promotes = [seq.generate_token() for seq in single]
+    ids = append_crossing_tokens([seq.tokens for seq in bulk], positions, bulk_rng)
+    assert len(ids) == len(positions)
+    for i, partial_id in zip(positions, ids, strict=True):
+        promote = bulk[i].open_block(partial_id)
+        assert promote is not None
+        assert promote == promotes[i]
+    assert [p for i, p in enumerate(promotes) if i not in positions] == [None] * (
+        4 - len(positions)
+    )
+    for got, want in zip(bulk, single, strict=True):
+        assert got.tokens == want.tokens
+        assert got.partial_block == want.partial_block
+        assert (got.local_hashes, got.seq_hashes, got.plhs) == (
+            want.local_hashes,
+            want.seq_hashes,
+            want.plhs,
+        )
+    assert bulk_rng.getrandbits(64) == single_rng.getrandbits(64)
+
+
+def test_open_block_opens_without_promote_after_a_full_prompt() -> None:
+    seq = seq_of(list(range(8)), seed=3)
+    seq.tokens.append(99)  # the token the bulk draw appended: it opens block 2
+    assert seq.open_block(0xABC) is None
+    assert seq.partial_block == PartialBlock(0xABC)
+    assert seq.num_full_blocks == 2
+
+
+def test_open_block_needs_a_token_opening_a_block_with_caching_on() -> None:
+    seq = seq_of(list(range(6)))
+    with pytest.raises(SignalError, match="open_block"):
+        seq.open_block(7)  # length 6: not a block's first token
+    off = seq_of(list(range(9)), caching=False)
+    with pytest.raises(SignalError, match="open_block"):
+        off.open_block(7)
+
+
+def test_random_words_equal_one_draw_per_word() -> None:
+    bulk, single = random.Random(4), random.Random(4)
+    assert list(random_words(bulk, 5)) == [single.getrandbits(32) for _ in range(5)]
+    assert bulk.getrandbits(32) == single.getrandbits(32)
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 64])
+def test_random_words_consume_the_stream_like_randbytes(count: int) -> None:
+    """`random_words` draws with `getrandbits` what `Random.randbytes` would (the same bytes,
+    the same generator state after)."""
+    bulk, reference = random.Random(9), random.Random(9)
+    data = reference.randbytes(4 * count)
+    expected = [int.from_bytes(data[i : i + 4], "little") for i in range(0, 4 * count, 4)]
+    assert list(random_words(bulk, count)) == expected
+    assert bulk.getrandbits(64) == reference.getrandbits(64)

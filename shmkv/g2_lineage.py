@@ -1,0 +1,327 @@
+"""Layer 2: the G2 pool's Lineage eviction policy, built for the coordinator's batches.
+
+Same policy, same victims in the same order as `shmkv.eviction.lineage.LineageBackend` (a
+property test runs both side by side): a forest over the READY blocks keyed by (position,
+current fragment) of their PLH; only leaves (real nodes without children) are evictable, oldest
+insertion tick first; a parent left childless becomes a leaf again with its original tick;
+removing a node with children leaves a ghost; a child whose parent is absent makes a
+placeholder ghost for it.
+
+What differs is the cost of the coordinator's pattern. The coordinator commits chains parent
+first (a position-sorted OFFLOAD: each block the child of the one before), and a G1 block
+manager's bulk path is built for the opposite, tail-first order. `insert_many` here links each
+such run of brand-new blocks inline and queues only its last block as a leaf (the scalar
+inserts queue and dequeue every block, leaving stale heap entries); so `evict_many` can then
+walk up a chain without heap traffic while the parent is provably the oldest leaf.
+
+Node: a 5-int list `[key, plh, tick, parent key, child count]`, -1 for "none"; key = the PLH
+with its parent-fragment field cleared (unique per (position, current fragment)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from heapq import heapify, heappop, heappush
+from typing import Final
+
+from shmkv.errors import InvariantError
+from shmkv.eviction.lineage import decode_key, encode_key
+from shmkv.hashing import lineage_key, lineage_parent_key
+from shmkv.ids import Plh
+
+# Per PLH mode (top two bits): (fragment bits, first position of the mode, position bits);
+# mirrors `shmkv.hashing` (tests pin the decoding against lineage_key / lineage_parent_key).
+_MODES: Final = ((59, 0, 8), (55, 256, 16), (51, 1 << 16, 24))
+_MODE_SHIFT: Final = 126
+_PLH_LIMIT: Final = len(_MODES) << _MODE_SHIFT
+_KEY_MASK: Final = tuple(
+    (((1 << (2 + pos_bits)) - 1) << (2 * frag)) | ((1 << frag) - 1) for frag, _, pos_bits in _MODES
+)
+_M0_END: Final = 1 << _MODE_SHIFT
+_M0_FRAG: Final = (1 << 59) - 1
+_M0_POS_ONE: Final = 1 << 118
+_M0_POS: Final = ((1 << 8) - 1) << 118
+_M0_KEY: Final = _KEY_MASK[0]
+
+_KEY: Final = 0
+_PLH: Final = 1  # -1 for a placeholder ghost
+_TICK: Final = 2  # -1 for a ghost
+_PARENT: Final = 3  # -1 for a root or a placeholder ghost
+_CHILDREN: Final = 4
+_NONE: Final = -1
+_COMPACT_SLACK: Final = 64
+
+
+def _node_key(plh: Plh) -> int:
+    if not 0 <= plh < _PLH_LIMIT:
+        raise InvariantError(f"Lineage: {plh:#x} is not a positional lineage hash")
+    return plh & _KEY_MASK[plh >> _MODE_SHIFT]
+
+
+def _parent_key(plh: Plh) -> int:
+    """Node key of the parent of `plh` (any mode, across mode boundaries), or -1 for a root."""
+    frag_bits, _first, pos_bits = _MODES[plh >> _MODE_SHIFT]
+    position = (plh >> (2 * frag_bits)) & ((1 << pos_bits) - 1)
+    if position == 0:
+        return _NONE
+    return encode_key(position - 1, (plh >> frag_bits) & ((1 << frag_bits) - 1))
+
+
+class G2Lineage:
+    """Leaf-first eviction by insertion tick over the lineage forest of the READY G2 blocks."""
+
+    __slots__ = ("_departed", "_heap", "_heap_limit", "_leaves", "_nodes", "_tick")
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, list[int]] = {}
+        self._leaves: dict[int, list[int]] = {}  # tick -> real childless node: the leaf queue
+        self._heap: list[int] = []  # ticks; may also hold stale and duplicate entries
+        self._heap_limit = _COMPACT_SLACK
+        self._tick = 0  # the next insertion tick = number of successful inserts so far
+        self._departed = 0  # removes + evictions so far; len = _tick - _departed
+
+    # ------------------------------------------------------------------ operations
+
+    def insert(self, plh: Plh) -> None:
+        if plh < _M0_END:
+            key = plh & _M0_KEY
+            if plh >= _M0_POS_ONE:
+                parent_key = ((plh & _M0_POS) - _M0_POS_ONE) | ((plh >> 59) & _M0_FRAG)
+            else:
+                parent_key = _NONE
+        else:
+            key = _node_key(plh)
+            parent_key = _parent_key(plh)
+        nodes = self._nodes
+        node = nodes.get(key)
+        tick = self._tick
+        if node is None:
+            nodes[key] = node = [key, plh, tick, parent_key, 0]
+        elif node[_TICK] != _NONE:
+            what = "inserted twice" if node[_PLH] == plh else f"conflicts with {node[_PLH]:#x}"
+            raise InvariantError(f"Lineage: PLH {plh:#x} {what}")
+        elif node[_PLH] == _NONE:  # fill a placeholder ghost (it has children)
+            node[_PLH] = plh
+            node[_TICK] = tick
+            node[_PARENT] = parent_key
+        elif node[_PLH] == plh:  # a ghost left by a removal: still linked, has children
+            node[_TICK] = tick
+            self._tick = tick + 1
+            return
+        else:
+            raise InvariantError(f"Lineage: PLH {plh:#x} conflicts with ghost {node[_PLH]:#x}")
+        self._tick = tick + 1
+        if parent_key != _NONE:
+            parent = nodes.get(parent_key)
+            if parent is None:
+                nodes[parent_key] = [parent_key, _NONE, _NONE, _NONE, 1]
+            else:
+                if not parent[_CHILDREN]:  # an existing childless node is a real leaf
+                    del self._leaves[parent[_TICK]]
+                parent[_CHILDREN] += 1
+        if not node[_CHILDREN]:
+            heappush(self._heap, tick)
+            self._leaves[tick] = node
+
+    def insert_many(self, plhs: Iterable[Plh]) -> None:
+        """`for plh in plhs: insert(plh)`; on a refusal the PLHs before it stay inserted.
+
+        A brand-new block whose parent is the block inserted just before (a chain stored
+        parent first) is linked inline, and only the last block of such a run enters the leaf
+        queue: the scalar inserts would queue every block and dequeue it at the next one
+        (leaving stale heap entries that slow evictions down). Anything else takes `insert`.
+        """
+        nodes = self._nodes
+        leaves = self._leaves
+        heap = self._heap
+        tick = self._tick
+        last: list[int] | None = None  # the childless node inserted just before ...
+        last_key = _NONE  # ... its key (_NONE: there is none) ...
+        queued = False  # ... and whether it is in the leaf queue already
+        try:
+            for plh in plhs:
+                if _M0_POS_ONE <= plh < _M0_END:  # mode 0, not a root: inline decoding
+                    key = plh & _M0_KEY
+                    if (
+                        last_key != _NONE
+                        and ((plh & _M0_POS) - _M0_POS_ONE) | ((plh >> 59) & _M0_FRAG) == last_key
+                        and key not in nodes
+                    ):
+                        assert last is not None
+                        if queued:  # it stops being a leaf (its heap entry goes stale)
+                            del leaves[last[_TICK]]
+                            queued = False
+                        last[_CHILDREN] = 1
+                        last = [key, plh, tick, last_key, 0]
+                        nodes[key] = last
+                        last_key = key
+                        tick += 1
+                        continue
+                if last is not None and not queued:
+                    heappush(heap, last[_TICK])
+                    leaves[last[_TICK]] = last
+                self._tick = tick
+                last, last_key = None, _NONE
+                self.insert(plh)
+                tick = self._tick
+                node = nodes.get(plh & _M0_KEY if plh < _M0_END else _node_key(plh))
+                if node is not None and not node[_CHILDREN] and node[_PLH] == plh:
+                    last, last_key, queued = node, node[_KEY], True
+        finally:
+            if last is not None and not queued:
+                heappush(heap, last[_TICK])
+                leaves[last[_TICK]] = last
+            self._tick = tick
+
+    def remove(self, plh: Plh) -> bool:
+        nodes = self._nodes
+        node = nodes.get(plh & _M0_KEY if plh < _M0_END else _node_key(plh))
+        if node is None or node[_PLH] != plh or node[_TICK] == _NONE:
+            return False
+        self._departed += 1
+        if node[_CHILDREN]:
+            node[_TICK] = _NONE  # a ghost that keeps its PLH, parent link and children
+            return True
+        del self._leaves[node[_TICK]]  # its heap entry goes stale
+        self._prune_from(node)
+        if len(self._heap) > self._heap_limit:
+            self._compact()
+        return True
+
+    def evict(self) -> Plh | None:
+        victims = self.evict_many(1)
+        return victims[0] if victims else None
+
+    def evict_many(self, count: int) -> list[Plh]:
+        """Up to `count` victims, in the order `count` calls of `evict` would return them.
+
+        When a victim leaves its parent a childless real node and that parent is provably the
+        oldest leaf (its tick follows the victim's, or precedes every queued tick), the parent
+        is the next victim, taken without a trip through the heap.
+        """
+        heap = self._heap
+        leaves = self._leaves
+        nodes = self._nodes
+        victims: list[Plh] = []
+        append = victims.append
+        remaining = count
+        while remaining > 0:
+            while heap:
+                node = leaves.pop(heappop(heap), None)  # None: a stale entry
+                if node is not None:
+                    break
+            else:
+                break
+            while True:  # evict `node`, then maybe its parent, and so on up
+                append(node[_PLH])
+                remaining -= 1
+                del nodes[node[_KEY]]
+                parent_key = node[_PARENT]
+                if parent_key == _NONE:
+                    break
+                parent = nodes[parent_key]
+                children = parent[_CHILDREN] - 1
+                if children:
+                    parent[_CHILDREN] = children
+                    break
+                tick = parent[_TICK]
+                if tick == _NONE:  # a ghost left childless: prune it (and maybe more)
+                    parent[_CHILDREN] = 0
+                    self._prune_from(parent)
+                    break
+                if remaining and (tick == node[_TICK] + 1 or not heap or tick < heap[0]):
+                    node = parent  # older than every queued leaf: the next victim
+                    continue
+                parent[_CHILDREN] = 0
+                heappush(heap, tick)
+                leaves[tick] = parent
+                break
+        self._departed += count - remaining
+        return victims
+
+    def _prune_from(self, node: list[int]) -> None:
+        """Delete the childless `node` and the ancestor ghosts it leaves childless; a real
+        ancestor left childless becomes a leaf again, with its original tick."""
+        nodes = self._nodes
+        while True:
+            del nodes[node[_KEY]]
+            parent_key = node[_PARENT]
+            if parent_key == _NONE:
+                return
+            node = nodes[parent_key]
+            node[_CHILDREN] -= 1
+            if node[_CHILDREN]:
+                return
+            tick = node[_TICK]
+            if tick != _NONE:
+                heappush(self._heap, tick)
+                self._leaves[tick] = node
+                return
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the live leaves (drops stale and duplicate entries)."""
+        self._heap = list(self._leaves)
+        heapify(self._heap)
+        self._heap_limit = 2 * len(self._heap) + _COMPACT_SLACK
+
+    # ------------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return self._tick - self._departed
+
+    def __contains__(self, plh: object) -> bool:
+        if not isinstance(plh, int) or not 0 <= plh < _PLH_LIMIT:
+            return False
+        node = self._nodes.get(_node_key(plh))
+        return node is not None and node[_PLH] == plh and node[_TICK] != _NONE
+
+    def leaf_order(self) -> list[Plh]:
+        """The evictable PLHs, oldest first (for tests and debugging)."""
+        return [self._leaves[tick][_PLH] for tick in sorted(self._leaves)]
+
+    def check_invariants(self) -> None:
+        nodes = self._nodes
+        children: dict[int, int] = dict.fromkeys(nodes, 0)
+        real = 0
+        for key, node in nodes.items():
+            where = decode_key(key)
+            if len(node) != 5 or node[_KEY] != key or encode_key(*where) != key:
+                raise InvariantError(f"Lineage: malformed node {node} at {where}")
+            plh, tick, parent = node[_PLH], node[_TICK], node[_PARENT]
+            if plh == _NONE:
+                if tick != _NONE or parent != _NONE:
+                    raise InvariantError(f"Lineage: placeholder {where} is real or linked")
+            else:
+                if lineage_key(plh) != where:
+                    raise InvariantError(f"Lineage: PLH {plh:#x} stored at {where}")
+                expected_parent = lineage_parent_key(plh)
+                if parent != (_NONE if expected_parent is None else encode_key(*expected_parent)):
+                    raise InvariantError(f"Lineage: node {where} links to the wrong parent")
+            if tick != _NONE:
+                real += 1
+                if not 0 <= tick < self._tick:
+                    raise InvariantError(f"Lineage: node {where} has tick {tick}")
+            elif node[_CHILDREN] <= 0:
+                raise InvariantError(f"Lineage: ghost {where} has no children")
+            if parent != _NONE:
+                if parent not in children:
+                    raise InvariantError(f"Lineage: node {where} links to a missing parent")
+                children[parent] += 1
+        for key, count in children.items():
+            if nodes[key][_CHILDREN] != count:
+                raise InvariantError(
+                    f"Lineage: node {decode_key(key)} counts {nodes[key][_CHILDREN]} children"
+                    f" but {count} link to it"
+                )
+        if real != len(self):
+            raise InvariantError(f"Lineage: {len(self)} real nodes recorded, {real} found")
+        leaves = {n[_TICK]: n for n in nodes.values() if n[_TICK] != _NONE and not n[_CHILDREN]}
+        if leaves.keys() != self._leaves.keys() or any(
+            self._leaves[tick] is not node for tick, node in leaves.items()
+        ):
+            raise InvariantError("Lineage: leaf queue differs from the real childless nodes")
+        if not self._leaves.keys() <= set(self._heap):
+            raise InvariantError("Lineage: a queued leaf has no heap entry")
+
+
+__all__ = ["G2Lineage"]
