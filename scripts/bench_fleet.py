@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shmkv import transport as tp  # noqa: E402
+from shmkv import core_mode, transport as tp  # noqa: E402
 from shmkv.clock import MonotonicClock  # noqa: E402
 from shmkv.config import EngineConfig  # noqa: E402
 from shmkv.coordinator import Coordinator, CoordinatorSpec  # noqa: E402
@@ -246,6 +246,7 @@ def bench_coordinator(
     coord_cpu = None if cpu_start is None or cpu_stop is None else cpu_stop - cpu_start
     return {
         "bench": "coordinator_offload",
+        "core": core_mode(),
         "ranks": ranks,
         "wire": wire,
         "batch_blocks": batch,

@@ -25,6 +25,7 @@ import time
 
 import psutil
 
+from shmkv import core_mode
 from shmkv.config import EngineConfig
 from shmkv.fleet import Fleet, FleetOptions
 from shmkv.workload import synthetic_sessions
@@ -109,6 +110,7 @@ def main() -> None:
             json.dumps(
                 {
                     "bench": "fleet_w1_scaling",
+                    "core": core_mode(),
                     "ranks": num_ranks,
                     "median_output_tokens_per_wall_s": round(rate),
                     "median_wall_s": med("wall_s"),

@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+from shmkv import core_mode
 from shmkv.config import EngineConfig
 from shmkv.replay import ReplayOptions, run_replay
 from shmkv.workload import Session, synthetic_sessions
@@ -96,6 +97,7 @@ def bench(name: str, runs: int, eviction: str) -> dict[str, object]:
     assert isinstance(output_tokens, int)
     return {
         "workload": name,
+        "core": core_mode(),
         "eviction": eviction,
         "runs": runs,
         "median_wall_ms": round(median, 1),
