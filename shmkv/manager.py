@@ -365,7 +365,6 @@ class KvManager:
         parent = signal.parent
         active_full = self._active_full
         registered = self._registered
-        backend = self._backend
         tracker = self._tracker
         reset = self._reset
         offload = self._offload
@@ -388,72 +387,54 @@ class KvManager:
         try_bulk = offload is None and tracker is None and signal.num_full > 2
         for block in blocks[num_hits:] if num_hits else blocks:
             if type(block) is int:
-                entry = active_full.get(block)
-                if entry is not None:  # hit on a block active under this name
-                    entry.handles += 1
-                    target = entry.target
-                    (entry if target is None else target).refs += 1
-                else:
-                    plh = plhs[full_idx]
-                    found = registered.get(plh)
-                    if found is not None:  # hit on a registered block (maybe inactive)
-                        if not found.refs:
-                            backend.remove(plh)
-                        if tracker is not None:
-                            tracker.touch(plh)
-                        found.refs += 1
-                        if found.seq == block:
-                            found.handles = 1
-                            active_full[block] = found
-                        else:
-                            active_full[block] = _alias(block, found)
-                    else:  # NewStore: take a slot
-                        if try_bulk:  # only at the first miss: store the rest in one go?
-                            try_bulk = False
-                            stored = self._store_rest_in_bulk(signal, processed, full_idx, prev)
-                            if stored is not None:
-                                count, tail = stored
-                                evicted += tail
-                                num_refs += count
-                                if run_start < 0:
-                                    run_start = full_idx
-                                    run_parent = prev
-                                full_idx += count
-                                processed += count
-                                if processed < len(blocks):  # the trailing partial block
-                                    processed += self._use_tail_partial(blocks[-1], evicted)
-                                break
-                        if reset:
-                            slot = reset.popleft()
-                        else:
-                            taken = self._evict_for_slot(
-                                blocks,
-                                processed + 1,
-                                plhs,
-                                full_idx + 1,
-                                evicted,
-                                blocked,
-                                blocked_slots,
-                            )
-                            if taken is None:
-                                break
-                            slot = taken
-                        local = local_hashes[full_idx] if local_hashes else 0
-                        rec = _Block(slot, plh, block, prev, local, 1)
-                        registered[plh] = rec
-                        if token_ids is not None:
-                            token_map[plh] = token_ids[full_idx]
-                        if tracker is not None:
-                            tracker.touch(plh)
-                        active_full[block] = rec
-                        num_refs += 1
-                        if run_start < 0:
-                            run_start = full_idx
-                            run_parent = prev
-                        full_idx += 1
-                        prev = block
-                        processed += 1
-                        continue
+                plh = plhs[full_idx]
+                if not self._take_hit(block, plh):  # NewStore: take a slot
+                    if try_bulk:  # only at the first miss: store the rest in one go?
+                        try_bulk = False
+                        stored = self._store_rest_in_bulk(signal, processed, full_idx, prev)
+                        if stored is not None:
+                            count, tail = stored
+                            evicted += tail
+                            num_refs += count
+                            if run_start < 0:
+                                run_start = full_idx
+                                run_parent = prev
+                            full_idx += count
+                            processed += count
+                            if processed < len(blocks):  # the trailing partial block
+                                processed += self._use_tail_partial(blocks[-1], evicted)
+                            break
+                    if reset:
+                        slot = reset.popleft()
+                    else:
+                        taken = self._evict_for_slot(
+                            blocks,
+                            processed + 1,
+                            plhs,
+                            full_idx + 1,
+                            evicted,
+                            blocked,
+                            blocked_slots,
+                        )
+                        if taken is None:
+                            break
+                        slot = taken
+                    local = local_hashes[full_idx] if local_hashes else 0
+                    rec = _Block(slot, plh, block, prev, local, 1)
+                    registered[plh] = rec
+                    if token_ids is not None:
+                        token_map[plh] = token_ids[full_idx]
+                    if tracker is not None:
+                        tracker.touch(plh)
+                    active_full[block] = rec
+                    num_refs += 1
+                    if run_start < 0:
+                        run_start = full_idx
+                        run_parent = prev
+                    full_idx += 1
+                    prev = block
+                    processed += 1
+                    continue
                 # A hit ends the current run of new blocks.
                 num_refs += 1
                 if run_start >= 0:
@@ -493,36 +474,40 @@ class KvManager:
         prompt prefix held by a request in flight) or a registered block (a cached prefix,
         maybe inactive: it leaves the eviction backend). No slot, no event, and no run of new
         blocks has started yet, so the loop's run bookkeeping is not needed."""
-        active_full = self._active_full
-        registered = self._registered
-        remove = self._backend.remove
-        tracker = self._tracker
+        take_hit = self._take_hit
         num_hits = 0  # = the full index: every block before this one was a full block
         for block in blocks:
-            if type(block) is not int:
+            if type(block) is not int or not take_hit(block, plhs[num_hits]):
                 break
-            entry = active_full.get(block)
-            if entry is not None:
-                entry.handles += 1
-                target = entry.target
-                (entry if target is None else target).refs += 1
-            else:
-                plh = plhs[num_hits]
-                found = registered.get(plh)
-                if found is None:
-                    break
-                if not found.refs:
-                    remove(plh)
-                if tracker is not None:
-                    tracker.touch(plh)
-                found.refs += 1
-                if found.seq == block:
-                    found.handles = 1
-                    active_full[block] = found
-                else:
-                    active_full[block] = _alias(block, found)
             num_hits += 1
         return num_hits
+
+    def _take_hit(self, block: SeqHash, plh: Plh) -> bool:
+        """One more handle on full block `block` (PLH `plh`) if G1 holds it, for `_use` and
+        `_use_leading_hits`: active under this name, or registered (a cached block, maybe
+        inactive: it leaves the eviction backend). False on a miss, with nothing changed."""
+        active_full = self._active_full
+        entry = active_full.get(block)
+        if entry is not None:  # hit on a block active under this name
+            entry.handles += 1
+            target = entry.target
+            (entry if target is None else target).refs += 1
+            return True
+        found = self._registered.get(plh)
+        if found is None:
+            return False
+        if not found.refs:
+            self._backend.remove(plh)
+        tracker = self._tracker
+        if tracker is not None:
+            tracker.touch(plh)
+        found.refs += 1
+        if found.seq == block:
+            found.handles = 1
+            active_full[block] = found
+        else:
+            active_full[block] = _alias(block, found)
+        return True
 
     def _store_rest_in_bulk(
         self, signal: Use, start: int, full_idx: int, prev: int

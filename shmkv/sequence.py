@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from shmkv.errors import ConfigError, SignalError
+from shmkv.errors import ConfigError, InvariantError, SignalError
 from shmkv.hashing import (
     MAX_POSITION,
     BlockHashes,
@@ -60,6 +60,11 @@ def _is_int(value: object) -> bool:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _no_random_hash(_num_bits: int) -> int:
+    """The draw `_promote_partial` never makes with prefix caching on."""
+    raise InvariantError("a prefix-caching sequence draws no random block hash")
 
 
 class ActiveSequence:
@@ -290,32 +295,10 @@ class ActiveSequence:
             raise SignalError(
                 "open_block() needs a caching sequence whose last token opens a block"
             )
-        partial = self._partial
-        if partial is None:
-            self._partial = PartialBlock(partial_id)
-            return None
-        # `_promote_partial` with caching on, inlined (once per block of every decoding request)
-        seqs = self.seq_hashes
-        index = len(seqs)
-        if index > MAX_POSITION:
-            raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
-        parent = seqs[-1] if seqs else None
-        block = tokens[index * bs : (index + 1) * bs]
-        local, current, plh = hash_block(
-            token_bytes(block) if _BIG_ENDIAN else block.tobytes(), parent, index
-        )
-        self.local_hashes.append(local)
-        seqs.append(current)
-        self.plhs.append(plh)
+        # Caching on: `_promote_partial` draws nothing.
+        promote = None if self._partial is None else self._promote_partial(_no_random_hash)
         self._partial = PartialBlock(partial_id)
-        return Promote(
-            partial.partial_id,
-            current,
-            parent,
-            local,
-            plh,
-            block.tolist() if self.emit_token_ids else None,
-        )
+        return promote
 
     def next_token_words(self) -> int:
         """How many 32-bit random words the next `generate_token()` draws: one for a random

@@ -164,49 +164,12 @@ class LineageBackend:
         return self._level(position).get(frag)
 
     # ------------------------------------------------------------------ operations
-    # insert/remove/evict are the block manager's hot path: locals, inlined loops, no helpers.
+    # remove/evict are the block manager's hot path: locals, inlined loops, no helpers. (Its
+    # inserts come in bulk, so `insert` is `insert_many` of one.)
 
     def insert(self, plh: Plh) -> None:
-        position = plh >> _M0_POS_SHIFT
-        if 0 <= position < _M0_LEVELS:
-            frag = plh & _M0_FRAG
-            parent_frag = (plh >> _M0_FRAG_BITS) & _M0_FRAG
-            level = self._low[position]
-        else:
-            position, frag, parent_frag = _decode(plh)
-            level = self._level(position)
-        node = level.get(frag)
-        tick = self._tick
-        if node is None:
-            node = _Node(level, frag, plh, tick, None, 0)
-            level[frag] = node
-        elif node.tick != _NONE:
-            what = "inserted twice" if node.plh == plh else f"conflicts with {node.plh:#x}"
-            raise InvariantError(f"Lineage: PLH {plh:#x} {what}")
-        elif node.plh == _NONE:  # fill a placeholder ghost (it has children)
-            node.plh = plh
-            node.tick = tick
-        elif node.plh == plh:  # a ghost left by reactivation: still linked, has children
-            node.tick = tick
-            self._tick = tick + 1
-            return
-        else:
-            raise InvariantError(f"Lineage: PLH {plh:#x} conflicts with ghost {node.plh:#x}")
-        self._tick = tick + 1
-        if position:
-            parent_level = self._level(position - 1)
-            parent = parent_level.get(parent_frag)
-            if parent is None:
-                parent = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
-                parent_level[parent_frag] = parent
-            else:
-                if not parent.children:  # an existing childless node is a real leaf
-                    del self._leaves[parent.tick]
-                parent.children += 1
-            node.parent = parent
-        if not node.children:
-            heappush(self._heap, tick)
-            self._leaves[tick] = node
+        # One placement logic for both: a single PLH takes insert_many's general path.
+        self.insert_many((plh,))
 
     def remove(self, plh: Plh) -> bool:
         position = plh >> _M0_POS_SHIFT
