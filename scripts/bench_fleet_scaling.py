@@ -8,8 +8,10 @@ every rank count alike.
 
 Each line also gives the median CPU seconds each process spent during the run (psutil
 `cpu_times`, user + system, from just before `run()` to just after it): the supervisor, the
-coordinator (0 when G2 is off: there is none) and the ranks summed. CPU seconds do not
-depend on how busy the machine is, so they show where the work goes even on a shared box.
+coordinator (0 when G2 is off: there is none) and the ranks summed, and the 1-minute load
+average when the line is printed. CPU seconds depend less than wall time on how busy the
+machine is, so they show where the work goes even on a shared box (a loaded 2-core VM still
+moves them by tens of percent: compare runs at a similar load).
 
     .venv/bin/python scripts/bench_fleet_scaling.py [--ranks 1 2 4] [--repeats 3]
 """
@@ -116,6 +118,7 @@ def main() -> None:
                     "median_wall_s": med("wall_s"),
                     "ratio_to_first": round(rate / baseline, 3),
                     "runs": [round(r["tokens_per_wall_s"]) for r in runs[num_ranks]],
+                    "loadavg_1m": round(os.getloadavg()[0], 2),
                     "cpu_s": {
                         "supervisor": med("supervisor_cpu_s"),
                         "coordinator": med("coordinator_cpu_s"),

@@ -74,18 +74,25 @@ difference from handling them one by one: the group's evictions all come before 
 block claimed by an earlier message of the group is a duplicate even if that message then
 loses it (a PLH twin rejected at commit): a miss. When the pool comes up short, the messages
 not covered in full go one by one after the others (same drops as one by one). Any other
-message first ends the pending group. `group_offloads = False` turns grouping off.
+message first ends the pending group. `group_offloads = False` turns grouping off. Plain
+packed OFFLOADs (with token ids, big enough for the batched paths) are screened lazily: they
+wait, and are screened together (one numpy pass over all their items, one set of their hashes:
+`_screen_packed_group`) when something else comes or the turn ends; if any item is malformed or
+not new, they are screened one by one instead, in arrival order, exactly as when read.
 
-Cost (scripts/bench_fleet.py): per group a fixed number of numpy calls; per block the column
-screening (`unpack_offload_columns` for a packed OFFLOAD, whose arrays go on to
-`G2Directory.commit_screened` and the packed events), the PLH, the Lineage policy
-(`shmkv.g2_lineage`: one insert, one evict), dict/set bookkeeping. `Coordinator.batched = False`
-keeps the per-item reference path (tests compare them).
+Cost (scripts/bench_fleet.py): per group a fixed number of numpy calls (screening, one
+`G2Directory.reserve_many_array`, the PLHs of the whole group as two 64-bit words:
+`g2.plhs_of_columns`, one `commit_screened` whose batches the Lineage links as chains:
+`G2Lineage.insert_chains`); per block the Lineage policy (`shmkv.g2_lineage`, compiled: one
+insert, one evict), joining its PLH, dict/set bookkeeping. The loop runs without automatic
+garbage collection (`_periodic_gc`: one `gc.collect()` per stats interval).
+`Coordinator.batched = False` keeps the per-item reference path (tests compare them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -95,6 +102,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from operator import attrgetter
@@ -110,10 +118,10 @@ from shmkv import transport as tp
 from shmkv.bandwidth import BandwidthModel
 from shmkv.clock import MonotonicClock
 from shmkv.errors import ConfigError, InvariantError, ProtocolError
-from shmkv.g2 import G2Directory, plhs_of
+from shmkv.g2 import G2Directory, plhs_of, plhs_of_columns
 from shmkv.g2_lineage import G2Lineage
 from shmkv.hashing import MAX_POSITION
-from shmkv.ids import U64_MASK, DpRank, SeqHash
+from shmkv.ids import U64_MASK, DpRank, Plh, SeqHash
 from shmkv.shm import FLAG_HAS_PARENT, READY, SEGMENT_PREFIX, G2Segment
 
 logger = logging.getLogger(__name__)
@@ -133,6 +141,11 @@ _SHARED_FRAME_BYTES: Final = 16 * 1024
 _SEGMENT_NAME_RE: Final = re.compile(rf"{SEGMENT_PREFIX}([A-Za-z0-9-]+)_g2")
 _NO_PARENT: Final = -1
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
+_SNDMORE: Final = int(zmq.SNDMORE)
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_PACKED_BAD_BITS: Final = np.uint64(((1 << 64) - 1) & ~(tp.PACKED_HAS_PARENT | MAX_POSITION))
+_PACKED_HAS_PARENT: Final = np.uint64(tp.PACKED_HAS_PARENT)
+_MAX_POSITION_U64: Final = np.uint64(MAX_POSITION)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -496,6 +509,12 @@ class Coordinator:
         assert router is not None
         assert sup is not None
         next_stats = time.monotonic() + self.spec.stats_interval_s
+        with _periodic_gc():
+            self._serve(router, sup, next_stats)
+        return 0
+
+    def _serve(self, router: zmq.Socket[bytes], sup: zmq.Socket[bytes], next_stats: float) -> None:
+        """The loop of `run` (until STOP or `request_stop`)."""
         while not self._stop:
             ready = dict(self._poller.poll(self._poll_timeout_ms(next_stats)))
             if self._wakeup_fd is not None and self._wakeup_fd in ready:
@@ -517,8 +536,8 @@ class Coordinator:
                 self._settle_for_drain()
             if time.monotonic() >= next_stats:
                 self._send_sup(tp.RESULTS, self.stats_dict(include_pins=True))
+                gc.collect()
                 next_stats = time.monotonic() + self.spec.stats_interval_s
-        return 0
 
     def _poll_timeout_ms(self, next_stats: float) -> int:
         wait_s = max(0.0, next_stats - time.monotonic())
@@ -554,9 +573,11 @@ class Coordinator:
         handled = 0
         group: list[_Offload] = []
         claimed: set[SeqHash] = set()
+        pending: list[tuple[bytes, _Rank, tp.Message]] = []
+        """Plain packed OFFLOADs read but not screened yet (`_screen_pending`)."""
         while handled < limit:
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                frames = _recv_frames(router)
             except zmq.Again:
                 break
             handled += 1
@@ -564,10 +585,29 @@ class Coordinator:
             if identity in self._ignored:
                 self.stats.ignored_messages += 1
                 continue
+            # NOTE: decoding changes nothing, so it may run before the pending screening
+            msg: tp.Message | None = None
+            error: ProtocolError | None = None
             try:
                 msg = tp.decode(frames[1:])
-                conn = self._by_identity.get(identity) if msg.type == tp.OFFLOAD else None
-                if conn is not None and self.group_offloads:
+            except ProtocolError as exc:
+                error = exc
+            conn = None
+            if msg is not None and msg.type == tp.OFFLOAD and self.group_offloads:
+                conn = self._by_identity.get(identity)
+                if conn is not None and self._is_plain_packed(msg):
+                    pending.append((identity, conn, msg))
+                    continue
+            if pending:  # INVARIANT: screened in arrival order, before this message
+                self._screen_pending(pending, group, claimed)
+                if identity in self._ignored:  # an earlier message of this peer made it so
+                    self.stats.ignored_messages += 1
+                    continue
+            try:
+                if error is not None:
+                    raise error
+                assert msg is not None
+                if conn is not None:
                     group.append(self._screen_offload(conn, msg, claimed))
                     continue
                 if group:  # INVARIANT: earlier OFFLOADs are handled before any other message
@@ -576,9 +616,117 @@ class Coordinator:
                 self._handle_rank_message(identity, msg)
             except ProtocolError as exc:
                 self._bad_message(identity, str(exc))
+        if pending:
+            self._screen_pending(pending, group, claimed)
         if group:
             self._offload_group(group)
         return handled
+
+    def _is_plain_packed(self, msg: tp.Message) -> bool:
+        """Whether an OFFLOAD is packed, with token ids, and of the right shape for its item
+        count (enough items for the batched paths): what `_screen_packed_group` screens."""
+        body, frames = msg.body, msg.frames
+        num_items = body.get("num_items")
+        return (
+            body.get("packed", False) is True
+            and body.get("has_tokens", True) is True
+            and type(body.get("batch")) is int
+            and type(num_items) is int
+            and self._batching(num_items)
+            and num_items <= tp.MAX_PACKED_ITEMS
+            and len(frames) == 2
+            and len(frames[0]) == num_items * tp.PACKED_ITEM_BYTES
+            and len(frames[1]) == num_items * self._token_bytes
+        )
+
+    def _screen_pending(
+        self,
+        pending: list[tuple[bytes, _Rank, tp.Message]],
+        group: list[_Offload],
+        claimed: set[SeqHash],
+    ) -> None:
+        """Screen the plain packed OFFLOADs of `pending` (in order) into `group`; empties it.
+
+        All at once (`_screen_packed_group`) when every item of every one is valid and new;
+        else one by one, exactly as they would have been when read.
+        """
+        if not pending:
+            return
+        screened = self._screen_packed_group(pending, claimed)
+        if screened is not None:
+            group.extend(screened)
+        else:
+            for identity, conn, msg in pending:
+                if identity in self._ignored:  # an earlier message of this peer made it so
+                    self.stats.ignored_messages += 1
+                    continue
+                try:
+                    group.append(self._screen_offload(conn, msg, claimed))
+                except ProtocolError as exc:
+                    self._bad_message(identity, str(exc))
+        pending.clear()
+
+    def _screen_packed_group(
+        self, pending: list[tuple[bytes, _Rank, tp.Message]], claimed: set[SeqHash]
+    ) -> list[_Offload] | None:
+        """`_screen_offload` of plain packed OFFLOADs, with one numpy pass over all their
+        items; None (nothing changed) unless every item is valid (the checks of
+        `transport.unpack_offload_columns`) and new (not READY, in flight, claimed, or
+        repeated), i.e. unless every message would be accepted whole."""
+        counts = [int(msg.body["num_items"]) for _identity, _conn, msg in pending]
+        total = sum(counts)
+        items = b"".join([msg.frames[0] for _identity, _conn, msg in pending])
+        words = np.frombuffer(items, dtype="<u8").reshape(total, 4)
+        meta = words[:, 3]
+        if (meta & _PACKED_BAD_BITS).any():
+            return None
+        has_parent = (meta & _PACKED_HAS_PARENT) != 0
+        parents_arr = words[:, 1]
+        if not has_parent.all() and parents_arr[~has_parent].any():
+            return None
+        positions_arr = (meta & _MAX_POSITION_U64).astype(np.int64)
+        columns = _Columns(words[:, 0], parents_arr, has_parent, words[:, 2], positions_arr)
+        seqs, parents, locals_, positions = _column_lists(columns)
+        seq_set = set(seqs)
+        inflight = self._inflight
+        if (
+            len(seq_set) != total
+            or not self.directory.ready_seqs.isdisjoint(seq_set)
+            or (inflight and not inflight.keys().isdisjoint(seq_set))
+            or (claimed and not claimed.isdisjoint(seq_set))
+        ):
+            return None
+        tokens = np.frombuffer(
+            b"".join([msg.frames[1] for _identity, _conn, msg in pending]), dtype="<u4"
+        ).reshape(total, self._block_size)
+        if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
+            tokens = tokens.astype(np.uint32)
+        screened: list[_Offload] = []
+        start = 0
+        for (_identity, conn, msg), count in zip(pending, counts, strict=True):
+            stop = start + count
+            cand = _Candidates(
+                list(range(count)),
+                seqs[start:stop],
+                parents[start:stop],
+                locals_[start:stop],
+                positions[start:stop],
+            )
+            part = _Columns(
+                columns.seqs[start:stop],
+                parents_arr[start:stop],
+                has_parent[start:stop],
+                columns.locals[start:stop],
+                positions_arr[start:stop],
+            )
+            offload = _Offload(conn, msg.body["batch"], cand, [], tokens[start:stop], part)
+            screened.append(offload)
+            start = stop
+        stats = self.stats
+        stats.offload_messages += len(pending)
+        stats.offload_items += total
+        claimed.update(seq_set)
+        return screened
 
     def _bad_message(self, identity: bytes, reason: str) -> None:
         self.stats.bad_messages += 1
@@ -722,13 +870,14 @@ class Coordinator:
                 columns: _Columns | None = tp.unpack_offload_columns(num_items, msg.frames[0])
                 assert columns is not None
                 token_rows = self._parse_tokens(num_items, body, msg.frames[1:])
-                cand, rejected = self._screen_columns(_column_lists(columns), claimed)
+                cand, rejected, seq_set = self._screen_columns(_column_lists(columns), claimed)
                 if rejected or not self._batching(num_items):
                     columns = None
             else:
                 columns = None
                 token_rows = self._parse_tokens(num_items, body, msg.frames)
                 cand, rejected = self._screen(raw_items, claimed)
+                seq_set = None
         except ProtocolError as exc:
             # The rank waits for this batch: tell it nothing was taken, then count the error.
             self._send_rank(
@@ -748,7 +897,7 @@ class Coordinator:
         stats.offload_items += num_items
         stats.deduped += len(rejected)
         if claimed is not None:
-            claimed.update(cand.seqs)
+            claimed.update(cand.seqs if seq_set is None else seq_set)
         return _Offload(conn, batch, cand, rejected, token_rows, columns)
 
     def _offload_group(self, group: list[_Offload]) -> None:
@@ -765,7 +914,8 @@ class Coordinator:
         """
         wanted = [len(entry.cand.idxs) for entry in group]
         total = sum(wanted)
-        slots = self._reserve_for(group, wanted, total, self._batching(total))
+        slot_arr = self._reserve_for(group, wanted, total, self._batching(total))
+        slots: list[int] = slot_arr.tolist()
         covered = len(group)
         if len(slots) < total and len(group) > 1:
             covered, kept = 0, 0
@@ -776,14 +926,21 @@ class Coordinator:
             for slot in reversed(slots[kept:]):  # NOTE: reversed: the free stack pops in order
                 directory.abort(slot)
             del slots[kept:]
+            slot_arr = slot_arr[:kept]
         self._queue_evictions()
-        self._land_group(group[:covered], wanted[:covered], slots)
+        self._land_group(group[:covered], wanted[:covered], slots, slot_arr)
         for entry in group[covered:]:
             self._offload_group([entry])
 
-    def _land_group(self, group: list[_Offload], wanted: list[int], slots: list[int]) -> None:
-        """Hand out `slots` in order, drop what they do not cover, land or queue the copies,
-        then ACK every OFFLOAD of `group`."""
+    def _land_group(
+        self,
+        group: list[_Offload],
+        wanted: list[int],
+        slots: list[int],
+        slot_arr: npt.NDArray[np.intp],
+    ) -> None:
+        """Hand out `slots` (`slot_arr`: the same as an array) in order, drop what they do not
+        cover, land or queue the copies, then ACK every OFFLOAD of `group`."""
         stats = self.stats
         stats.accepted += len(slots)
         batching = self._batching(len(slots))
@@ -791,8 +948,11 @@ class Coordinator:
         deadlines: list[float] = []
         staged = _Staged()
         offset = 0
+        group_plhs = _group_plhs(group) if batching else None
+        plh_offset = 0
         for entry, want in zip(group, wanted, strict=True):
             got = slots[offset : offset + want]
+            got_arr = slot_arr[offset : offset + want]
             offset += len(got)
             cand = entry.cand
             if len(got) < want:
@@ -801,7 +961,11 @@ class Coordinator:
                 entry.rejected.sort()
                 cand.truncate(len(got))
                 entry = entry._replace(columns=None)
-            deadlines.append(self._land_or_queue(entry, got, now, batching, staged))
+            plhs = None
+            if group_plhs is not None:
+                plhs = group_plhs[plh_offset : plh_offset + len(got)]
+                plh_offset += want
+            deadlines.append(self._land_or_queue(entry, got, got_arr, plhs, now, batching, staged))
         self._commit_staged(staged)
         for entry, deadline in zip(group, deadlines, strict=True):
             conn, accepted = entry.conn, entry.cand.idxs
@@ -822,35 +986,42 @@ class Coordinator:
 
     def _reserve_for(
         self, group: list[_Offload], wanted: list[int], total: int, batching: bool
-    ) -> list[int]:
+    ) -> npt.NDArray[np.intp]:
         """Slots for the group's candidates, in order (the first ones when the pool is short)."""
         if total == 0:
-            return []
+            return np.zeros(0, dtype=np.intp)
         directory = self.directory
-        if len(group) == 1:
-            return directory.reserve(total, group[0].conn.rank, vectorized=batching)
         if batching:
-            owners: list[DpRank] = []
-            for entry, want in zip(group, wanted, strict=True):
-                owners += [entry.conn.rank] * want
-            return directory.reserve_many(owners)
+            ranks = np.array([entry.conn.rank for entry in group], dtype=np.int64)
+            return directory.reserve_many_array(np.repeat(ranks, wanted))
+        if len(group) == 1:
+            got = directory.reserve(total, group[0].conn.rank, vectorized=False)
+            return np.array(got, dtype=np.intp)
         slots: list[int] = []
         for entry, want in zip(group, wanted, strict=True):
             got = directory.reserve(want, entry.conn.rank, vectorized=False) if want else []
             slots += got
             if len(got) < want:
                 break  # the pool is short: later entries get nothing
-        return slots
+        return np.array(slots, dtype=np.intp)
 
     def _land_or_queue(
-        self, entry: _Offload, slots: list[int], now: float, batching: bool, staged: _Staged
+        self,
+        entry: _Offload,
+        slots: list[int],
+        slot_arr: npt.NDArray[np.intp],
+        plhs: list[Plh] | None,
+        now: float,
+        batching: bool,
+        staged: _Staged,
     ) -> float:
-        """Commit (or stage for one `commit_many`) or queue the accepted items of one OFFLOAD;
-        returns the ACK's deadline."""
+        """Commit (or stage for one `commit_many`) or queue the accepted items of one OFFLOAD
+        (`plhs`: theirs, if the caller has them); returns the ACK's deadline."""
         if not slots:
             return math.inf
         cand, conn = entry.cand, entry.conn
-        plhs = plhs_of(cand.seqs, cand.parents, cand.positions)
+        if plhs is None:
+            plhs = plhs_of(cand.seqs, cand.parents, cand.positions)
         if not self._instant:
             items = self._track_items(conn.rank, entry.batch, cand, slots, plhs, entry.token_rows)
             return self._queue_transfers(conn, items, now)
@@ -858,7 +1029,7 @@ class Coordinator:
             batching
             and not self._inflight
             and not self._deferred
-            and self._stage_batch(entry, slots, plhs, staged)
+            and self._stage_batch(entry, slots, slot_arr, plhs, staged)
         ):
             # Copies land at once and nothing else is in flight: committed with the group.
             return now
@@ -895,7 +1066,12 @@ class Coordinator:
         return items
 
     def _stage_batch(
-        self, entry: _Offload, slots: list[int], plhs: list[int], staged: _Staged
+        self,
+        entry: _Offload,
+        slots: list[int],
+        slot_arr: npt.NDArray[np.intp],
+        plhs: list[int],
+        staged: _Staged,
     ) -> bool:
         """Stage a whole accepted batch whose copies landed at once (nothing else in flight)
         for `_commit_staged`: what `_land_chunk` does item by item, in one `commit_screened`.
@@ -903,16 +1079,21 @@ class Coordinator:
         False (nothing staged) when a block's parent comes later in the batch (it would wait
         for it: the per-item path)."""
         cand = entry.cand
-        order = _position_order(cand.positions)
+        chain = _is_chain(cand.seqs, cand.parents, cand.positions)  # NOTE: the usual batch
+        order = None if chain else _position_order(cand.positions)
         seqs = cand.seqs if order is None else [cand.seqs[k] for k in order]
         parents = cand.parents if order is None else [cand.parents[k] for k in order]
-        if not _parents_come_first(seqs, parents):
+        if chain:  # parents first unless the first block's parent comes later
+            if parents[0] is not None and parents[0] in seqs[1:]:
+                return False
+        elif not _parents_come_first(seqs, parents):
             return False
         rows = cand.idxs
         columns = entry.columns
         if order is not None:
             rows = [rows[k] for k in order]
             slots = [slots[k] for k in order]
+            slot_arr = np.array(slots, dtype=np.intp)
             plhs = [plhs[k] for k in order]
             columns = None
         if columns is None:  # NOTE: lists (JSON items, a reordered or partial batch)
@@ -923,11 +1104,17 @@ class Coordinator:
         if staged.seq_list and staged.has_tokens != (token_rows is not None):
             self._commit_staged(staged)  # NOTE: one token source per commit
         staged.has_tokens = token_rows is not None
+        if staged.chained:
+            if chain:
+                staged.chain_starts.append(len(staged.seq_list))
+            else:
+                staged.chained = False
         if token_rows is not None:
             whole = order is None and len(rows) == len(token_rows)  # rows: 0..n-1 then
             staged.tokens.append(token_rows if whole else token_rows[rows])
         staged.owners.append((entry.conn.rank, len(slots)))
         staged.slots += slots
+        staged.slot_arrays.append(slot_arr)
         staged.columns.append(columns)
         staged.plhs += plhs
         staged.seq_list += seqs
@@ -957,8 +1144,9 @@ class Coordinator:
                 [count for _, count in owner_parts],
             )
         slots = staged.slots
+        slot_parts = staged.slot_arrays
         committed = self.directory.commit_screened(
-            np.array(slots, dtype=np.intp),
+            slot_parts[0] if len(slot_parts) == 1 else np.concatenate(slot_parts),
             seqs,
             parents,
             has_parent,
@@ -968,6 +1156,7 @@ class Coordinator:
             owners,
             staged.plhs,
             staged.seq_list,
+            chain_starts=staged.chain_starts if staged.chained else None,
         )
         columns = _Columns(seqs, parents, has_parent, locals_, positions)
         self._queue_stores(committed, slots, columns, tokens)
@@ -1064,24 +1253,27 @@ class Coordinator:
         self,
         columns: tuple[list[int], list[int | None], list[int], list[int]],
         claimed: set[SeqHash] | None,
-    ) -> tuple[_Candidates, list[int]]:
-        """`_screen` of items validated already (a packed OFFLOAD's columns)."""
+    ) -> tuple[_Candidates, list[int], set[SeqHash] | None]:
+        """`_screen` of items validated already (a packed OFFLOAD's columns); also returns
+        the set of the sequence hashes when every item passed (hashed once, reused)."""
         seqs, parents, locals_, positions = columns
         count = len(seqs)
         inflight, ready = self._inflight, self.directory.ready_seqs
+        seq_set = set(seqs) if self._batching(count) else None
         if (
-            not self._batching(count)
-            or len(set(seqs)) != count
-            or not ready.isdisjoint(seqs)
-            or (inflight and not inflight.keys().isdisjoint(seqs))
-            or (claimed and not claimed.isdisjoint(seqs))
+            seq_set is None
+            or len(seq_set) != count
+            or not ready.isdisjoint(seq_set)
+            or (inflight and not inflight.keys().isdisjoint(seq_set))
+            or (claimed and not claimed.isdisjoint(seq_set))
         ):
             raw_items = [
                 [seq, _NO_PARENT if parent is None else parent, local, pos]
                 for seq, parent, local, pos in zip(seqs, parents, locals_, positions, strict=True)
             ]
-            return self._screen_items(raw_items, claimed)
-        return _Candidates(list(range(count)), seqs, parents, locals_, positions), []
+            cand, rejected = self._screen_items(raw_items, claimed)
+            return cand, rejected, None
+        return _Candidates(list(range(count)), seqs, parents, locals_, positions), [], seq_set
 
     def _screen_items(
         self, raw_items: list[Any], claimed: set[SeqHash] | None = None
@@ -1275,8 +1467,8 @@ class Coordinator:
             self._out.stored_one(seq, parent, local, position, None)
 
     def _queue_evictions(self) -> None:
-        evicted = self.directory.take_evicted()
-        if evicted:
+        evicted = self.directory.take_evicted_array()
+        if evicted.size:
             self._out.removed(evicted)
 
     # -- outgoing --------------------------------------------------------------------------
@@ -1330,10 +1522,7 @@ class Coordinator:
         router = self._router
         assert router is not None
         try:
-            if frames and isinstance(frames[0], zmq.Frame):
-                router.send_multipart([conn.identity, *frames], copy=False)
-            else:
-                router.send_multipart([conn.identity, *frames])
+            _send_frames(router, [conn.identity, *frames])
         except zmq.ZMQError as exc:  # pragma: no cover - HWM 0 and no ROUTER_MANDATORY
             logger.warning("coordinator: cannot send to rank %d: %s", conn.rank, exc)
 
@@ -1535,6 +1724,22 @@ def _columns_of(
     )
 
 
+def _group_plhs(group: list[_Offload]) -> list[Plh] | None:
+    """The PLHs of every candidate of `group`, in order, built from the columns in one
+    `plhs_of_columns` (None unless every OFFLOAD of the group has its columns)."""
+    parts = [entry.columns for entry in group]
+    if not parts or any(part is None for part in parts):
+        return None
+    columns = [part for part in parts if part is not None]
+    if len(columns) == 1:
+        return plhs_of_columns(columns[0].seqs, columns[0].parents, columns[0].positions)
+    return plhs_of_columns(
+        np.concatenate([part.seqs for part in columns]),
+        np.concatenate([part.parents for part in columns]),
+        np.concatenate([part.positions for part in columns]),
+    )
+
+
 def _column_lists(
     columns: tp.OffloadColumns,
 ) -> tuple[list[int], list[int | None], list[int], list[int]]:
@@ -1558,15 +1763,24 @@ class _Staged:
     owners: list[tuple[DpRank, int]] = field(default_factory=list)
     """(rank, number of blocks) per staged batch."""
     slots: list[int] = field(default_factory=list)
+    slot_arrays: list[npt.NDArray[np.intp]] = field(default_factory=list)
+    """`slots`, one array per staged batch."""
     columns: list[_Columns] = field(default_factory=list)
     plhs: list[int] = field(default_factory=list)
     seq_list: list[SeqHash] = field(default_factory=list)
     tokens: list[npt.NDArray[np.uint32]] = field(default_factory=list)
     has_tokens: bool = False
+    chain_starts: list[int] = field(default_factory=list)
+    """Where each staged batch starts, while every one is a chain stored parent first."""
+    chained: bool = True
+    """Whether every staged batch is such a chain (`G2Directory.commit_screened`)."""
 
     def clear(self) -> None:
+        self.chain_starts.clear()
+        self.chained = True
         self.owners.clear()
         self.slots.clear()
+        self.slot_arrays.clear()
         self.columns.clear()
         self.plhs.clear()
         self.seq_list.clear()
@@ -1592,9 +1806,9 @@ class _EventQueue:
     def __len__(self) -> int:
         return len(self._kinds)
 
-    def removed(self, seqs: list[SeqHash]) -> None:
+    def removed(self, seqs: npt.NDArray[np.uint64]) -> None:
         self._kinds += bytes(len(seqs))  # NOTE: G2_EVENT_REMOVED is 0
-        self._seqs += np.array(seqs, dtype="<u8").tobytes()
+        self._seqs += seqs.astype("<u8", copy=False).tobytes()
 
     def stored(
         self,
@@ -1693,6 +1907,13 @@ def _position_order(positions: list[int]) -> list[int] | None:
     return sorted(range(len(positions)), key=positions.__getitem__)
 
 
+def _is_chain(seqs: list[SeqHash], parents: list[SeqHash | None], positions: list[int]) -> bool:
+    """Whether every block (after the first) is the child of the block before it: its parent
+    hash is that block's sequence hash, its position the next one (C-speed list compares)."""
+    first = positions[0]
+    return parents[1:] == seqs[:-1] and positions == list(range(first, first + len(positions)))
+
+
 def _parents_come_first(seqs: list[SeqHash], parents: list[SeqHash | None]) -> bool:
     """Whether every block whose parent is another block of the list comes after it
     (`seqs` distinct)."""
@@ -1704,6 +1925,50 @@ def _parents_come_first(seqs: list[SeqHash], parents: list[SeqHash | None]) -> b
         for k, j, parent in zip(range(len(seqs)), map(where.get, parents), parents, strict=True)
         if j is not None
     )
+
+
+@contextlib.contextmanager
+def _periodic_gc() -> Iterator[None]:
+    """The loop's garbage collection: none automatic (the caller runs `gc.collect()` about
+    once per second); what exists when the loop starts is frozen (never scanned again).
+
+    NOTE: the Lineage nodes are small lists (one per READY block): automatic collections
+    kept re-scanning them (about 4% of the coordinator's instructions at 16 k blocks, more in
+    bigger pools); the structures hold no reference cycles, so a collection per second
+    frees the rare cycle (an exception's traceback) soon enough.
+    """
+    was_enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
+def _send_frames(sock: zmq.Socket[bytes], frames: list[bytes] | list[zmq.Frame]) -> None:
+    """`sock.send_multipart(frames)` (`zmq.Frame` parts without a copy: shared) with plain
+    int flags: pyzmq's own loop builds a flag enum per frame, which costs more than the
+    send of a small frame."""
+    send = sock.send
+    for part in frames[:-1]:
+        send(part, _SNDMORE, copy=not isinstance(part, zmq.Frame))
+    last = frames[-1]
+    send(last, 0, copy=not isinstance(last, zmq.Frame))
+
+
+def _recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """`sock.recv_multipart(zmq.NOBLOCK)` through `zmq.Frame.more` (pyzmq's own loop asks
+    the socket for RCVMORE, building an option enum per frame). Raises zmq.Again when
+    nothing is queued."""
+    frame = sock.recv(_NOBLOCK, copy=False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        parts.append(frame.bytes)
+    return parts
 
 
 def _pidfd_signalled(pidfd: int) -> bool:

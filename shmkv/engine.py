@@ -59,7 +59,6 @@ submitted mid-burst starts within ~0.3 ms, not at the end of the burst. (A readi
 costs ~5 us, so not after every pass.)"""
 FENCE_TIMEOUT_S = 10.0
 
-_ZMQ_EVENTS: Final = int(zmq.EVENTS)
 _ZMQ_POLLIN: Final = int(zmq.POLLIN)
 
 
@@ -164,6 +163,47 @@ def _pass_record(result: PassResult) -> list[Any]:
         result.preemptions,
         result.rejections,
     ]
+
+
+def _submitted(msg: tp.Message) -> list[tuple[int, float, int, array[int]]]:
+    """The requests of a SUBMIT, validated as a whole: (id, arrival_ms, max_output, tokens).
+
+    Body {requests: [[id, arrival_ms, max_output, num_tokens], ...]} and one frame holding
+    every request's tokens (u32, native order), in request order.
+
+    Raises:
+        ProtocolError: anything malformed (nothing is submitted then).
+    """
+    requests = tp.require(msg.body, "requests", list)
+    if len(msg.frames) != 1:
+        raise ProtocolError("SUBMIT: one tokens frame expected")
+    frame = msg.frames[0]
+    if len(frame) % 4:
+        raise ProtocolError("SUBMIT: the tokens frame is not a whole number of u32")
+    everything = array("I")
+    everything.frombytes(frame)  # the supervisor's byte order: the same host
+    out: list[tuple[int, float, int, array[int]]] = []
+    offset = 0
+    for item in requests:
+        if not isinstance(item, list) or len(item) != 4:
+            raise ProtocolError("SUBMIT: each request is [id, arrival_ms, max_output, num_tokens]")
+        request_id, arrival_ms, max_output, num_tokens = item
+        if not (
+            type(request_id) is int
+            and type(max_output) is int
+            and type(num_tokens) is int
+            and isinstance(arrival_ms, int | float)
+            and not isinstance(arrival_ms, bool)
+        ):
+            raise ProtocolError("SUBMIT: bad request fields")
+        end = offset + num_tokens
+        if num_tokens < 0 or end > len(everything):
+            raise ProtocolError("SUBMIT: the token counts do not match the tokens frame")
+        out.append((request_id, float(arrival_ms), max_output, everything[offset:end]))
+        offset = end
+    if offset != len(everything):
+        raise ProtocolError("SUBMIT: the token counts do not match the tokens frame")
+    return out
 
 
 class RankEngine:
@@ -294,7 +334,7 @@ class RankEngine:
     def _send(
         self, msg_type: str, body: dict[str, Any] | None = None, frames: tuple[bytes, ...] = ()
     ) -> None:
-        self._sup.send_multipart(tp.encode(msg_type, body, frames))
+        tp.send_frames(self._sup, tp.encode(msg_type, body, frames))
 
     def _publish(self, events: list[Any]) -> None:
         pub = self.publisher
@@ -350,16 +390,24 @@ class RankEngine:
                 "next_event_seq": pub.next_seq if pub else 0,
             },
         )
-        poller = zmq.Poller()
-        poller.register(self._sup, zmq.POLLIN)
-        if self._g2_socket is not None:
-            poller.register(self._g2_socket, zmq.POLLIN)
+        sup = self._sup
+        g2_socket = self._g2_socket
+        # zmq.zmq_poll directly: a Poller's Python layer costs more than the poll itself
+        poll_items = [(sup, _ZMQ_POLLIN)]
+        if g2_socket is not None:
+            poll_items.append((g2_socket, _ZMQ_POLLIN))
+        zmq_poll = zmq.zmq_poll
         scheduler = self.scheduler
         while not self._stopping:
-            ready = dict(poller.poll(self._poll_timeout_ms()))
-            if self._sup in ready:
+            sup_ready = g2_ready = False
+            for sock, _events in zmq_poll(poll_items, self._poll_timeout_ms()):
+                if sock is sup:
+                    sup_ready = True
+                else:
+                    g2_ready = True
+            if sup_ready:
                 self._drain_supervisor()
-            if self._g2_socket is not None and self._g2_socket in ready:
+            if g2_ready:
                 self._on_g2_readable()
             if pub is not None:
                 pub.serve_replay(0)
@@ -387,28 +435,61 @@ class RankEngine:
         waits for it to release the next request), when nothing moved, when the next pass
         is not due yet, or when the supervisor has sent something (looked at every
         SUPERVISOR_CHECK_S). Simulated time is wall time since the fleet start here.
+
+        A plain decode pass (tokens, nothing else to report, no events) is accounted inline:
+        what `_after_pass` would do for it, without its general machinery.
         """
         scheduler = self.scheduler
         step = scheduler.step
         has_work = scheduler.has_work
         after_pass = self._after_pass
         monotonic = time.monotonic
-        getsockopt = self._sup.getsockopt
+        zmq_poll = zmq.zmq_poll
+        sup_items = [(self._sup, _ZMQ_POLLIN)]
         start_s = self.clock.start_monotonic_s
+        decode = self._pending_decode
+        inline = not self._check_every
         wall_s = monotonic()
         burst_end_s = wall_s + BURST_S
         next_check_s = wall_s + SUPERVISOR_CHECK_S
         while True:
             result = step(now)
-            after_pass(result, now)
-            if not result.did_work or self._urgent or not has_work():
-                return
+            num_tokens = result.num_decode_tokens
+            if (
+                inline
+                and num_tokens
+                and not result.events
+                and not result.completions
+                and not result.admissions
+                and not result.first_tokens
+                and not result.second_tokens
+                and not result.token_gaps
+                and not result.preemptions
+                and not result.rejections
+            ):
+                # tokens were emitted, so the pass did work; it reports only its ITL pair
+                self._num_passes += 1
+                end_ms = result.end_ms
+                self._next_pass_ms = end_ms
+                self._idle_pass = False
+                decode.append(end_ms - result.prev_end_ms)
+                decode.append(num_tokens)
+                if not self._num_pending:
+                    self._pending_since = wall_s
+                self._num_pending += 1
+                if self._num_pending >= RESULTS_MAX_PASSES:
+                    self._urgent = True
+                    return
+            else:
+                after_pass(result, now)
+                if not result.did_work or self._urgent or not has_work():
+                    return
             wall_s = monotonic()
             now = (wall_s - start_s) * 1000.0
             if now < self._next_pass_ms or wall_s >= burst_end_s:
                 return
             if wall_s >= next_check_s:
-                if int(getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
+                if zmq_poll(sup_items, 0):
                     return
                 next_check_s = wall_s + SUPERVISOR_CHECK_S
 
@@ -560,9 +641,12 @@ class RankEngine:
     # ── supervisor messages ───────────────────────────────────────────────────────────────
 
     def _drain_supervisor(self) -> None:
-        while True:
+        sock = self._sup
+        items = [(sock, _ZMQ_POLLIN)]
+        # readiness first: ending on zmq.Again costs an exception per loop turn
+        while zmq.zmq_poll(items, 0):
             try:
-                frames = self._sup.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -573,18 +657,8 @@ class RankEngine:
 
     def _handle(self, msg: tp.Message) -> None:
         if msg.type == tp.SUBMIT:
-            requests = tp.require(msg.body, "requests", list)
-            if len(requests) != len(msg.frames):
-                raise ProtocolError("SUBMIT: one token frame per request expected")
-            for item, frame in zip(requests, msg.frames, strict=True):
-                if not isinstance(item, list) or len(item) != 3:
-                    raise ProtocolError("SUBMIT: each request is [id, arrival_ms, max_output]")
-                request_id, arrival_ms, max_output = item
-                if len(frame) % 4:
-                    raise ProtocolError("SUBMIT: token frame is not a whole number of u32")
-                tokens = array("I")
-                tokens.frombytes(frame)
-                self.scheduler.submit(int(request_id), tokens, int(max_output), float(arrival_ms))
+            for request_id, arrival_ms, max_output, tokens in _submitted(msg):
+                self.scheduler.submit(request_id, tokens, max_output, arrival_ms)
             self._next_pass_ms = min(self._next_pass_ms, self.clock.now_ms())
         elif msg.type == tp.DRAIN:
             self._draining = True
@@ -617,11 +691,18 @@ class RankEngine:
             host = sorted(engine.held_seq_hashes())
         elif isinstance(engine, SharedG2Client):
             host = sorted(engine.announced_seq_hashes())
+        body: dict[str, Any] = {"rank": self.spec.rank}
+        device = sorted(manager.registered_seq_hashes())
+        frames: tuple[bytes, ...] = ()
+        try:  # thousands of u64 hashes: a raw frame, far cheaper than JSON numbers both ways
+            frames = (array("Q", device).tobytes(),)
+            body["device_packed"] = True
+        except OverflowError:  # a hash outside u64 (not ours): the JSON list
+            body["device"] = device
         self._send(
             tp.STATE,
             {
-                "rank": self.spec.rank,
-                "device": sorted(manager.registered_seq_hashes()),
+                **body,
                 "host_pinned": host,
                 "next_event_seq": self.publisher.next_seq if self.publisher else 0,
                 "passes": self._num_passes,
@@ -629,6 +710,7 @@ class RankEngine:
                 "violations": self.total_violations(),
                 "violation_examples": self.violations,
             },
+            frames,
         )
 
 
@@ -643,7 +725,9 @@ def rank_main(spec_json: str) -> int:
         if os.environ.get("SHMKV_PROFILE_DIR"):
             import cProfile
 
-            prof = cProfile.Profile()
+            # SHMKV_PROFILE_CPU=1: this thread's CPU time (a loaded machine inflates wall time)
+            timer = time.thread_time if os.environ.get("SHMKV_PROFILE_CPU") else time.perf_counter
+            prof = cProfile.Profile(timer)
             code = prof.runcall(engine.run)
             prof.dump_stats(f"{os.environ['SHMKV_PROFILE_DIR']}/rank{spec.rank}.prof")
             return code

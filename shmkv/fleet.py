@@ -29,10 +29,11 @@ import tempfile
 import time
 import uuid
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
@@ -60,6 +61,7 @@ LOOP_POLL_MS = 20
 """The supervisor's loop blocks in poll at most this long (a message wakes it at once)."""
 PROCESS_CHECK_S = 0.02
 """How often the supervisor's loop looks for dead processes (waitpid per process)."""
+_ZMQ_POLLIN: Final = int(zmq.POLLIN)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +178,9 @@ class Fleet:
         self._started = False
         self.stalled = False
         self._router_index: Any = None
+        self._poll_items_cache: (
+            tuple[zmq.Socket[bytes] | None, list[tuple[zmq.Socket[bytes], int]]] | None
+        ) = None
 
     # ── lifecycle ─────────────────────────────────────────────────────────────────────────
 
@@ -289,12 +294,17 @@ class Fleet:
         """Block up to `timeout_ms` for messages (the router, and the serve driver's socket),
         then handle every message already there; returns how many."""
         handled = 0
+        router = self._router
         extra = getattr(getattr(self, "_driver", None), "socket", None)
-        if not self._poller(extra).poll(timeout_ms):
+        # zmq.zmq_poll directly: a Poller's Python layer costs more than the poll itself.
+        # (The extra socket is read by the caller's loop; it only has to wake this wait.)
+        items = self._poll_items(extra)
+        if not zmq.zmq_poll(items, timeout_ms):
             return 0
-        while True:
+        router_only = items[:1]
+        while zmq.zmq_poll(router_only, 0):
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return handled
             identity, payload = frames[0], frames[1:]
@@ -303,6 +313,7 @@ class Fleet:
             except ProtocolError as exc:
                 logger.warning("supervisor: dropped a malformed message from %r: %s", identity, exc)
             handled += 1
+        return handled
 
     def _handle(self, identity: bytes, msg: tp.Message) -> None:
         proc = self._procs.get(identity)
@@ -328,7 +339,7 @@ class Fleet:
         elif msg.type == tp.DRAIN:
             proc.info["drained"] = True
         elif msg.type == tp.STATE:
-            proc.info["state"] = msg.body
+            proc.info["state"] = _unpacked_state(msg)
         elif msg.type == tp.PONG:
             proc.info["pong"] = msg.body
         elif msg.type == tp.RESULTS and proc.role == "coordinator":
@@ -342,11 +353,12 @@ class Fleet:
         frames: tuple[bytes, ...] = (),
     ) -> bool:
         try:
-            self._router.send_multipart(
+            tp.send_frames(
+                self._router,
                 [
                     proc.role.encode() + (str(proc.rank).encode() if proc.role == "rank" else b""),
                     *tp.encode(msg_type, body, frames),
-                ]
+                ],
             )
         except zmq.ZMQError:
             return False  # the peer is gone; the process check will notice
@@ -354,19 +366,16 @@ class Fleet:
 
     # ── the run ───────────────────────────────────────────────────────────────────────────
 
-    def _poller(self, extra: zmq.Socket[bytes] | None) -> zmq.Poller:
-        """A poller on the router (and `extra`), made once per socket set."""
-        cached: tuple[zmq.Socket[bytes] | None, zmq.Poller] | None = getattr(
-            self, "_poller_cache", None
-        )
+    def _poll_items(self, extra: zmq.Socket[bytes] | None) -> list[tuple[zmq.Socket[bytes], int]]:
+        """The `zmq.zmq_poll` items of the router (first) and `extra`, made once per set."""
+        cached = self._poll_items_cache
         if cached is not None and cached[0] is extra:
             return cached[1]
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
+        items = [(self._router, _ZMQ_POLLIN)]
         if extra is not None:
-            poller.register(extra, zmq.POLLIN)
-        self._poller_cache = (extra, poller)
-        return poller
+            items.append((extra, _ZMQ_POLLIN))
+        self._poll_items_cache = (extra, items)
+        return items
 
     def ping_ranks(self, timeout_s: float = 3.0) -> list[dict[str, Any]]:
         """Every live rank's debug state (its answer to PING): what a stalled rank waits for."""
@@ -539,30 +548,41 @@ class Fleet:
         )
 
     def _dispatch(self, due: list[tuple[float, RequestSpec]], now_ms: float) -> None:
-        by_rank: dict[int, list[tuple[float, RequestSpec]]] = {}
+        by_rank: dict[int, list[RequestSpec]] = {}
+        round_robin = self.options.router_mode == "round_robin"
+        route = self._route
+        status = self.status
         for _time_ms, spec in due:
-            rank = self._route(spec)
-            by_rank.setdefault(rank, []).append((now_ms, spec))
-            if self.options.router_mode == "round_robin":
-                self.status[rank].waiting += 1
+            rank = route(spec)
+            items = by_rank.get(rank)
+            if items is None:
+                by_rank[rank] = items = []
+            items.append(spec)
+            if round_robin:
+                status[rank].waiting += 1
+        on_arrival = self.collector.on_arrival
+        arrival_ms = now_ms
         for rank, items in by_rank.items():
             proc = self._procs[f"rank{rank}".encode()]
-            for arrival_ms, spec in items:
-                self.collector.on_arrival(
-                    spec.request_id,
+            outstanding = status[rank].outstanding
+            requests: list[list[int | float]] = []
+            tokens: list[bytes] = []
+            for spec in items:
+                request_id = spec.request_id
+                num_tokens = len(spec.tokens)
+                on_arrival(
+                    request_id,
                     arrival_ms,
-                    len(spec.tokens),
+                    num_tokens,
                     max_output_tokens=spec.max_output_tokens,
                     session_id=spec.session_id,
                     turn_index=spec.turn_index,
                 )
-                self.status[rank].outstanding[spec.request_id] = spec
-            sent = self._send(
-                proc,
-                tp.SUBMIT,
-                {"requests": [[s.request_id, t, s.max_output_tokens] for t, s in items]},
-                tuple(_token_bytes(s.tokens) for _t, s in items),
-            )
+                outstanding[request_id] = spec
+                requests.append([request_id, arrival_ms, spec.max_output_tokens, num_tokens])
+                tokens.append(spec.tokens.tobytes())
+            # one tokens frame for the whole batch (a frame per request costs per frame)
+            sent = self._send(proc, tp.SUBMIT, {"requests": requests}, (b"".join(tokens),))
             if not sent:  # the rank is gone: its restart fails what it held, these included
                 logger.warning("could not submit %d request(s) to rank %d", len(items), rank)
 
@@ -629,10 +649,9 @@ class Fleet:
         they carry is ITL samples (everything else of a pass travels in `passes`)."""
         if not isinstance(decode, list) or len(decode) % 2:
             raise ProtocolError("RESULTS: decode must be a flat list of [itl_ms, num_tokens]")
-        on_decode_tokens = self.collector.on_decode_tokens
         try:
-            for index in range(0, len(decode), 2):
-                on_decode_tokens(float(decode[index]), int(decode[index + 1]))
+            # one C-level loop; a non-number fails the collector's typed arguments
+            deque(map(self.collector.on_decode_tokens, decode[0::2], decode[1::2]), maxlen=0)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"RESULTS: bad decode entry: {exc}") from exc
 
@@ -919,8 +938,21 @@ class ServeDriver:
         self.socket.close(linger=0)
 
 
-def _token_bytes(tokens: array[int]) -> bytes:
-    return tokens.tobytes()
+def _unpacked_state(msg: tp.Message) -> dict[str, Any]:
+    """A STATE body with a rank's `device` list in place: a rank sends it as one frame of
+    native u64 words (`device_packed`), the coordinator's STATE has no such frame.
+
+    Raises:
+        ProtocolError: a packed STATE without exactly one frame of whole u64 words.
+    """
+    body = msg.body
+    if body.get("device_packed"):
+        if len(msg.frames) != 1 or len(msg.frames[0]) % 8:
+            raise ProtocolError("STATE: device_packed needs one frame of u64 words")
+        device = array("Q")
+        device.frombytes(msg.frames[0])
+        body["device"] = device.tolist()
+    return body
 
 
 @contextlib.contextmanager

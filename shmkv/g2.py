@@ -93,8 +93,15 @@ _FAST_PLH_END: Final = 255
 _M0_FRAG_BITS: Final = 59
 _M0_FRAG_MASK: Final = (1 << _M0_FRAG_BITS) - 1
 _M0_POSITION_SHIFT: Final = 2 * _M0_FRAG_BITS
+_M0_FRAG_MASK_U64: Final = np.uint64(_M0_FRAG_MASK)
+_M0_FRAG_BITS_U64: Final = np.uint64(_M0_FRAG_BITS)
+_M0_HI_POSITION_SHIFT_U64: Final = np.uint64(_M0_POSITION_SHIFT - 64)
+_M0_HI_PARENT_SHIFT_U64: Final = np.uint64(64 - _M0_FRAG_BITS)
 _WINDOW: Final = 8
 """Index cells the numpy path gathers per key (home and the next 7); the rest probe on."""
+_INSERT_WINDOW: Final = 16
+"""Index cells an insert gathers per key (at a live load of 1/2, 8 live cells in a row are
+common enough that their scalar scan cost more than the wider gather)."""
 _MAX_VECTOR_ROWS: Final = 1024
 _SCALAR_UNPIN_MAX: Final = 24
 """`unpin_many` releases fewer pins than this one by one (cheaper than numpy's call cost)."""
@@ -117,14 +124,24 @@ def full_fence() -> None:
     _FENCE_LOCK.release()
 
 
-def _distinct_prefix(values: npt.NDArray[np.intp]) -> int:
-    """Length of the longest prefix of `values` without a repeated value."""
-    if values.size < 2:
-        return int(values.size)
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    repeats = order[1:][ordered[1:] == ordered[:-1]]  # later occurrences (stable sort)
-    return int(repeats.min()) if repeats.size else int(values.size)
+def _distinct_prefix(values: npt.NDArray[np.intp], scratch: npt.NDArray[np.intp]) -> int:
+    """Length of a prefix of `values` without a repeated value: the whole array when its
+    values are distinct, else at least 1 and at most the longest such prefix.
+
+    `scratch`: an array indexable by every value (its contents are overwritten). Each
+    position writes its number into its value's cell, last position first (numpy assigns in
+    order, so the first occurrence of a value writes last and wins); a position that reads
+    back another number repeats an earlier value (or, whatever the assignment order, shares
+    its value with another position: of two such positions at least one loses, so no value
+    repeats before the first loser). O(n), no sort.
+    """
+    count = int(values.size)
+    if count < 2:
+        return count
+    rows = np.arange(count)
+    scratch[values[::-1]] = rows[::-1]
+    losers = np.flatnonzero(scratch[values] != rows)
+    return int(losers[0]) if losers.size else count
 
 
 def plhs_of(
@@ -140,6 +157,30 @@ def plhs_of(
         else make_plh(seq, parent, pos)
         for seq, parent, pos in zip(seq_hashes, parent_hashes, positions, strict=True)
     ]
+
+
+def plhs_of_columns(
+    seq_hashes: npt.NDArray[np.uint64],
+    parent_hashes: npt.NDArray[np.uint64],
+    positions: npt.NDArray[np.integer],
+) -> list[Plh]:
+    """`plhs_of` of columns (`parent_hashes` 0 where a block has no parent: the same PLH).
+
+    First-mode PLHs are built by numpy as two 64-bit words (`hi`: position and the parent
+    fragment's top bits; `lo`: the rest of the parent fragment and the current fragment),
+    then joined per block with one shift and one or: about a third of the per-block big-int
+    work of `plhs_of`.
+    """
+    if positions.size == 0:
+        return []
+    if int(positions.min()) < 0 or int(positions.max()) >= _FAST_PLH_END:
+        return plhs_of(seq_hashes.tolist(), parent_hashes.tolist(), positions.tolist())
+    parent_frag = parent_hashes & _M0_FRAG_MASK_U64
+    lo = (parent_frag << _M0_FRAG_BITS_U64) | (seq_hashes & _M0_FRAG_MASK_U64)
+    hi = (positions.astype(np.uint64) << _M0_HI_POSITION_SHIFT_U64) | (
+        parent_frag >> _M0_HI_PARENT_SHIFT_U64
+    )
+    return [(high << 64) | low for high, low in zip(hi.tolist(), lo.tolist(), strict=True)]
 
 
 class G2EvictionPolicy(Protocol):
@@ -236,6 +277,7 @@ class _IndexReader:
         self._index_size_u64 = np.uint64(segment.index_size)
         self._index_size_intp = np.intp(segment.index_size)
         self._window_offsets = np.arange(_WINDOW, dtype=np.intp)
+        self._insert_offsets = np.arange(_INSERT_WINDOW, dtype=np.intp)
         self._rows = np.arange(_MAX_VECTOR_ROWS, dtype=np.intp)
         self._state_mv = segment.cells("state")
         self._gen_mv = segment.cells("gen")
@@ -812,13 +854,17 @@ class G2Directory(_IndexReader):
         self._zero_tokens = array("I", bytes(4 * segment.block_size))
         # Free stack: pops from the end, so a fresh pool hands out slots 0, 1, 2, ...
         self._free_stack = np.arange(self._capacity - 1, -1, -1, dtype=np.int32)
+        self._slot_scratch = np.zeros(self._capacity, dtype=np.intp)
+        self._cell_scratch = np.zeros(self._index_size, dtype=np.intp)
+        """Work arrays of `_distinct_prefix` (slot numbers, index cells)."""
         self._num_free = self._capacity
         self._num_reserved = 0
         self._plh_to_slot: dict[Plh, BlockId] = {}
         self._ready_seqs: set[SeqHash] = set()
         """Sequence hashes of the READY slots, i.e. of the index's entries (a private mirror:
         `commit_many`'s duplicate test at dict speed instead of probing the index)."""
-        self._evicted: list[SeqHash] = []
+        self._evicted_parts: list[list[SeqHash] | npt.NDArray[np.uint64]] = []
+        """Sequence hashes evicted since the last `take_evicted`, in order, in parts."""
         self._index_used = 0
         """Non-empty index cells: live entries plus tombstones."""
         self._num_tombstones = 0
@@ -892,46 +938,57 @@ class G2Directory(_IndexReader):
         self._check_rank(owner_rank)
         if num_blocks < 0:
             raise ConfigError(f"cannot reserve {num_blocks} blocks")
-        slots = self._take_slots(num_blocks, vectorized)
+        idx = self._take_slots(num_blocks, vectorized)
+        slots: list[BlockId] = idx.tolist()
         if not vectorized:
             state, owner = self._state_mv, self._owner_mv
             for slot in slots:
                 state[slot] = RESERVED
                 owner[slot] = owner_rank
         elif slots:
-            idx = np.array(slots, dtype=np.intp)
             self._state_np[idx] = RESERVED
             self._owner_np[idx] = owner_rank
         self._num_reserved += len(slots)
         return slots
 
-    def reserve_many(self, owner_ranks: Sequence[DpRank]) -> list[BlockId]:
+    def reserve_many(self, owner_ranks: Sequence[DpRank] | npt.NDArray[np.int64]) -> list[BlockId]:
         """`reserve` of one slot per entry of `owner_ranks`, for that rank, in one batched pass
         (as `reserve(len(owner_ranks), ...)`, vectorized). When the pool runs short the first
         entries get the slots: slot k belongs to `owner_ranks[k]`."""
+        slots: list[BlockId] = self.reserve_many_array(owner_ranks).tolist()
+        return slots
+
+    def reserve_many_array(
+        self, owner_ranks: Sequence[DpRank] | npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.intp]:
+        """`reserve_many`, the slots as an array (no list to convert for numpy callers)."""
         self._check_open()
-        if not owner_ranks:
-            return []
+        if len(owner_ranks) == 0:
+            return np.zeros(0, dtype=np.intp)
         owners = np.asarray(owner_ranks, dtype=np.int64)
         if owners.ndim != 1 or int(owners.min()) < 0 or int(owners.max()) >= self._num_ranks:
             raise ConfigError(f"ranks must be in 0..{self._num_ranks - 1}")
-        slots = self._take_slots(len(owners), True)
-        if slots:
-            idx = np.array(slots, dtype=np.intp)
+        idx = self._take_slots(len(owners), True)
+        if idx.size:
             self._state_np[idx] = RESERVED
-            self._owner_np[idx] = owners[: len(slots)]
-            self._num_reserved += len(slots)
-        return slots
+            self._owner_np[idx] = owners[: idx.size]
+            self._num_reserved += int(idx.size)
+        return idx
 
-    def _take_slots(self, num_blocks: int, vectorized: bool) -> list[BlockId]:
+    def _take_slots(self, num_blocks: int, vectorized: bool) -> npt.NDArray[np.intp]:
         """Up to `num_blocks` slots: FREE ones first, then evicted ones (not marked yet)."""
         take = min(num_blocks, self._num_free)
         top = self._num_free
-        slots: list[int] = self._free_stack[top - take : top][::-1].tolist()
+        slots = self._free_stack[top - take : top][::-1].astype(np.intp)
         self._num_free = top - take
-        if len(slots) < num_blocks:
-            wanted = num_blocks - len(slots)
-            slots.extend(self._evict_many_for(wanted) if vectorized else self._evict_for(wanted))
+        if take < num_blocks:
+            wanted = num_blocks - take
+            if vectorized:
+                evicted = self._evict_many_for(wanted)
+            else:
+                evicted = np.array(self._evict_for(wanted), dtype=np.intp)
+            if evicted.size:
+                slots = np.concatenate((slots, evicted)) if take else evicted
         return slots
 
     def _evict_for(self, wanted: int) -> list[int]:
@@ -950,7 +1007,7 @@ class G2Directory(_IndexReader):
                 seq_hash = self._seq_hash_mv[slot]
                 if self._try_evict(slot):
                     del plh_to_slot[plh]
-                    self._evicted.append(seq_hash)
+                    self._evicted_one(seq_hash)
                     freed.append(slot)
                 else:
                     backed_off.append(plh)
@@ -959,7 +1016,7 @@ class G2Directory(_IndexReader):
                 policy.insert(plh)
         return freed
 
-    def _evict_many_for(self, wanted: int) -> list[int]:
+    def _evict_many_for(self, wanted: int) -> npt.NDArray[np.intp]:
         """Batched eviction: pop victims from the policy (in its order), check them in one
         fenced numpy pass, free the unpinned ones, pop again for the pinned ones' places.
 
@@ -968,11 +1025,12 @@ class G2Directory(_IndexReader):
         """
         policy, plh_to_slot = self._policy, self._plh_to_slot
         evict_many, pop = policy.evict_many, plh_to_slot.pop
-        freed: list[int] = []
+        freed: list[npt.NDArray[np.intp]] = []
+        num_freed = 0
         backed_off: list[Plh] = []
         try:
-            while len(freed) < wanted:
-                need = wanted - len(freed)
+            while num_freed < wanted:
+                need = wanted - num_freed
                 victims = evict_many(need)
                 if not victims:
                     break
@@ -987,19 +1045,16 @@ class G2Directory(_IndexReader):
                     backed_off.extend(victims[cut + 1 :])
                     del victims[cut:], slots[cut:]
                 if slots:
-                    pinned, keys = self._try_evict_many(slots)
-                    if pinned is None:  # the usual case: no victim was pinned
-                        self._evicted.extend(keys)
-                        freed.extend(slots)
-                    else:
-                        evicted = self._evicted
-                        for plh, slot, key, held in zip(victims, slots, keys, pinned, strict=True):
+                    pinned, idx, keys = self._try_evict_many(slots)
+                    if pinned is not None:
+                        for plh, slot, held in zip(victims, slots, pinned, strict=True):
                             if held:
                                 plh_to_slot[plh] = slot
                                 backed_off.append(plh)
-                            else:
-                                evicted.append(key)
-                                freed.append(slot)
+                    if idx.size:
+                        self._evicted_parts.append(keys)
+                        freed.append(idx)
+                        num_freed += int(idx.size)
                 if unknown is not None:
                     raise InvariantError(f"eviction policy returned unknown PLH {unknown:#x}")
                 if len(victims) < need:
@@ -1007,16 +1062,20 @@ class G2Directory(_IndexReader):
         finally:
             for plh in backed_off:
                 policy.insert(plh)
-        return freed
+        if len(freed) == 1:
+            return freed[0]
+        return np.concatenate(freed) if freed else np.zeros(0, dtype=np.intp)
 
-    def _try_evict_many(self, slots: list[int]) -> tuple[list[bool] | None, list[SeqHash]]:
+    def _try_evict_many(
+        self, slots: list[int]
+    ) -> tuple[list[bool] | None, npt.NDArray[np.intp], npt.NDArray[np.uint64]]:
         """The fenced eviction check for many READY slots at once.
 
         Stores EVICTING into every slot, one full fence, then loads every rank's pins of them
         (the coordinator's half of the Dekker handshake, batched: every store precedes the
         fence, every load follows it). Pinned slots go back to READY; the others are unindexed,
         get gen+1 and turn FREE. Returns (pinned? per slot, or None when none was pinned;
-        sequence hash per slot), in order.
+        the freed slots and their sequence hashes, in order).
         """
         idx = np.array(slots, dtype=np.intp)
         state = self._state_np
@@ -1024,23 +1083,19 @@ class G2Directory(_IndexReader):
         full_fence()
         pinned = self._pinned_mask(idx)
         keys = self._seq_hash_np[idx]
-        key_list: list[SeqHash] = keys.tolist()
         num_pinned = int(np.count_nonzero(pinned))
         if num_pinned:
             state[idx[pinned]] = _READY_I8
             self._num_evict_backoffs += num_pinned
             free = ~pinned
-            idx, free_keys = idx[free], keys[free]
-            self._ready_seqs.difference_update(free_keys.tolist())
-        else:
-            free_keys = keys
-            self._ready_seqs.difference_update(key_list)
-        self._index_remove_many(free_keys, idx)
+            idx, keys = idx[free], keys[free]
+        self._ready_seqs.difference_update(keys.tolist())
+        self._index_remove_many(keys, idx)
         self._gen_np[idx] += 1  # INVARIANT: gen before state (module docstring)
         self._owner_np[idx] = NO_OWNER
         state[idx] = FREE
         self._num_evictions += int(idx.size)
-        return (pinned.tolist() if num_pinned else None), key_list
+        return (pinned.tolist() if num_pinned else None), idx, keys
 
     def _pinned_mask(self, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
         """Whether any rank's row pins each slot of `idx` (read after the fence)."""
@@ -1227,12 +1282,19 @@ class G2Directory(_IndexReader):
         owner_ranks: DpRank | npt.NDArray[np.int64],
         plhs: list[Plh],
         seq_list: list[SeqHash],
+        *,
+        chain_starts: list[int] | None = None,
     ) -> list[bool]:
         """`commit_many` of columns the caller built and screened already: arrays of one
         length (`parent_hashes` 0 where `has_parent` is False, positions in range), `plhs`
         and `seq_list` (the sequence hashes as ints) matching them, and no sequence hash READY
         or repeated in the batch (the coordinator's dedup guarantees it). Only PLH duplicates
         are looked for; slots, owners and token shapes are checked as by `commit_many`.
+
+        `chain_starts` (optional): the blocks form runs starting at these indexes (ascending,
+        the first 0), each a chain stored parent first (every block's parent hash is the
+        sequence hash of the block before it, its position the next one). The caller vouches
+        for it; a policy with `insert_chains` (`G2Lineage`) then skips decoding the links.
 
         Raises:
             InvariantError, ConfigError: as `commit_many` (nothing changes then).
@@ -1251,7 +1313,7 @@ class G2Directory(_IndexReader):
         tokens = self._token_rows(token_ids, count)
         return self._commit_arrays(
             idx, seq_hashes, parent_hashes, has_parent, local_hashes, positions, tokens,
-            plhs, seq_list, screened=True,
+            plhs, seq_list, screened=True, chain_starts=chain_starts,
         )  # fmt: skip
 
     def _commit_arrays(
@@ -1267,6 +1329,7 @@ class G2Directory(_IndexReader):
         seq_list: list[SeqHash],
         *,
         screened: bool,
+        chain_starts: list[int] | None = None,
     ) -> list[bool]:
         """The body of `commit_many` / `commit_screened` (checked columns)."""
         count = len(seq_list)
@@ -1277,8 +1340,12 @@ class G2Directory(_IndexReader):
         held_before = len(policy)
         done = len(keep_plhs)
         failure: BaseException | None = None
+        insert_chains = getattr(policy, "insert_chains", None)
         try:
-            policy.insert_many(keep_plhs)
+            if keep is None and chain_starts is not None and insert_chains is not None:
+                insert_chains(keep_plhs, chain_starts)  # NOTE: no duplicate broke a run
+            else:
+                policy.insert_many(keep_plhs)
         except BaseException as exc:  # NOTE: finish the blocks before the refused one
             failure = exc
             done = len(policy) - held_before
@@ -1334,7 +1401,7 @@ class G2Directory(_IndexReader):
             at = int(bad.argmax())
             owner = owners if isinstance(owners, int) else int(owners[at])
             self._check_reserved(int(idx[at]), owner)  # raises with the details
-        if np.unique(idx).size != idx.size:
+        if _distinct_prefix(idx, self._slot_scratch) != idx.size:
             raise InvariantError("commit_many: a slot appears twice in one batch")
         return idx
 
@@ -1482,13 +1549,31 @@ class G2Directory(_IndexReader):
         del self._plh_to_slot[plh]
         self._free_stack[self._num_free] = slot
         self._num_free += 1
-        self._evicted.append(seq_hash)
+        self._evicted_one(seq_hash)
         return True
+
+    def _evicted_one(self, seq_hash: SeqHash) -> None:
+        parts = self._evicted_parts
+        if parts and isinstance(parts[-1], list):
+            parts[-1].append(seq_hash)
+        else:
+            parts.append([seq_hash])
 
     def take_evicted(self) -> list[SeqHash]:
         """Drain the sequence hashes evicted since the last call (for host-tier Removed events)."""
-        evicted, self._evicted = self._evicted, []
+        parts, self._evicted_parts = self._evicted_parts, []
+        evicted: list[SeqHash] = []
+        for part in parts:
+            evicted.extend(part if isinstance(part, list) else part.tolist())
         return evicted
+
+    def take_evicted_array(self) -> npt.NDArray[np.uint64]:
+        """`take_evicted` as an array (no list of Python ints in between)."""
+        parts, self._evicted_parts = self._evicted_parts, []
+        arrays = [np.asarray(part, dtype=np.uint64) for part in parts]
+        if len(arrays) == 1:
+            return arrays[0]
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint64)
 
     def _plh_of(self, slot: BlockId) -> Plh:
         parent = self._parent_hash_mv[slot] if self._flags_mv[slot] & FLAG_HAS_PARENT else None
@@ -1602,9 +1687,10 @@ class G2Directory(_IndexReader):
         count = int(slots.size)
         start = 0
         index_np = self._index_np
+        homes = (keys % self._index_size_u64).view(np.intp)  # < T < 2**63: same bits
         while start < count:
-            targets = self._free_cells(keys[start:])
-            run = _distinct_prefix(targets)
+            targets = self._free_cells(homes[start:])
+            run = max(1, _distinct_prefix(targets, self._cell_scratch))
             targets = targets[:run]
             was_empty = index_np[targets] == INDEX_EMPTY
             used = self._index_used + np.cumsum(was_empty)
@@ -1620,14 +1706,15 @@ class G2Directory(_IndexReader):
             if over.size:
                 self._rebuild_index(skip=slots[start:])
 
-    def _free_cells(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
-        """For each key, the first cell of its probe path that holds no live slot."""
-        home, cells = self._window_cells(keys)
+    def _free_cells(self, home: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+        """For each home cell, the first cell of the probe path from it that holds no live
+        slot (`_INSERT_WINDOW` cells gathered per key; the rare longer run is scanned)."""
+        cells = np.take(self._index_np, home[:, None] + self._insert_offsets, mode="wrap")
         free = cells < 0
         first = free.argmax(axis=1)
         targets = self._wrap(home + first)
-        for i in np.flatnonzero(~free[self._row_numbers(keys.size), first]).tolist():
-            targets[i] = self._scan_free(int(targets[i]))  # rare: 8 live cells in a row
+        for i in np.flatnonzero(~free[self._row_numbers(home.size), first]).tolist():
+            targets[i] = self._scan_free(int(targets[i]))  # rare: a long run of live cells
         return targets
 
     def _scan_free(self, pos: int) -> int:
@@ -1843,4 +1930,5 @@ __all__ = [
     "PinnedRun",
     "full_fence",
     "plhs_of",
+    "plhs_of_columns",
 ]

@@ -16,7 +16,7 @@ import sys
 from array import array
 from collections.abc import Iterable, Sequence
 from itertools import islice
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import xxhash
 
@@ -28,6 +28,15 @@ _xxh3: Final = xxhash.xxh3_64_intdigest
 _pack_pair: Final = struct.Struct("<QQ").pack
 _TOKEN_BYTES: Final = 4
 assert array("I").itemsize == _TOKEN_BYTES, "array('I') must hold 32-bit tokens on this platform"
+
+# A sequence hash's input, `parent || local` as two u64 LE, is C's `unsigned long[2]` where that
+# type is 64-bit little-endian (Linux and macOS on x86-64 and ARM64). Stored as such (`array`
+# "L", `struct` "LL"), an int converts through CPython's fast `PyLong_AsUnsignedLong`;
+# `struct` "<QQ" and `int.to_bytes` go through its generic byte-array conversion, twice the
+# instructions (callgrind). Elsewhere the fast paths are off and "<QQ" packs.
+_NATIVE_PAIR: Final = sys.byteorder == "little" and array("L").itemsize == 8
+_pack_seq_input: Final = struct.Struct("LL" if _NATIVE_PAIR else "<QQ").pack
+_ZERO_PAIR: Final = (0, 0)
 
 # (mode, position bits, fragment bits) by position range; see behavior.md §1.4.
 _MODE_LIMITS: Final = ((256, 0, 8, 59), (1 << 16, 1, 16, 55), (1 << 24, 2, 24, 51))
@@ -50,6 +59,10 @@ class BlockHashes(NamedTuple):
     plhs: list[Plh]
 
 
+_HashLists: TypeAlias = tuple[list[LocalHash], list[SeqHash], list[Plh]]
+"""A `BlockHashes`' three lists."""
+
+
 def token_bytes(tokens: Sequence[int] | array[int]) -> bytes:
     """Serialize tokens as little-endian u32; raises ConfigError on a token outside u32."""
     try:
@@ -70,8 +83,17 @@ def local_hash_of_bytes(block: bytes | memoryview) -> LocalHash:
 
 def _local_hashes_of(data: bytes, step: int, count: int) -> list[LocalHash]:
     """Local hashes of the first `count` blocks of `step` bytes in `data`."""
-    # NOTE: compiled, this beats the C-level `map` over slice objects by a quarter
-    return [_xxh3(data[start : start + step], XXH3_SEED) for start in range(0, count * step, step)]
+    # NOTE: compiled, a `while` over short ints beats a comprehension over a `range` with a
+    # variable step (a generic iterator), and the `Any` hash function returns CPython ints
+    # that go into the list as they are (see `_hash_mode0`)
+    xxh3: Any = _xxh3
+    out: list[Any] = []
+    end = count * step
+    start = 0
+    while start < end:
+        out.append(xxh3(data[start : start + step], XXH3_SEED))
+        start += step
+    return out
 
 
 def local_block_hashes(tokens: Sequence[int] | array[int], block_size: int) -> list[LocalHash]:
@@ -121,6 +143,15 @@ def hash_blocks(
     Raises:
         ConfigError: a bad block size, or the last block lies beyond `MAX_POSITION`.
     """
+    locals_, seqs, plhs = _hash_lists(data, block_size, parent, position)
+    return BlockHashes(locals_, seqs, plhs)
+
+
+def _hash_lists(
+    data: bytes | memoryview, block_size: int, parent: SeqHash | None, position: int
+) -> _HashLists:
+    """`hash_blocks` as a plain tuple (compiled: a C struct, where a `NamedTuple` is built by
+    a Python-level `__new__`)."""
     _check_block_size(block_size)
     step = block_size * _TOKEN_BYTES
     count = len(data) // step
@@ -128,46 +159,85 @@ def hash_blocks(
         raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
     # NOTE: typed `bytes`, compiled slicing is a direct call (a union goes through a slice object)
     raw = data if isinstance(data, bytes) else bytes(data)
+    if _NATIVE_PAIR and position >= 0 and position + count <= _FAST_PLH_END:
+        return _hash_mode0(raw, step, count, parent, position)
     locals_ = _local_hashes_of(raw, step, count)
-    seqs: list[SeqHash] = []
-    if position >= 0 and position + count <= _FAST_PLH_END:
-        return BlockHashes(locals_, seqs, _chain_mode0(locals_, parent, position, seqs))
-    if count:
-        append = seqs.append
-        prev = parent
-        for local in locals_:
-            prev = local if prev is None else _xxh3(_pack_pair(prev, local), XXH3_SEED)
-            append(prev)
-    return BlockHashes(locals_, seqs, chain_plhs(seqs, parent, position))
+    seqs = _chain(locals_, parent)
+    return locals_, seqs, chain_plhs(seqs, parent, position)
 
 
-def _chain_mode0(
-    locals_: list[LocalHash], parent: SeqHash | None, position: int, seqs: list[SeqHash]
-) -> list[Plh]:
-    """Chain `locals_` into `seqs` (after `parent`) and return their PLHs; every block lies
-    in mode 0 (`position + len(locals_) <= _FAST_PLH_END`).
+def _chain(locals_: list[LocalHash], parent: SeqHash | None) -> list[SeqHash]:
+    """`chain_sequence_hashes(locals_, parent)`, with `Any` ints (see `_hash_mode0`)."""
+    xxh3: Any = _xxh3
+    pack: Any = _pack_seq_input
+    seqs: list[Any] = []
+    prev: Any = parent
+    for local in locals_:
+        prev = local if prev is None else xxh3(pack(prev, local), XXH3_SEED)
+        seqs.append(prev)
+    return seqs
+
+
+def _hash_mode0(
+    data: bytes, step: int, count: int, parent: SeqHash | None, position: int
+) -> _HashLists:
+    """`hash_blocks` of `count` blocks of `step` bytes that all lie in mode 0 (`position +
+    count <= _FAST_PLH_END`), in one loop; needs `_NATIVE_PAIR`.
 
     The PLH is `position << 118 | parent_frag << 59 | frag`: its three fields are disjoint,
     so `+` packs them like `|`."""
-    # NOTE: the 64-bit hashes and 128-bit PLHs do not fit mypyc's short ints; typed `Any`,
-    # compiled code applies CPython's own int operators to them, which is faster there than
-    # mypyc's tagged-int fallbacks (and changes nothing interpreted).
-    plhs: list[Plh] = []
+    # NOTE: the 64-bit hashes and 128-bit PLHs do not fit mypyc's short ints. Typed `Any`
+    # (and the hash function too, so that its result stays as it is), compiled code keeps
+    # CPython's int objects and applies CPython's own int operators to them, with none of
+    # mypyc's tagged-int conversions (and this changes nothing interpreted).
+    xxh3: Any = _xxh3
+    if not count:
+        return [], [], []
+    # NOTE: filled by index: compiled, a store is a third of an `append`
+    locals_: list[Any] = [None] * count
+    seqs: list[Any] = [None] * count
+    plhs: list[Any] = [None] * count
+    slot = 0
     mask: Any = _M0_FRAG_MASK
     frag_bits: Any = _M0_FRAG_BITS
-    prev: Any = parent
-    shifted_parent: Any = 0 if parent is None else (prev & mask) << frag_bits
-    positions = _M0_POSITIONS
+    positions: tuple[Any, ...] = _M0_POSITIONS
+    # NOTE: the input of each sequence hash (see `_NATIVE_PAIR`), rewritten in place: two
+    # item stores cost less than packing a new `bytes`, and allocate nothing
+    pair = array("L", _ZERO_PAIR)
     index = position
-    for local in locals_:
-        prev = local if prev is None else _xxh3(_pack_pair(prev, local), XXH3_SEED)
-        frag: Any = prev & mask
-        base: Any = positions[index]
-        plhs.append(base + shifted_parent + frag)
-        seqs.append(prev)
+    end = position + count
+    start = 0
+    prev: Any
+    frag: Any
+    shifted_parent: Any
+    if parent is None:
+        prev = xxh3(data[:step], XXH3_SEED)
+        frag = prev & mask
+        locals_[0] = prev
+        seqs[0] = prev
+        plhs[0] = positions[index] + frag
         shifted_parent = frag << frag_bits
+        slot = 1
         index += 1
-    return plhs
+        start = step
+    else:
+        prev = parent
+        shifted_parent = (prev & mask) << frag_bits
+    pair[0] = prev
+    while index < end:
+        local: Any = xxh3(data[start : start + step], XXH3_SEED)
+        pair[1] = local
+        prev = xxh3(pair, XXH3_SEED)
+        pair[0] = prev
+        frag = prev & mask
+        plhs[slot] = positions[index] + shifted_parent + frag
+        shifted_parent = frag << frag_bits
+        locals_[slot] = local
+        seqs[slot] = prev
+        start += step
+        index += 1
+        slot += 1
+    return locals_, seqs, plhs
 
 
 class PrefixHashCache:
@@ -191,51 +261,66 @@ class PrefixHashCache:
         self._max_prompts = max(1, max_prompts)
         self._max_blocks = max(0, max_blocks)
         self._num_blocks = 0
-        self._recent: dict[bytes, tuple[bytes, BlockHashes]] = {}
+        # first block -> (token bytes, blocks shared with the prompt it replaced, local hashes,
+        # sequence hashes, PLHs), oldest first
+        self._recent: dict[bytes, tuple[bytes, int, list[LocalHash], list[SeqHash], list[Plh]]] = {}
 
     def hash_blocks(self, data: bytes) -> BlockHashes:
         """`hash_blocks(data, block_size)`, reusing a recent prompt's common prefix."""
-        step = self._block_size * _TOKEN_BYTES
+        block_size = self._block_size
+        step = block_size * _TOKEN_BYTES
         count = len(data) // step
         if not count:
-            return hash_blocks(data, self._block_size)
+            return hash_blocks(data, block_size)
         first = data[:step]
         recent = self._recent.get(first)
         if recent is None:
-            hashes = hash_blocks(data, self._block_size)
+            shared = 0
+            locals_, seqs, plhs = _hash_lists(data, block_size, None, 0)
         else:
-            old_data, old = recent
-            shared = _common_blocks(old_data, data, step, min(count, len(old.seq_hashes)))
-            rest = hash_blocks(
-                data[shared * step : count * step],
-                self._block_size,
-                old.seq_hashes[shared - 1],
-                shared,
+            old_data, old_shared, old_locals, old_seqs, old_plhs = recent
+            limit = min(count, len(old_seqs))
+            shared = _common_blocks(old_data, data, step, limit, old_shared)
+            rest_locals, rest_seqs, rest_plhs = _hash_lists(
+                data[shared * step : count * step], block_size, old_seqs[shared - 1], shared
             )
-            hashes = BlockHashes(
-                old.local_hashes[:shared] + rest.local_hashes,
-                old.seq_hashes[:shared] + rest.seq_hashes,
-                old.plhs[:shared] + rest.plhs,
-            )
+            locals_ = old_locals[:shared]
+            locals_ += rest_locals
+            seqs = old_seqs[:shared]
+            seqs += rest_seqs
+            plhs = old_plhs[:shared]
+            plhs += rest_plhs
             del self._recent[first]  # re-inserted below as the most recent
-            self._num_blocks -= len(old.seq_hashes)
-        self._recent[first] = (data, hashes)
+            self._num_blocks -= len(old_seqs)
+        self._recent[first] = (data, shared, locals_, seqs, plhs)
         self._num_blocks += count
         while len(self._recent) > self._max_prompts or (
             self._num_blocks > self._max_blocks and self._recent
         ):
-            _data, dropped = self._recent.pop(next(iter(self._recent)))
-            self._num_blocks -= len(dropped.seq_hashes)
-        return BlockHashes(list(hashes.local_hashes), list(hashes.seq_hashes), list(hashes.plhs))
+            dropped = self._recent.pop(next(iter(self._recent)))
+            self._num_blocks -= len(dropped[3])
+        return BlockHashes(list(locals_), list(seqs), list(plhs))
 
 
-def _common_blocks(a: bytes, b: bytes, step: int, limit: int) -> int:
+def _common_blocks(a: bytes, b: bytes, step: int, limit: int, guess: int = 0) -> int:
     """How many leading blocks of `step` bytes `a` and `b` share (their first one must match),
-    at most `limit`: a binary search over prefix comparisons (prefix equality is monotone)."""
-    low, high = 1, limit  # invariant: the first `low` blocks match
+    at most `limit`: a binary search over prefix comparisons (prefix equality is monotone).
+
+    Its first probes are `guess` and `guess + 1` (when `1 < guess <= limit`): the prompts of a
+    prefix group share as many blocks with each other, so the last answer is usually the next.
+    """
+    low, high = 1, limit  # invariant: the first `low` blocks match, and at most `high` do
+    if 1 < guess <= limit:
+        if not a.startswith(b[: guess * step]):
+            high = guess - 1
+        elif guess == limit or not a.startswith(b[: (guess + 1) * step]):
+            return guess
+        else:
+            low = guess + 1
     while low < high:
         mid = (low + high + 1) // 2
-        if a[: mid * step] == b[: mid * step]:
+        # NOTE: `startswith` (`len(a) >= mid * step`) copies one prefix per probe, not two
+        if a.startswith(b[: mid * step]):
             low = mid
         else:
             high = mid - 1
@@ -247,15 +332,17 @@ def hash_block(
 ) -> tuple[LocalHash, SeqHash, Plh]:
     """(local hash, sequence hash, PLH) of the one block whose token bytes are `data`, at
     `position` after `parent` (a decode step filling a block)."""
-    local = _xxh3(data, XXH3_SEED)
-    current = local if parent is None else _xxh3(_pack_pair(parent, local), XXH3_SEED)
+    # NOTE: `Any` for the hashes and the big ints, `+` for disjoint fields: see `_hash_mode0`
+    xxh3: Any = _xxh3
+    pack: Any = _pack_seq_input
+    local: Any = xxh3(data, XXH3_SEED)
+    head: Any = parent
+    current: Any = local if head is None else xxh3(pack(head, local), XXH3_SEED)
     if 0 <= position < _FAST_PLH_END:
-        # NOTE: `Any` for the big ints and `+` for disjoint fields: see `_chain_mode0`
         mask: Any = _M0_FRAG_MASK
-        tail: Any = current
-        plh: Any = _M0_POSITIONS[position] + (tail & mask)
-        if parent is not None:
-            head: Any = parent
+        positions: tuple[Any, ...] = _M0_POSITIONS
+        plh: Any = positions[position] + (current & mask)
+        if head is not None:
             plh += (head & mask) << _M0_FRAG_BITS
         return local, current, plh
     return local, current, make_plh(current, parent, position)

@@ -9,13 +9,13 @@ host-tier blocks at a discount).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import takewhile
+from typing import Final, cast
 
 from shmkv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, StorageTier
 from shmkv.ids import SeqHash
 
-_DEVICE = StorageTier.DEVICE
-_HOST = StorageTier.HOST_PINNED
+_DEVICE: Final = StorageTier.DEVICE
+_HOST: Final = StorageTier.HOST_PINNED
 
 
 class KvIndex:
@@ -32,11 +32,22 @@ class KvIndex:
         host = self._host[rank]
         for event in events:
             self.num_events += 1
+            # A decode step stores (an eviction removes) one block at a time: `add` / `discard`
+            # then, without the method call and iterator of a bulk update.
             if type(event) is BlockStored:
-                (device if event.tier is _DEVICE else host).update(event.block_hashes)
+                target = device if event.tier is _DEVICE else host
+                hashes = event.block_hashes
+                if len(hashes) == 1:
+                    target.add(hashes[0])
+                else:
+                    target.update(hashes)
             elif type(event) is BlockRemoved:
                 target = device if event.tier is _DEVICE else host
-                target.difference_update(event.block_hashes)
+                hashes = event.block_hashes
+                if len(hashes) == 1:
+                    target.discard(hashes[0])
+                else:
+                    target.difference_update(hashes)
             elif type(event) is AllBlocksCleared:
                 device.clear()
                 host.clear()
@@ -45,15 +56,21 @@ class KvIndex:
         """(leading blocks in device tier, further leading blocks in host tier)."""
         device = self._device[rank]
         host = self._host[rank]
-        num_device = len(list(takewhile(device.__contains__, seq_hashes)))
+        # NOTE: the hashes as objects: compiled, an `int` item would be unboxed and re-boxed
+        # for every membership test.
+        hashes = cast("list[object]", seq_hashes if isinstance(seq_hashes, list) else [*seq_hashes])
+        num_device = 0
+        for h in hashes:
+            if h not in device:
+                break
+            num_device += 1
         if not host:  # the block after the device prefix is in neither tier
             return num_device, 0
-        num_host = 0
-        for h in seq_hashes[num_device:]:
-            if h not in host and h not in device:
-                break
-            num_host += 1
-        return num_device, num_host
+        end = num_device
+        num_hashes = len(hashes)
+        while end < num_hashes and (hashes[end] in host or hashes[end] in device):
+            end += 1
+        return num_device, end - num_device
 
     def blocks(self, rank: int, tier: StorageTier) -> set[SeqHash]:
         return set(self._device[rank] if tier is _DEVICE else self._host[rank])

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, TypeAlias
 from shmkv.errors import ConfigError, InvariantError, SignalError
 from shmkv.events import BlockRemoved, BlockStored, KvEvent, StorageTier
 from shmkv.eviction import make_backend
+from shmkv.eviction.lineage import BoxedInt, LineageBackend, LineageEntry
 from shmkv.ids import BlockId, LocalHash, PartialId, Plh, SeqHash
 from shmkv.offload import (
     BlockMeta,
@@ -59,23 +60,31 @@ _NO_SLOT: Final = -1
 """`_Block.slot` while a bulk store has not assigned the slot yet."""
 
 
-class _Block:
-    """A registered block, and the `_active_full` entry of its own name; or an alias entry."""
+class _Block(LineageEntry):
+    """A registered block, and the `_active_full` entry of its own name; or an alias entry.
 
-    __slots__ = ("handles", "local", "parent", "plh", "refs", "seq", "slot", "target")
+    Its PLH (the `_registered` key) is the `LineageEntry` part, which the Lineage backend
+    decodes once and keeps: the manager hands it the records themselves."""
+
+    __slots__ = ("handles", "local", "parent", "refs", "seq", "slot", "target")
 
     def __init__(
-        self, slot: BlockId, plh: Plh, seq: SeqHash, parent: int, local: LocalHash, handles: int
+        self,
+        slot: BlockId,
+        plh: BoxedInt,
+        seq: BoxedInt,
+        parent: BoxedInt,
+        local: BoxedInt,
+        handles: int,
     ) -> None:
+        super().__init__(plh)
         self.slot = slot
         """The physical slot (BlockId) holding the block."""
-        self.plh = plh
-        """Its positional lineage hash (the `_registered` key)."""
-        self.seq = seq
+        self.seq: BoxedInt = seq
         """Its sequence hash: the name this entry counts handles for."""
-        self.parent = parent
+        self.parent: BoxedInt = parent
         """The parent's sequence hash, or `_NO_PARENT`."""
-        self.local = local
+        self.local: BoxedInt = local
         """Its local hash (0 when the signal did not carry one)."""
         self.handles = handles
         """Request-level handles held under the name `seq` (0: not an active name)."""
@@ -101,18 +110,62 @@ _Evicted: TypeAlias = tuple[_Block, Sequence[int] | None]
 """An evicted registration and its token ids, on its way to the offload engine."""
 
 
-@dataclass(frozen=True, slots=True)
 class PrefillCost:
-    """What admitting a sequence would cost in G1 (G2 hits are not counted)."""
+    """What admitting a sequence would cost in G1 (G2 hits are not counted).
 
-    new_blocks: int
-    new_tokens: int
-    cached_tokens: int
-    active_cached_tokens: int
-    """Cached tokens backed by blocks that are active right now (no allocation needed)."""
-    cached_blocks: int = 0
-    """Leading full blocks present in G1, prompt or not (`cached_tokens` stops at the prompt):
-    where a swap-in from G2 must start."""
+    Immutable by convention. (A plain class rather than a frozen dataclass: compiled, a frozen
+    dataclass's generated `__init__` runs interpreted, and the scheduler builds one per
+    admission check; see `signals.PartialBlock`.)"""
+
+    __slots__ = (
+        "active_cached_tokens",
+        "cached_blocks",
+        "cached_tokens",
+        "new_blocks",
+        "new_tokens",
+    )
+
+    def __init__(
+        self,
+        new_blocks: int,
+        new_tokens: int,
+        cached_tokens: int,
+        active_cached_tokens: int,
+        cached_blocks: int = 0,
+    ) -> None:
+        self.new_blocks = new_blocks
+        self.new_tokens = new_tokens
+        self.cached_tokens = cached_tokens
+        self.active_cached_tokens = active_cached_tokens
+        """Cached tokens backed by blocks that are active right now (no allocation needed)."""
+        self.cached_blocks = cached_blocks
+        """Leading full blocks present in G1, prompt or not (`cached_tokens` stops at the
+        prompt): where a swap-in from G2 must start."""
+
+    def _fields(self) -> tuple[int, int, int, int, int]:
+        return (
+            self.new_blocks,
+            self.new_tokens,
+            self.cached_tokens,
+            self.active_cached_tokens,
+            self.cached_blocks,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PrefillCost):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((PrefillCost, self._fields()))
+
+    def __repr__(self) -> str:
+        return (
+            f"PrefillCost(new_blocks={self.new_blocks}, new_tokens={self.new_tokens}, "
+            f"cached_tokens={self.cached_tokens}, "
+            f"active_cached_tokens={self.active_cached_tokens}, "
+            f"cached_blocks={self.cached_blocks})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +225,9 @@ class KvManager:
         self.dp_rank = dp_rank
         self.eviction = eviction
         self._backend, self._tracker = make_backend(eviction, max_capacity)
+        backend = self._backend
+        self._lineage = backend if isinstance(backend, LineageBackend) else None
+        """The backend again when it is Lineage: it takes the block records themselves."""
         self._reset: deque[BlockId] = deque(range(max_capacity))
         self._registered: dict[Plh, _Block] = {}
         self._token_ids: dict[Plh, Sequence[int]] = {}
@@ -179,6 +235,8 @@ class KvManager:
         self._active_full: dict[SeqHash, _Block] = {}
         """Active names: each name's registration, or an alias entry (see `_Block`)."""
         self._active_partial: dict[PartialId, BlockId] = {}
+        self._spare_recs: list[_Block] = []
+        """Records of blocks a bulk store evicted, recycled by the next bulk stores."""
         self._num_full_refs = 0
         self._num_quarantined = 0
         self._num_reserved = 0
@@ -235,7 +293,11 @@ class KvManager:
         if sequence.enable_prefix_caching:
             active_full = self._active_full
             registered = self._registered
-            for seq_hash, plh in zip(sequence.seq_hashes, sequence.plhs, strict=True):
+            seq_hashes: list[BoxedInt] = sequence.seq_hashes
+            plhs: list[BoxedInt] = sequence.plhs  # one per sequence hash
+            for i in range(len(seq_hashes)):
+                seq_hash = seq_hashes[i]
+                plh = plhs[i]
                 if seq_hash in active_full:
                     active_overlap += 1
                 else:
@@ -249,11 +311,11 @@ class KvManager:
         num_input = sequence.num_input_tokens
         cached = min(overlap * bs, num_input)
         return PrefillCost(
-            new_blocks=sequence.num_unique_blocks - overlap,
-            new_tokens=num_input - cached,
-            cached_tokens=cached,
-            active_cached_tokens=min(active_overlap * bs, num_input),
-            cached_blocks=overlap,
+            sequence.num_unique_blocks - overlap,
+            num_input - cached,
+            cached,
+            min(active_overlap * bs, num_input),
+            overlap,
         )
 
     # ── events ────────────────────────────────────────────────────────────────────────────
@@ -468,21 +530,22 @@ class KvManager:
             self._offload_evicted(blocked, blocked_slots)
         return processed
 
-    def _use_leading_hits(self, blocks: list[RawBlock], plhs: Sequence[Plh]) -> int:
+    def _use_leading_hits(self, blocks: list[RawBlock], plhs: Sequence[BoxedInt]) -> int:
         """Take one more handle on each leading full block already in G1, exactly as `_use`'s
         per-block loop would, and return how many: a block active under its name (a shared
         prompt prefix held by a request in flight) or a registered block (a cached prefix,
         maybe inactive: it leaves the eviction backend). No slot, no event, and no run of new
         blocks has started yet, so the loop's run bookkeeping is not needed."""
-        take_hit = self._take_hit
+        plh_list: list[BoxedInt] = plhs if type(plhs) is list else list(plhs)
         num_hits = 0  # = the full index: every block before this one was a full block
+        block: BoxedInt  # see `_deref`
         for block in blocks:
-            if type(block) is not int or not take_hit(block, plhs[num_hits]):
+            if type(block) is PartialBlock or not self._take_hit(block, plh_list[num_hits]):
                 break
             num_hits += 1
         return num_hits
 
-    def _take_hit(self, block: SeqHash, plh: Plh) -> bool:
+    def _take_hit(self, block: BoxedInt, plh: BoxedInt) -> bool:
         """One more handle on full block `block` (PLH `plh`) if G1 holds it, for `_use` and
         `_use_leading_hits`: active under this name, or registered (a cached block, maybe
         inactive: it leaves the eviction backend). False on a miss, with nothing changed."""
@@ -497,7 +560,7 @@ class KvManager:
         if found is None:
             return False
         if not found.refs:
-            self._backend.remove(plh)
+            self._reactivate(found)
         tracker = self._tracker
         if tracker is not None:
             tracker.touch(plh)
@@ -509,8 +572,24 @@ class KvManager:
             active_full[block] = _alias(block, found)
         return True
 
+    def _release(self, rec: _Block) -> None:
+        """Put the block `rec`, left without handles, into the eviction backend."""
+        lineage = self._lineage
+        if lineage is not None:
+            lineage.insert_entries([rec])
+        else:
+            self._backend.insert(rec.plh)
+
+    def _reactivate(self, rec: _Block) -> None:
+        """Take the inactive block `rec` out of the eviction backend (it gains a handle)."""
+        lineage = self._lineage
+        if lineage is not None:
+            lineage.remove_entry(rec)
+        else:
+            self._backend.remove(rec.plh)
+
     def _store_rest_in_bulk(
-        self, signal: Use, start: int, full_idx: int, prev: int
+        self, signal: Use, start: int, full_idx: int, prev: BoxedInt
     ) -> tuple[int, list[SeqHash]] | None:
         """Register every full block of `signal` from `start` (full index `full_idx`) on as a
         new block, in one pass, when that is exactly what the per-block loop would do: none
@@ -527,16 +606,39 @@ class KvManager:
         backend = self._backend
         if len(reset) + len(backend) < count:
             return None
-        hashes: list[SeqHash] = blocks[start : start + count]  # type: ignore[assignment]
-        plhs = signal.plhs[full_idx:]
-        local_hashes = signal.local_hashes[full_idx:] if signal.local_hashes else [0] * count
+        # Lists of BoxedInt: compiled, the hashes pass through as the boxed ints they are.
+        hashes: list[BoxedInt] = blocks[start : start + count]
+        all_plhs = signal.plhs
+        plhs: list[BoxedInt] = (
+            all_plhs[full_idx:] if type(all_plhs) is list else list(all_plhs[full_idx:])
+        )
+        all_locals = signal.local_hashes
+        local_hashes: list[BoxedInt] = (
+            [0] * count
+            if not all_locals
+            else all_locals[full_idx:]
+            if type(all_locals) is list
+            else list(all_locals[full_idx:])
+        )
         active_full = self._active_full
         registered = self._registered
+        spare = self._spare_recs
         # Optimistic: register as we go; a block held, registered or repeated undoes it all.
         new: list[_Block] = []
         parent = prev
-        for seq_hash, plh, local in zip(hashes, plhs, local_hashes, strict=True):
-            rec = _Block(_NO_SLOT, plh, seq_hash, parent, local, 1)
+        for i in range(count):
+            seq_hash = hashes[i]
+            plh = plhs[i]
+            if spare:  # recycle the record of an evicted block
+                rec = spare.pop()
+                rec.set_plh(plh)
+                rec.seq = seq_hash
+                rec.parent = parent
+                rec.local = local_hashes[i]
+                rec.handles = 1
+                rec.refs = 1
+            else:
+                rec = _Block(_NO_SLOT, plh, seq_hash, parent, local_hashes[i], 1)
             if active_full.setdefault(seq_hash, rec) is not rec:
                 self._unstore(new)
                 return None
@@ -546,23 +648,40 @@ class KvManager:
                 return None
             new.append(rec)
             parent = seq_hash
+        # Slots go straight into the new records, free ones first, in order.
         num_reset = min(count, len(reset))
+        filled = 0
         if num_reset == len(reset):  # take every free slot (none, once the pool has filled)
-            slots = list(reset)
+            for slot in reset:
+                new[filled].slot = slot
+                filled += 1
             reset.clear()
         else:
-            slots = [reset.popleft() for _ in range(num_reset)]
+            popleft = reset.popleft
+            while filled < num_reset:
+                new[filled].slot = popleft()
+                filled += 1
         evicted: list[SeqHash] = []
         if num_reset < count:
             token_map = self._token_ids
-            for victim in backend.evict_many(count - num_reset):
-                vrec = registered.pop(victim)
-                slots.append(vrec.slot)
+            lineage = self._lineage
+            num_victims = count - num_reset
+            victims: list[BoxedInt] = (
+                backend.evict_many(num_victims)
+                if lineage is None
+                else lineage.evict_many(num_victims)
+            )
+            unregister = registered.pop
+            for victim in victims:
+                vrec = unregister(victim)
+                new[filled].slot = vrec.slot
+                filled += 1
                 evicted.append(vrec.seq)
+                spare.append(vrec)
                 if token_map:
                     token_map.pop(victim, None)
-        for rec, slot in zip(new, slots, strict=True):
-            rec.slot = slot
+        if filled != count:
+            raise InvariantError(f"bulk store: {filled} slots for {count} blocks")
         if signal.token_ids is not None:
             self._token_ids.update(zip(plhs, signal.token_ids[full_idx:], strict=True))
         return count, evicted
@@ -608,7 +727,8 @@ class KvManager:
         if self._reset:
             active_partial[partial_id] = self._reset.popleft()
             return 1
-        victim = self._backend.evict()
+        lineage = self._lineage
+        victim = self._backend.evict() if lineage is None else lineage.evict()
         if victim is None:
             return 0
         vrec = self._registered.pop(victim)
@@ -765,29 +885,32 @@ class KvManager:
 
     def _deref(self, blocks: list[RawBlock]) -> None:
         active_full = self._active_full
-        released: list[Plh] = []  # blocks going inactive, in Deref order
+        released: list[LineageEntry] = []  # blocks going inactive, in Deref order
         taken: list[_Block] = []  # the entry of each full block, in order (to undo)
         partials: list[PartialBlock] = []
+        # Typed BoxedInt (and tested for the partial type, so that it is not narrowed to
+        # `int`): compiled, a full block's u64 hash stays the boxed int the dict needs.
+        block: BoxedInt
         # Optimistic: release handle by handle; a block not held undoes it all, then raises.
         for block in blocks:
-            if type(block) is not int:
-                partials.append(block)  # type: ignore[arg-type]
+            if type(block) is PartialBlock:
+                partials.append(block)
                 continue
-            entry = active_full.pop(block, None)
+            entry = active_full.get(block)
             if entry is None:
                 self._undo_deref(taken)
                 self._raise_deref_error(blocks)
             handles = entry.handles - 1
             entry.handles = handles
-            if handles:
-                active_full[block] = entry
+            if not handles:
+                del active_full[block]
             rec = entry.target
             if rec is None:
                 rec = entry
             refs = rec.refs - 1
             rec.refs = refs
             if not refs:
-                released.append(rec.plh)
+                released.append(rec)
             taken.append(entry)
         active_partial = self._active_partial
         if partials:
@@ -797,7 +920,11 @@ class KvManager:
                 self._raise_deref_error(blocks)
         self._num_full_refs -= len(taken)
         if released:
-            self._backend.insert_many(released)
+            lineage = self._lineage
+            if lineage is not None:
+                lineage.insert_entries(released)
+            else:
+                self._backend.insert_many([rec.plh for rec in released])
         for block in partials:
             self._reset.append(active_partial.pop(block.partial_id))
 
@@ -806,7 +933,7 @@ class KvManager:
         active_full = self._active_full
         for entry in reversed(taken):
             entry.handles += 1
-            active_full[entry.seq] = entry
+            active_full[entry.seq] = entry  # back in, if its last handle had removed it
             target = entry.target
             (entry if target is None else target).refs += 1
 
@@ -827,7 +954,7 @@ class KvManager:
                 f"Promote: token_ids must hold {self.block_size} tokens, got {len(token_ids)}"
             )
         del self._active_partial[signal.partial_id]
-        seq_hash = signal.seq_hash
+        seq_hash: BoxedInt = signal.seq_hash  # boxed once (see `BoxedInt`)
         entry = self._active_full.get(seq_hash)
         if entry is not None:
             self._reset.append(slot)
@@ -836,14 +963,14 @@ class KvManager:
             (entry if target is None else target).refs += 1
             self._num_full_refs += 1
             return
-        plh = signal.plh
+        plh: BoxedInt = signal.plh
         tracker = self._tracker
         found = self._registered.get(plh)
         if found is not None:
             rec = found
             self._reset.append(slot)
             if not rec.refs:
-                self._backend.remove(plh)
+                self._reactivate(rec)
             if tracker is not None:
                 tracker.touch(plh)
         else:
@@ -992,7 +1119,7 @@ class KvManager:
                 flush()
                 run_parent = entry.seq_hash
             else:
-                self._registered[entry.plh] = _Block(
+                rec = _Block(
                     slot,
                     entry.plh,
                     entry.seq_hash,
@@ -1000,11 +1127,12 @@ class KvManager:
                     entry.local_hash,
                     0,
                 )
+                self._registered[entry.plh] = rec
                 if entry.token_ids is not None:
                     self._token_ids[entry.plh] = entry.token_ids
                 if self._tracker is not None:
                     self._tracker.touch(entry.plh)
-                self._backend.insert(entry.plh)
+                self._release(rec)
                 run_hashes.append(entry.seq_hash)
                 run_locals.append(entry.local_hash)
                 if entry.token_ids is not None:
@@ -1025,7 +1153,7 @@ class KvManager:
         for rec in recs:
             assert rec is not None
             if rec.refs == 0:
-                self._backend.remove(rec.plh)
+                self._reactivate(rec)
             rec.refs += 1
             self._prefix_pins[rec.plh] += 1
         return list(prefix_plhs)
@@ -1042,7 +1170,7 @@ class KvManager:
                 del self._prefix_pins[plh]
             rec.refs -= 1
             if rec.refs == 0:
-                self._backend.insert(plh)
+                self._release(rec)
 
     # ── invariants ────────────────────────────────────────────────────────────────────────
 

@@ -161,6 +161,11 @@ class Replay:
         self._on_events = on_events
         self._on_pass = on_pass
         self._index = KvIndex(len(ranks)) if options.router_mode == "kv" else None
+        self._block_size = engine.block_size
+        self._hash_prompts = (
+            self._index is not None and len(ranks) > 1 and engine.enable_prefix_caching
+        )
+        """The kv router hashes each prompt to route it (the chosen rank reuses the hashes)."""
         self._prefix_hashes = PrefixHashCache(engine.block_size)
         self._pending_events: deque[tuple[float, int, list[KvEvent]]] = deque()
         self.collector = MetricsCollector()
@@ -175,7 +180,7 @@ class Replay:
             rank = ranks[self._rr_next % len(ranks)]
             self._rr_next += 1
             return rank
-        bs = self.options.engine.block_size
+        bs = self._block_size
         hashes = [] if block_hashes is None else block_hashes.seq_hashes
         num_blocks = -(-len(spec.tokens) // bs)
         # cost = (num_blocks - device - HOST_TIER_CREDIT * host) + load, lowest wins, the
@@ -208,11 +213,9 @@ class Replay:
 
     def _dispatch(self, time_ms: float, spec: RequestSpec) -> None:
         self._flush_events(time_ms)
-        engine = self.options.engine
-        # The kv router hashes the prompt to route it; the chosen rank reuses the hashes.
         block_hashes = (
             self._prefix_hashes.hash_blocks(token_bytes(spec.tokens))
-            if self._index is not None and len(self._ranks) > 1 and engine.enable_prefix_caching
+            if self._hash_prompts
             else None
         )
         rank = self._route(spec, block_hashes)
@@ -281,11 +284,11 @@ class Replay:
             return None
         rank.idle_retries = 0
         rank.clock_ms = run.ends_ms[-1]
-        on_decode_tokens = self.collector.on_decode_tokens
+        collector = self.collector  # a direct (compiled) call, not a bound method object
         num_tokens = run.num_decode_tokens
         prev_end_ms = run.prev_end_ms
         for end_ms in run.ends_ms:
-            on_decode_tokens(end_ms - prev_end_ms, num_tokens)
+            collector.on_decode_tokens(end_ms - prev_end_ms, num_tokens)
             prev_end_ms = end_ms
         for index, events in run.events:
             end_ms = run.ends_ms[index]

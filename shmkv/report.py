@@ -64,36 +64,66 @@ def percentile_index(num_samples: int, percentile: float) -> int:
 def weighted_distribution_stats(values: Sequence[float], counts: Sequence[int]) -> dict[str, float]:
     """mean/min/max/median/p75/p90/p95/p99/std of samples given as (value, count) pairs.
 
-    Equivalent to expanding every value `count` times, in O(k log k) for k pairs.
+    Equivalent to expanding every value `count` times, in O(k log k) for k pairs. The mean and
+    the variance are exactly rounded sums (`math.fsum`) of one term per pair, so they need no
+    order; the pairs are sorted by value (positions only) for the order statistics.
 
     Returns:
         A dict keyed by `STAT_NAMES`; all 0.0 when there are no samples.
+
+    Raises:
+        ValueError: `values` and `counts` differ in length.
     """
-    pairs = sorted((value, count) for value, count in zip(values, counts, strict=True) if count > 0)
-    num_samples = sum(count for _, count in pairs)
+    if len(values) != len(counts):
+        raise ValueError(f"{len(values)} values but {len(counts)} counts")
+    if min(counts, default=1) > 0:  # every pair counts (the collector's case): plain copies
+        kept_values = list(values)
+        kept_counts = list(counts)
+    else:
+        kept_values = []
+        kept_counts = []
+        for position in range(len(values)):
+            if counts[position] > 0:
+                kept_values.append(values[position])
+                kept_counts.append(counts[position])
+    num_samples = sum(kept_counts)
     if num_samples == 0:
         return dict.fromkeys(STAT_NAMES, 0.0)
-    mean = math.fsum(value * count for value, count in pairs) / num_samples
-    variance = math.fsum(count * (value - mean) ** 2 for value, count in pairs) / num_samples
-    stats = {"mean": mean, "min": pairs[0][0], "max": pairs[-1][0]}
-    targets = [(name, percentile_index(num_samples, p)) for name, p in PERCENTILES]
+    num_pairs = len(kept_values)
+    products = [kept_values[i] * kept_counts[i] for i in range(num_pairs)]
+    mean = math.fsum(products) / num_samples
+    # NOTE: math.pow(x, 2.0) is what `x ** 2` computes (C `pow`), without a generic call.
+    squares = [kept_counts[i] * math.pow(kept_values[i] - mean, 2.0) for i in range(num_pairs)]
+    variance = math.fsum(squares) / num_samples
+    order = sorted(range(num_pairs), key=kept_values.__getitem__)
+    stats = {"mean": mean, "min": kept_values[order[0]], "max": kept_values[order[-1]]}
     # Percentile indices grow with p, so one pass over the cumulative counts finds them all.
     cumulative = 0
-    target_pos = 0
-    for value, count in pairs:
-        cumulative += count
-        while target_pos < len(targets) and targets[target_pos][1] < cumulative:
-            stats[targets[target_pos][0]] = value
-            target_pos += 1
-        if target_pos == len(targets):
-            break
+    rank = 0
+    for name, percentile in PERCENTILES:
+        target = percentile_index(num_samples, percentile)
+        while cumulative + kept_counts[order[rank]] <= target:
+            cumulative += kept_counts[order[rank]]
+            rank += 1
+        stats[name] = kept_values[order[rank]]
     stats["std"] = math.sqrt(variance)
     return {name: stats[name] for name in STAT_NAMES}
 
 
 def distribution_stats(values: Sequence[float]) -> dict[str, float]:
     """`weighted_distribution_stats` with every sample counted once."""
-    return weighted_distribution_stats(values, [1] * len(values))
+    if not values:
+        return dict.fromkeys(STAT_NAMES, 0.0)
+    samples = list(values)
+    num_samples = len(samples)
+    mean = math.fsum(samples) / num_samples
+    variance = math.fsum([math.pow(value - mean, 2.0) for value in samples]) / num_samples
+    samples.sort()
+    stats = {"mean": mean, "min": samples[0], "max": samples[-1]}
+    for name, percentile in PERCENTILES:
+        stats[name] = samples[percentile_index(num_samples, percentile)]
+    stats["std"] = math.sqrt(variance)
+    return {name: stats[name] for name in STAT_NAMES}
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,19 +28,25 @@ manager calls are exactly those of scheduling every request one by one.
 
 Steady decode without a Python call per pass (`run_decode_passes`, used by the offline
 replay): while every running request is a cohort member and no member leaves, a stretch of
-passes is run in one call. Passes with no block event cost only their duration (their tokens
-are drawn for the whole stretch at once and appended with one slice per member); passes with
+passes is run in one call. Passes with no block event cost only their duration; passes with
 block crossings / allocations do what `step`'s bulk path would (`_event_pass`: one bulk token
 draw, then the Promotes). The caller bounds the stretch in time (the next arrival, other
 ranks' clocks), so the passes and their results are exactly those of calling `step` once per
 pass. `step` itself takes this path for a steady pass.
+
+Lazy cohort tokens: while only cohort members run, their tokens are not appended pass by pass.
+A plain pass's words are owed (drawn with the next draw from the rank's rng, or before anything
+else draws from it); an event pass's words go to one flat buffer, `_pending` (one word per
+member per pass, in running order). A member's tokens are appended when it needs them, at its
+block crossing (its block is hashed), and everyone's when the running list or the cohort
+changes (`_flush_pending`, e.g. at the start of a pass that is not a steady one). The draws and
+their order are those of drawing every pass's tokens at once.
 """
 
 from __future__ import annotations
 
 import random
 from array import array
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 from enum import IntEnum
@@ -63,10 +69,9 @@ from shmkv.perf_model import PerfModel
 from shmkv.sequence import (
     ActiveSequence,
     RandomWords,
-    append_crossing_tokens,
-    append_random_tokens,
     append_tokens,
-    random_words,
+    extend_crossing_words,
+    extend_random_words,
 )
 from shmkv.signals import Deref, Promote, RawBlock, Use
 
@@ -83,6 +88,7 @@ class _Request:
     __slots__ = (
         "arrival_ms",
         "blocked_until_ms",
+        "cohort_base",
         "event_kind",
         "event_pass",
         "in_cohort",
@@ -116,6 +122,9 @@ class _Request:
         self.event_kind = _LEAVE
         self.leave_pass = -1
         """Cohort members: the pass that emits their last token (they leave for it)."""
+        self.cohort_base = 0
+        """Cohort members: `len(tokens) - _cohort_pass` at rest (constant while a member);
+        tokens still in `_pending` are not counted in `len(tokens)`."""
 
 
 class _SwapIn:
@@ -268,6 +277,14 @@ class DecodeRun:
         return results
 
 
+_array_append: Final = array.append
+_array_extend: Final = array.extend
+# NOTE: Final: compiled, calling these skips the method lookup of `tokens.append(...)`.
+
+_MAX_PENDING_WORDS: Final = 1 << 20
+"""At most about this many cohort tokens are left pending (owed or in `_pending`): past it
+they are drawn / appended (bounds the memory and the size of one draw)."""
+
 _MAX_DECODE_RUN: Final = 4096
 """At most this many passes per `run_decode_passes` call (bounds its token draw)."""
 
@@ -304,6 +321,11 @@ class RankScheduler:
         self.config = config
         self.dp_rank = dp_rank
         self.block_size = config.block_size
+        # NOTE: compiled, reading the (interpreted) config dataclass is a generic attribute
+        # lookup: the options read at every pass are copied into typed attributes.
+        self._max_num_batched_tokens: int = config.max_num_batched_tokens
+        self._max_num_seqs: int = config.max_num_seqs
+        self._caching: bool = config.enable_prefix_caching
         self.manager = KvManager(
             config.num_gpu_blocks,
             config.block_size,
@@ -344,6 +366,17 @@ class RankScheduler:
         """End of the last pass that emitted tokens (the cohort's last token time)."""
         self._crossing: list[_Request] = []
         """Members whose token this pass fills their block (set at the start of `step`)."""
+        self._lazy = False
+        """Some cohort tokens are not yet appended to their members' token arrays: those of
+        passes `_pending_start .. _cohort_pass`, one word per member per pass in running
+        order, first the words in `_pending`, then `_undrawn` words not yet drawn from the
+        rng (drawn before anything else draws from it). Only while every running request is
+        a member; `_flush_pending` appends them."""
+        self._pending: array[int] = array("I")
+        self._undrawn = 0
+        self._pending_start = 0
+        self._pending_ragged = False
+        """Some member's tokens were appended ahead of the others (`_materialize`)."""
         self._swap_ins: list[_SwapIn] = []
         self.num_preemptions_total = 0
         self._pass_index = 0
@@ -368,13 +401,15 @@ class RankScheduler:
         """
         if request_id in self._requests:
             raise ConfigError(f"request {request_id} is already active on rank {self.dp_rank}")
-        if block_hashes is None and self.config.enable_prefix_caching:
+        if block_hashes is None and self._caching:
             block_hashes = self._prefix_hashes.hash_blocks(token_bytes(tokens))
+        if self._undrawn:  # the sequence may draw from the rng: owed words come first
+            self._settle_draws()
         seq = ActiveSequence(
             tokens,
             max_output_tokens,
             self.block_size,
-            self.config.enable_prefix_caching,
+            self._caching,
             self.emit_token_ids,
             output_token_ids,
             self._rng,
@@ -423,13 +458,15 @@ class RankScheduler:
         return self._step(now_ms)
 
     def _step(self, now_ms: float) -> PassResult:
+        if self._lazy:
+            self._flush_pending()
         result = PassResult(now_ms, now_ms, False)
         manager = self.manager
         self._has_offload = manager.has_offload_engine()
         if self._has_offload:
             manager.tick_offload_engine(now_ms)
             self._promote_swap_ins()
-        budget = self.config.max_num_batched_tokens
+        budget = self._max_num_batched_tokens
         batch = [0, 0, 0]  # prompt requests, sum of isl, sum of prefix
         scheduled: dict[int, tuple[int, int, int]] = {}
         preempted_any = False
@@ -486,7 +523,7 @@ class RankScheduler:
                     preempted_any = True
 
         waiting = self._waiting
-        max_seqs = self.config.max_num_seqs
+        max_seqs = self._max_num_seqs
         while not preempted_any and waiting and len(running) < max_seqs:
             request = waiting[0]
             if request.blocked_until_ms > now_ms:
@@ -575,9 +612,8 @@ class RankScheduler:
         members = self._cohort_size
         if not members or self._explicit or self._swap_ins:
             return None
-        config = self.config
-        if members > config.max_num_batched_tokens or (
-            self._waiting and len(self._running) < config.max_num_seqs
+        if members > self._max_num_batched_tokens or (
+            self._waiting and len(self._running) < self._max_num_seqs
         ):
             return None
         manager = self.manager
@@ -593,7 +629,7 @@ class RankScheduler:
         """Plain passes run but not yet committed (tokens, clocks): see `_commit_plain`."""
         clock = self._cohort_pass
         start: float = now_ms
-        caching = config.enable_prefix_caching
+        caching = self._caching
         prev_end_ms = self._prev_end_ms
         while len(ends) < _MAX_DECODE_RUN:
             tokens = base + members * clock
@@ -644,23 +680,17 @@ class RankScheduler:
 
     def _commit_plain(self, num_passes: int, clock: int, ends: list[float]) -> None:
         """Apply the last `num_passes` plain passes of a run (ending at `ends[-1]`, the
-        cohort's clock now `clock`): draw their tokens, one word per member per pass in
-        running order, as `step` would have drawn them pass by pass."""
+        cohort's clock now `clock`): their tokens, one word per member per pass in running
+        order, are owed (`_defer_tokens`), drawn with the next draw from the rng."""
         if not num_passes:
             return
-        members = self._cohort_size
-        count = members * num_passes
-        words = random_words(self._rng, count)
-        if num_passes == 1:
-            append_tokens(self._running_tokens, words)
-        else:
-            for position, tokens_of in enumerate(self._running_tokens):
-                tokens_of.extend(words[position::members])
+        self._defer_tokens(self._cohort_size * num_passes)
         self._has_offload = False
         self._crossing = []
         self._cohort_pass = clock
         self._pass_index += num_passes
         self._prev_end_ms = self._last_emit_ms = ends[-1]
+        self._bound_pending()
 
     def _event_pass(self, now_ms: float, end_ms: float) -> list[KvEvent]:
         """One steady decode pass ending at `end_ms` whose events are block crossings and
@@ -671,7 +701,7 @@ class RankScheduler:
         manager = self.manager
         if allocating:  # the scheduling phase: in running order
             if len(allocating) > 1:
-                allocating.sort(key=_order_of)
+                _sort_by_order(allocating)
             for request in allocating:
                 partial = request.seq.partial_block
                 if partial is None or not manager.use_partial(partial):
@@ -679,16 +709,76 @@ class RankScheduler:
         if crossing:
             self._emit_crossing_members(crossing)
         else:
-            append_random_tokens(self._running_tokens, self._rng)
+            self._draw_plain_tokens()
         self._crossing = []
         self._cohort_pass += 1
         self._pass_index += 1
         self._prev_end_ms = self._last_emit_ms = end_ms
+        self._bound_pending()
         return manager.take_events()
 
     # ── the running list and the cohort ───────────────────────────────────────────────────
 
+    def _defer_tokens(self, count: int) -> None:
+        """Plain passes of the members ran: their `count` tokens are owed (`_lazy`)."""
+        if not self._lazy:
+            self._lazy = True
+            self._pending_start = self._cohort_pass
+        self._undrawn += count
+
+    def _bound_pending(self) -> None:
+        """Between passes of a decode run: draw / append the pending tokens past a bound."""
+        if self._undrawn + len(self._pending) > _MAX_PENDING_WORDS:
+            self._flush_pending()
+
+    def _settle_draws(self) -> None:
+        """Draw the owed words (before anything else draws from the rng)."""
+        if self._undrawn:
+            extend_random_words(self._pending, self._rng, self._undrawn)
+            self._undrawn = 0
+
+    def _flush_pending(self) -> None:
+        """Append the members' tokens still pending (`_lazy`) to their token arrays."""
+        if not self._lazy:
+            return
+        self._settle_draws()
+        pending = self._pending
+        num_pending = len(pending)
+        running = self._running
+        members = len(running)
+        if num_pending == members and not self._pending_ragged:  # one pass, nobody ahead
+            append_tokens(self._running_tokens, pending)
+        else:
+            start = self._pending_start
+            for position in range(members):
+                request = running[position]
+                tokens = request.seq.tokens
+                offset = (len(tokens) - request.cohort_base - start) * members + position
+                if offset + members >= num_pending:
+                    if offset < num_pending:
+                        _array_append(tokens, pending[offset])
+                else:
+                    _array_extend(tokens, pending[offset::members])
+        self._pending = array("I")
+        self._pending_ragged = False
+        self._lazy = False
+
+    def _materialize(self, request: _Request, position: int) -> None:
+        """Append to a member (at `position` in the running list) its pending tokens (all
+        drawn: no `_undrawn` words)."""
+        pending = self._pending
+        members = len(self._running)
+        tokens = request.seq.tokens
+        offset = (len(tokens) - request.cohort_base - self._pending_start) * members + position
+        if offset + members >= len(pending):
+            _array_append(tokens, pending[offset])
+        else:
+            _array_extend(tokens, pending[offset::members])
+        self._pending_ragged = True
+
     def _run_append(self, request: _Request) -> None:
+        if self._lazy:
+            self._flush_pending()
         order = self._next_order
         self._next_order = order + 1
         request.order = order
@@ -699,7 +789,9 @@ class RankScheduler:
 
     def _run_remove(self, request: _Request) -> None:
         """Drop a running request that is not a cohort member (materialize it first)."""
-        index = bisect_left(self._running_orders, request.order)
+        if self._lazy:
+            self._flush_pending()
+        index = _position_of(self._running_orders, request.order)
         if request.in_cohort or self._running[index] is not request:
             raise InvariantError(f"request {request.request_id} is not an explicit running one")
         del self._running[index]
@@ -710,6 +802,8 @@ class RankScheduler:
     def _leave_cohort(self, request: _Request, *, scheduled: bool) -> None:
         """Write back a member's implicit state: at rest (last token emitted in the previous
         pass) or, with `scheduled`, after this pass scheduled its decode step."""
+        if self._lazy:
+            self._flush_pending()
         seq = request.seq
         length = len(seq.tokens)
         done = length if scheduled else length - 1
@@ -741,7 +835,10 @@ class RankScheduler:
             return
         if request.num_computed_tokens != length - 1 or seq.num_allocated_tokens != length - 1:
             return
+        if self._lazy:
+            self._flush_pending()
         request.in_cohort = True
+        request.cohort_base = length - self._cohort_pass
         request.leave_pass = self._cohort_pass + quiet
         self._plan_event(request, length, self._cohort_pass)
         del self._explicit[request.order]
@@ -773,36 +870,55 @@ class RankScheduler:
         crossing: list[_Request] = []
         allocating: list[_Request] = []
         clock = self._cohort_pass
-        due = self._due.pop(clock, None)
+        buckets = self._due
+        due = buckets.get(clock)
         if due is None:
             return crossing, allocating
+        del buckets[clock]
         # The next event, as `_plan_event` would plan it: a crossing member allocates its new
-        # block next pass; an allocating one crosses when its token fills that block.
+        # block next pass; an allocating one crosses when its token fills that block. (The
+        # order within a bucket does not matter: its members are sorted when used.)
+        next_pass = clock + 1
         after_alloc = clock + self.block_size - 1
-        buckets = self._due
+        to_allocate: list[_Request] = []
+        to_cross: list[_Request] = []
         for request in due:
             if not request.in_cohort or request.event_pass != clock:
                 continue  # stale: it left the cohort or was rescheduled
             kind = request.event_kind
             if kind == _CROSS:
                 crossing.append(request)
-                kind, event_pass = _ALLOC, clock + 1
+                if next_pass < request.leave_pass:
+                    request.event_kind = _ALLOC
+                    request.event_pass = next_pass
+                    to_allocate.append(request)
+                    continue
             elif kind == _ALLOC and not (self._has_offload or request.blocked_until_ms > now_ms):
                 allocating.append(request)
-                kind, event_pass = _CROSS, after_alloc
+                if after_alloc < request.leave_pass:
+                    request.event_kind = _CROSS
+                    request.event_pass = after_alloc
+                    to_cross.append(request)
+                    continue
             else:  # leaving, or an offload could block the allocation: the per-request path
                 self._leave_cohort(request, scheduled=False)
                 continue
-            if event_pass >= request.leave_pass:
-                kind, event_pass = _LEAVE, request.leave_pass
-            request.event_kind = kind
-            request.event_pass = event_pass
-            bucket = buckets.get(event_pass)
-            if bucket is None:
-                buckets[event_pass] = [request]
-            else:
-                bucket.append(request)
+            request.event_kind = _LEAVE
+            request.event_pass = request.leave_pass
+            self._add_due(request.leave_pass, [request])
+        if to_allocate:
+            self._add_due(next_pass, to_allocate)
+        if to_cross:
+            self._add_due(after_alloc, to_cross)
         return crossing, allocating
+
+    def _add_due(self, at_pass: int, requests: list[_Request]) -> None:
+        """File `requests` (their next event planned at `at_pass`) in `_due`."""
+        bucket = self._due.get(at_pass)
+        if bucket is None:
+            self._due[at_pass] = requests
+        else:
+            bucket.extend(requests)
 
     def _bulk_is_exact(self, explicit: list[_Request], budget: int, num_allocating: int) -> bool:
         """True when this pass may schedule the cohort in bulk: every request's whole demand
@@ -831,9 +947,19 @@ class RankScheduler:
             )
         if len(members) + len(self._explicit) != len(self._running):
             raise InvariantError("running requests are neither cohort members nor explicit")
-        base = sum(len(r.seq.tokens) - self._cohort_pass for r in members)
-        if base != self._cohort_len_base:
+        clock = self._cohort_pass
+        if sum(r.cohort_base for r in members) != self._cohort_len_base:
             raise InvariantError("cohort context length disagrees with its members")
+        pending = len(self._pending) + self._undrawn
+        first = self._pending_start if self._lazy else clock
+        if (pending or self._lazy) and (
+            not self._lazy or self._explicit or pending != (clock - first) * len(members)
+        ):
+            raise InvariantError("pending cohort tokens out of step with the cohort")
+        for request in members:  # tokens appended up to a pass in `first .. clock`
+            done = len(request.seq.tokens) - request.cohort_base
+            if not first <= done <= clock:
+                raise InvariantError(f"cohort member {request.request_id} has lost tokens")
         if self._running_orders != sorted(self._running_orders) or self._running_orders != [
             r.order for r in self._running
         ]:
@@ -1046,6 +1172,7 @@ class RankScheduler:
 
         Cohort members (all scheduled, past their second token) emit in bulk between the
         explicit requests, which go one by one; `emitted` receives the explicit emitters.
+        With no explicit request left running, the members' tokens are left pending (`_lazy`).
         """
         members = self._cohort_size
         if not members:
@@ -1083,12 +1210,11 @@ class RankScheduler:
             decoding_tokens += self._cohort_len_base + members * self._cohort_pass
         decode_ms = 0.0
         if num_decoding:
-            bs = self.block_size
             decode_ms = self.perf.scaled_decode_ms(
                 num_decoding,
                 decoding_tokens,
                 decoding_tokens // num_decoding,
-                self.config.num_gpu_blocks * bs,
+                self._total_kv_tokens,
             )
         end_ms = decode_start_ms + decode_ms
         self._last_emit_ms = end_ms
@@ -1100,10 +1226,10 @@ class RankScheduler:
             return end_ms
         crossing = [request for request in self._crossing if request.in_cohort]
         if not walk and not crossing:  # only members run: plain tokens, in running order
-            append_random_tokens(self._running_tokens, self._rng)
+            self._draw_plain_tokens()
             result.num_decode_tokens += members
             return end_ms
-        if not walk and self.config.enable_prefix_caching:  # only members, some crossing
+        if not walk and self._caching:  # only members, some crossing
             self._emit_crossing_members(crossing)
             result.num_decode_tokens += members
             return end_ms
@@ -1113,7 +1239,7 @@ class RankScheduler:
         # pass's random words are drawn at once, in running order: one per plain member, and
         # what each other emitter's `generate_token` draws, at its place in the stream.
         orders = self._running_orders
-        positions = [bisect_left(orders, request.order) for request, _ in walk]
+        positions = [_position_of(orders, request.order) for request, _ in walk]
         tokens = list(self._running_tokens)
         words = RandomWords(
             self._rng,
@@ -1144,17 +1270,35 @@ class RankScheduler:
     def _emit_crossing_members(self, crossing: list[_Request]) -> None:
         """A pass where only cohort members run and `crossing` ones open a new block with
         their token: every token in one bulk draw (the words `generate_token` would draw one
-        by one, in running order), then the crossing members' Promotes, in running order."""
+        by one, in running order, after the owed ones) into `_pending`, then the crossing
+        members' tokens are appended and their Promotes sent, in running order."""
         if len(crossing) > 1:
-            crossing.sort(key=_order_of)
+            _sort_by_order(crossing)
         orders = self._running_orders
-        positions = [bisect_left(orders, request.order) for request in crossing]
-        partial_ids = append_crossing_tokens(self._running_tokens, positions, self._rng)
+        positions = [_position_of(orders, request.order) for request in crossing]
+        if not self._lazy:
+            self._lazy = True
+            self._pending_start = self._cohort_pass
+        undrawn = self._undrawn  # owed words first, then this pass's
+        self._undrawn = 0
+        partial_ids = extend_crossing_words(
+            self._pending,
+            undrawn + len(orders),
+            [undrawn + position for position in positions] if undrawn else positions,
+            self._rng,
+        )
         manager = self.manager
         for index in range(len(crossing)):
-            promote = crossing[index].seq.open_block(partial_ids[index])
+            request = crossing[index]
+            self._materialize(request, positions[index])
+            promote = request.seq.open_block(partial_ids[index])
             if promote is not None:
                 manager.process(promote)
+
+    def _draw_plain_tokens(self) -> None:
+        """A pass where only cohort members run and none opens a block: their tokens, one
+        word each in running order, owed (`_defer_tokens`)."""
+        self._defer_tokens(self._cohort_size)
 
     def _emit_one(
         self,
@@ -1272,6 +1416,38 @@ _CROSSING: Final = 2
 
 def _order_of(request: _Request) -> int:
     return request.order
+
+
+def _sort_by_order(requests: list[_Request]) -> None:
+    """`requests.sort(key=_order_of)`: compiled, an insertion sort of these short, mostly
+    sorted lists (a pass's due members) beats the generic sort's key calls."""
+    if len(requests) > _INSERTION_SORT_MAX:
+        requests.sort(key=_order_of)
+        return
+    for index in range(1, len(requests)):
+        request = requests[index]
+        order = request.order
+        j = index - 1
+        while j >= 0 and requests[j].order > order:
+            requests[j + 1] = requests[j]
+            j -= 1
+        requests[j + 1] = request
+
+
+_INSERTION_SORT_MAX: Final = 64
+
+
+def _position_of(orders: list[int], order: int) -> int:
+    """`bisect_left(orders, order)` (compiled, a native loop beats the builtin's call)."""
+    low = 0
+    high = len(orders)
+    while low < high:
+        mid = (low + high) >> 1
+        if orders[mid] < order:
+            low = mid + 1
+        else:
+            high = mid
+    return low
 
 
 def _walk_order(entry: tuple[_Request, int]) -> int:

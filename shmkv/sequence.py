@@ -45,6 +45,8 @@ _shared_rng = random.Random(0x5EED)
 # NOTE: Final: compiled (mypyc), Final module names are C statics, not dict lookups per use.
 _consume: Final = deque[None](maxlen=0).extend
 _array_append: Final = array.append
+_array_frombytes: Final = array.frombytes
+_array_tobytes: Final = array.tobytes
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 
 
@@ -60,11 +62,6 @@ def _is_int(value: object) -> bool:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _no_random_hash(_num_bits: int) -> int:
-    """The draw `_promote_partial` never makes with prefix caching on."""
-    raise InvariantError("a prefix-caching sequence draws no random block hash")
 
 
 class ActiveSequence:
@@ -217,7 +214,8 @@ class ActiveSequence:
         if to_cover <= prev:
             return None
         full_end = min(to_cover, num_full)
-        raw: list[RawBlock] = list(self.seq_hashes[prev:full_end])
+        # NOTE: the slice is a new list already (list[int] is not a list[RawBlock] to mypy).
+        raw: list[RawBlock] = self.seq_hashes[prev:full_end]  # type: ignore[assignment]
         if to_cover > num_full and self._partial is not None:
             raw.append(self._partial)
         token_ids = (
@@ -296,7 +294,7 @@ class ActiveSequence:
                 "open_block() needs a caching sequence whose last token opens a block"
             )
         # Caching on: `_promote_partial` draws nothing.
-        promote = None if self._partial is None else self._promote_partial(_no_random_hash)
+        promote = None if self._partial is None else self._promote_partial(None)
         self._partial = PartialBlock(partial_id)
         return promote
 
@@ -311,8 +309,9 @@ class ActiveSequence:
             words += 4
         return words
 
-    def _promote_partial(self, getrandbits: Callable[[int], int]) -> Promote:
-        """The partial block just became full: give it its identity."""
+    def _promote_partial(self, getrandbits: Callable[[int], int] | None) -> Promote:
+        """The partial block just became full: give it its identity (`getrandbits`: the
+        source of a random one, prefix caching off)."""
         partial = self._partial
         assert partial is not None
         seqs = self.seq_hashes
@@ -323,10 +322,12 @@ class ActiveSequence:
         parent = seqs[-1] if seqs else None
         block = self.tokens[index * bs : (index + 1) * bs]
         if self.enable_prefix_caching:
-            data = token_bytes(block) if _BIG_ENDIAN else block.tobytes()
+            data = token_bytes(block) if _BIG_ENDIAN else _array_tobytes(block)
             local, current, plh = hash_block(data, parent, index)
             self.local_hashes.append(local)
         else:
+            if getrandbits is None:
+                raise InvariantError("a sequence with prefix caching off needs random bits")
             local = 0
             current = getrandbits(64)
             plh = make_plh(current, None, index)
@@ -358,7 +359,7 @@ class ActiveSequence:
         count = min(_ceil_div(self.num_allocated_tokens, self.block_size), self.num_unique_blocks)
         if count == 0:
             return []
-        raw: list[RawBlock] = list(self.seq_hashes[:count])
+        raw: list[RawBlock] = self.seq_hashes[:count]  # type: ignore[assignment]
         if count > len(self.seq_hashes) and self._partial is not None:
             raw.append(self._partial)
         raw.reverse()
@@ -439,23 +440,50 @@ def append_crossing_tokens(
     if not positions:
         append_random_tokens(token_arrays, rng)
         return []
-    count = len(token_arrays) + 4 * len(positions)
-    data = _random_bytes(rng, 4 * count)
     words = array("I")
-    words.frombytes(data)
-    if _BIG_ENDIAN:  # pragma: no cover - randbytes packs the 32-bit words little-endian
-        words.byteswap()
-    from_bytes = int.from_bytes
-    partial_ids: list[PartialId] = []
-    # Crossing j's token is word `position + 4 j`, its id the four words after it.
-    for extra, position in enumerate(positions):
-        start = 4 * (position + 4 * extra + 1)
-        partial_ids.append(from_bytes(data[start : start + 16], "little"))
-    for extra in range(len(positions) - 1, -1, -1):
-        start = positions[extra] + 4 * extra + 1
-        del words[start : start + 4]
+    partial_ids = extend_crossing_words(words, len(token_arrays), positions, rng)
     append_tokens(token_arrays, words)
     return partial_ids
+
+
+def extend_random_words(words: array[int], rng: random.Random, count: int) -> None:
+    """Append to `words` the next `count` 32-bit words of `rng` (`random_words`, in place)."""
+    _extend_words(words, _random_bytes(rng, 4 * count))
+
+
+def extend_crossing_words(
+    words: array[int], num_tokens: int, positions: Sequence[int], rng: random.Random
+) -> list[PartialId]:
+    """One bulk decode step of `num_tokens` sequences, those at `positions` (ascending)
+    opening a new block with their token: draws what their `generate_token` calls would draw
+    one by one in that order (a token word each; right after a crossing one's token, the four
+    words of its new partial block's id), appends the `num_tokens` tokens to `words` in order
+    and returns the ids in order. Prefix caching on (no random block hash is drawn)."""
+    data = _random_bytes(rng, 4 * (num_tokens + 4 * len(positions)))
+    from_bytes = int.from_bytes
+    partial_ids: list[PartialId] = []
+    start = 0
+    extra = 0
+    for position in positions:
+        # Crossing j's token is word `position + 4 j`, its id the four words after it.
+        end = 4 * (position + extra + 1)
+        _extend_words(words, data[start:end])
+        partial_ids.append(from_bytes(data[end : end + 16], "little"))
+        start = end + 16
+        extra += 4
+    _extend_words(words, data[start:])
+    return partial_ids
+
+
+def _extend_words(words: array[int], data: bytes) -> None:
+    """Append the little-endian 32-bit words `data` to `words`."""
+    if _BIG_ENDIAN:  # pragma: no cover - randbytes packs the 32-bit words little-endian
+        more = array("I")
+        more.frombytes(data)
+        more.byteswap()
+        words.extend(more)
+        return
+    _array_frombytes(words, data)
 
 
 def append_random_tokens(token_arrays: Sequence[array[int]], rng: random.Random) -> None:

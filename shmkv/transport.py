@@ -58,14 +58,17 @@ OFFLOAD_DONE: Final = "offload_done"  # coord -> rank {batch, items: [i]} copies
 G2_EVENTS: Final = "g2_events"
 # Supervisor <-> any process:
 READY: Final = "ready"  # {role, rank, pid, version, ...endpoints}
-SUBMIT: Final = (
-    "submit"  # sup -> rank {requests: [[id, arrival_ms, max_out]]} + one tokens frame each
-)
+# sup -> rank {requests: [[id, arrival_ms, max_out, num_tokens]]} + one frame: every
+# request's tokens (u32), concatenated in request order
+SUBMIT: Final = "submit"
 # rank -> sup {passes: [full pass records], decode: [itl_ms, num_tokens, ...] of plain decode
 # passes, status figures}; sent at a completion/rejection, else every ~20 ms while busy
 RESULTS: Final = "results"
 DRAIN: Final = "drain"  # sup -> rank/coord: finish in-flight work, then report state
-STATE: Final = "state"  # -> sup {device: [...]} or {host_pinned: [...]}
+# -> sup: a rank's {device_packed: true, host_pinned: [...], ...} + one frame of its device
+# seq hashes (native u64; or {device: [...]} without the frame), the coordinator's
+# {host_pinned: [...], ...}
+STATE: Final = "state"
 STOP: Final = "stop"  # sup -> any: exit cleanly
 PING: Final = "ping"
 PONG: Final = "pong"
@@ -320,6 +323,19 @@ def encode(
     if body:
         header.update(body)
     return [orjson.dumps(header), *frames]
+
+
+_SNDMORE: Final = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
+    """`sock.send_multipart(frames)` without its per-frame flag arithmetic on enums (a
+    visible cost at a message per pass). Raises what `send` raises (before the first frame
+    went, a message is not sent at all)."""
+    send = sock.send
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        send(frame, _SNDMORE if index < last else 0)
 
 
 def decode(frames: Sequence[bytes | zmq.Frame]) -> Message:

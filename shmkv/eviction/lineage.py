@@ -17,8 +17,10 @@ that becomes a leaf again re-enters the queue with its original tick.
 Hot-path representation (this sits under every block-manager operation): the nodes of one
 position live in one *level*, a dict keyed by their current fragment; a PLH is decoded into
 (position, current fragment, parent fragment), all small ints, so only the decoding touches the
-128-bit PLH. A node is a `_Node` (int fields, -1 for "none") that knows its level and links to
-its parent node, so pruning walks up without a lookup. Compiled (mypyc) it is a native struct.
+128-bit PLH. The decoding is kept in a `LineageEntry` (the block manager's registrations are
+ones), so a block is decoded once however often it enters and leaves the pool. A node is a
+`_Node` (int fields, -1 for "none") that knows its level and links to its parent node, so
+pruning walks up without a lookup. Compiled (mypyc) it is a native struct.
 `encode_key` / `decode_key` pack (position, fragment) into one int for other lineage indexes.
 """
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from heapq import heapify, heappop, heappush
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeAlias
 
 from shmkv.errors import InvariantError
 from shmkv.hashing import lineage_key, lineage_parent_key
@@ -47,8 +49,27 @@ _M0_FRAG_BITS: Final = 59
 _M0_FRAG: Final = (1 << 59) - 1
 
 _NONE: Final = -1
+_UNDECODED: Final = -2
+"""`LineageEntry.lineage_position` until the entry's PLH has been decoded."""
 _COMPACT_SLACK: Final = 64
 """Extra heap entries tolerated on top of twice the heap size after the last rebuild."""
+
+BoxedInt: TypeAlias = Any
+"""An int that compiled code should keep as the boxed Python int it is: a 128-bit PLH or a
+64-bit hash (mypyc short ints hold 62 bits, so as `int` they are unboxed and boxed again at
+every hand-over and go through mypyc's slow tagged-int fallbacks; see the NOTE in
+`hashing._chain_mode0`), or a fragment used as a dict key (boxed once, not per dict access)."""
+
+Frag: TypeAlias = BoxedInt
+"""A fragment of a PLH: the key of a node in its level."""
+
+# The same constants, boxed once for the `Any` arithmetic of `_decode_entry`.
+_POS_SHIFT_ANY: Final[Any] = _M0_POS_SHIFT
+_FRAG_BITS_ANY: Final[Any] = _M0_FRAG_BITS
+_FRAG_ANY: Final[Any] = _M0_FRAG
+_M0_STARTS: Final[list[BoxedInt]] = [position << _M0_POS_SHIFT for position in range(257)]
+"""The smallest PLH of each mode-0 position (and of position 256): to confirm a guessed
+position with two comparisons, cheaper than a shift of a 128-bit int."""
 
 
 def encode_key(position: int, fragment: int) -> int:
@@ -74,6 +95,51 @@ def _decode(plh: Plh) -> tuple[int, int, int]:
     return position, plh & mask, (plh >> frag_bits) & mask
 
 
+class LineageEntry:
+    """A PLH and its lineage fields (position, current and parent fragment), decoded by the
+    first `LineageBackend.insert_entries` / `remove_entry` that sees the entry and kept for the
+    next ones. The block manager's registrations extend it, so each block's PLH is decoded
+    once in its life, not at every Deref and reactivation; `LineageEntry(plh)` wraps a bare
+    PLH. The PLH of an entry must never change."""
+
+    __slots__ = ("lineage_frag", "lineage_parent_frag", "lineage_position", "plh")
+
+    def __init__(self, plh: BoxedInt) -> None:
+        self.plh: BoxedInt = plh
+        """The positional lineage hash."""
+        self.lineage_position = _UNDECODED
+        """Its position; `_UNDECODED` until decoded."""
+        self.lineage_frag: Frag = 0
+        """Its current fragment (once decoded)."""
+        self.lineage_parent_frag: Frag = 0
+        """Its parent fragment (once decoded; 0 for a mode-0 root)."""
+
+    def set_plh(self, plh: BoxedInt) -> None:
+        """Give a recycled entry (one no backend holds) a new PLH, not decoded yet."""
+        self.plh = plh
+        self.lineage_position = _UNDECODED
+
+
+def _decode_entry(entry: LineageEntry, guess: int) -> None:
+    """Fill in `entry`'s lineage fields; InvariantError if its PLH is not one. `guess` is a
+    likely mode-0 position (tried first) or _NONE."""
+    plh = entry.plh
+    position: int
+    if 0 < guess < _M0_LEVELS and _M0_STARTS[guess] <= plh < _M0_STARTS[guess + 1]:
+        position = guess
+    else:
+        position = plh >> _POS_SHIFT_ANY
+    if 0 < position < _M0_LEVELS:  # mode 0 (below 1 << 126), not a root: the common case
+        entry.lineage_frag = plh & _FRAG_ANY
+        entry.lineage_parent_frag = (plh >> _FRAG_BITS_ANY) & _FRAG_ANY
+    elif position == 0:
+        entry.lineage_frag = plh & _FRAG_ANY
+        entry.lineage_parent_frag = 0
+    else:
+        position, entry.lineage_frag, entry.lineage_parent_frag = _decode(plh)
+    entry.lineage_position = position
+
+
 class NodeView(NamedTuple):
     """A read-only copy of one node, for tests and debugging."""
 
@@ -91,7 +157,7 @@ class _Node:
     def __init__(
         self,
         level: dict[int, _Node],
-        frag: int,
+        frag: Frag,
         plh: int,
         tick: int,
         parent: _Node | None,
@@ -99,9 +165,9 @@ class _Node:
     ) -> None:
         self.level = level
         """The level (the nodes of this node's position) holding it under `frag`."""
-        self.frag = frag
+        self.frag: Frag = frag
         """The current fragment: the node's key in its level."""
-        self.plh = plh
+        self.plh: BoxedInt = plh
         """The block's full PLH; _NONE for a placeholder ghost."""
         self.tick = tick
         """The insertion tick; _NONE for a ghost."""
@@ -154,30 +220,37 @@ class LineageBackend:
         return level
 
     def _find(self, plh: Plh) -> _Node | None:
-        """The node at `plh`'s (position, current fragment), whatever it holds."""
-        position = plh >> _M0_POS_SHIFT
-        if 0 <= position < _M0_LEVELS:
-            return self._low[position].get(plh & _M0_FRAG)
-        if position < 0:
+        """The node at `plh`'s (position, current fragment), whatever it holds (None for a
+        negative PLH; InvariantError for one past the last mode)."""
+        if plh < 0:
             return None
-        position, frag, _parent_frag = _decode(plh)
-        return self._level(position).get(frag)
+        entry = LineageEntry(plh)
+        _decode_entry(entry, _NONE)
+        return self._level(entry.lineage_position).get(entry.lineage_frag)
 
     # ------------------------------------------------------------------ operations
     # remove/evict are the block manager's hot path: locals, inlined loops, no helpers. (Its
-    # inserts come in bulk, so `insert` is `insert_many` of one.)
+    # inserts come in bulk, so `insert` is `insert_many` of one.) The manager hands over its
+    # registrations as `LineageEntry`s (`insert_entries`, `remove_entry`): decoded once.
 
     def insert(self, plh: Plh) -> None:
-        # One placement logic for both: a single PLH takes insert_many's general path.
-        self.insert_many((plh,))
+        # One placement logic for all: a single PLH takes insert_entries' general path.
+        self.insert_entries([LineageEntry(plh)])
 
     def remove(self, plh: Plh) -> bool:
-        position = plh >> _M0_POS_SHIFT
-        if 0 <= position < _M0_LEVELS:  # mode 0: inline decoding
-            node = self._low[position].get(plh & _M0_FRAG)
-        else:
-            node = self._find(plh)
-        if node is None or node.plh != plh or node.tick == _NONE:
+        return self.remove_entry(LineageEntry(plh))
+
+    def remove_entry(self, entry: LineageEntry) -> bool:
+        """`remove(entry.plh)`, decoding the entry if it is not yet."""
+        position = entry.lineage_position
+        if position == _UNDECODED:
+            if entry.plh < 0:
+                return False
+            _decode_entry(entry, _NONE)
+            position = entry.lineage_position
+        level = self._low[position] if position < _M0_LEVELS else self._level(position)
+        node = level.get(entry.lineage_frag)
+        if node is None or node.plh != entry.plh or node.tick == _NONE:
             return False
         self._departed += 1
         if node.children:
@@ -208,11 +281,13 @@ class LineageBackend:
         return True
 
     def evict(self) -> Plh | None:
-        heap = self._heap
+        heap: list[BoxedInt] = self._heap  # compiled: the ticks popped stay boxed
         leaves = self._leaves
         while heap:
-            victim = leaves.pop(heappop(heap), None)  # None: a stale entry
+            top = heappop(heap)
+            victim = leaves.get(top)  # None: a stale entry
             if victim is not None:
+                del leaves[top]
                 break
         else:
             return None
@@ -236,13 +311,19 @@ class LineageBackend:
                 leaves[tick] = parent
                 break
             node = parent
-        return victim.plh
+        plh: Plh = victim.plh
+        return plh
 
     # ------------------------------------------------------------------ bulk operations
     # Same outcome as the scalar loops they replace, for the manager's per-request paths.
 
     def insert_many(self, plhs: Iterable[Plh]) -> None:
-        """`for plh in plhs: insert(plh)` in one call (a request's tail-first Deref).
+        """`for plh in plhs: insert(plh)` in one call."""
+        self.insert_entries([LineageEntry(plh) for plh in plhs])
+
+    def insert_entries(self, entries: list[LineageEntry]) -> None:
+        """`for entry in entries: insert(entry.plh)` in one call (a request's tail-first
+        Deref), decoding the entries that are not yet.
 
         The common case is a chain, each PLH the parent of the one before: each insert then
         fills the placeholder the previous one made for its parent, which is kept at hand
@@ -256,16 +337,20 @@ class LineageBackend:
         fresh = _NO_NODE  # the placeholder the previous insert made for its parent ...
         fresh_position = _NONE  # ... and its position (_NONE: there is none)
         try:
-            for plh in plhs:
-                position = plh >> _M0_POS_SHIFT
-                if 0 < position < _M0_LEVELS:  # mode 0, not a root: inline decoding
-                    frag = plh & _M0_FRAG
-                    parent_frag = (plh >> _M0_FRAG_BITS) & _M0_FRAG
+            for entry in entries:
+                position = entry.lineage_position
+                if position == _UNDECODED:  # guess: the chain goes on
+                    _decode_entry(entry, fresh_position)
+                    position = entry.lineage_position
+                plh = entry.plh
+                frag = entry.lineage_frag
+                if 0 < position < _M0_LEVELS:  # mode 0, not a root
                     if position == fresh_position and frag == fresh.frag:  # the chain case
                         fresh.plh = plh  # fill the fresh placeholder
                         fresh.tick = tick  # it has a child: not a leaf
                         tick += 1
                         parent_level = low[position - 1]
+                        parent_frag = entry.lineage_parent_frag
                         if spare:  # reuse a pruned node as the parent's placeholder
                             placeholder = spare.pop()
                             placeholder.level = parent_level
@@ -290,11 +375,8 @@ class LineageBackend:
                         continue
                     level = low[position]
                 elif position == 0:
-                    frag = plh & _M0_FRAG
-                    parent_frag = 0
                     level = low[0]
                 else:
-                    position, frag, parent_frag = _decode(plh)
                     level = self._level(position)
                 fresh_position = _NONE
                 node = level.get(frag)
@@ -317,6 +399,7 @@ class LineageBackend:
                     )
                 if position:
                     parent_level = self._level(position - 1)
+                    parent_frag = entry.lineage_parent_frag
                     placeholder = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
                     parent = parent_level.setdefault(parent_frag, placeholder)
                     node.parent = parent
@@ -342,15 +425,17 @@ class LineageBackend:
         is the next victim, taken without a trip through the heap: a chain deref'd together
         is evicted in one walk up.
         """
-        heap = self._heap
+        heap: list[BoxedInt] = self._heap  # compiled: the ticks popped stay boxed
         leaves = self._leaves
         spare = self._spare
         victims: list[Plh] = []
         remaining = count
         while remaining > 0:
             while heap:
-                found = leaves.pop(heappop(heap), None)  # None: a stale entry
+                top = heappop(heap)
+                found = leaves.get(top)  # None: a stale entry
                 if found is not None:
+                    del leaves[top]
                     node = found
                     break
             else:

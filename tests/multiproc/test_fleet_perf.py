@@ -15,8 +15,9 @@ import zmq
 
 from shmkv import transport as tp
 from shmkv.config import EngineConfig
-from shmkv.engine import IDLE_POLL_MS, RankEngine, RankSpec
-from shmkv.fleet import Fleet, FleetOptions
+from shmkv.engine import IDLE_POLL_MS, RankEngine, RankSpec, _submitted
+from shmkv.errors import ProtocolError
+from shmkv.fleet import Fleet, FleetOptions, _unpacked_state
 from shmkv.scheduler import PassResult
 from shmkv.workload import synthetic_sessions
 
@@ -145,3 +146,100 @@ def test_the_supervisor_and_an_idle_rank_block_while_the_next_arrival_is_due(
     assert wall_s >= 0.75, "the second request waited for its arrival time"
     assert supervisor_cpu_s < 0.3 * wall_s, f"supervisor busy {supervisor_cpu_s:.2f} s"
     assert rank_cpu_s < 0.3 * wall_s, f"rank busy {rank_cpu_s:.2f} s"
+
+
+def _submit_message(requests: list[list[object]], frames: tuple[bytes, ...]) -> tp.Message:
+    return tp.decode(tp.encode(tp.SUBMIT, {"requests": requests}, frames))
+
+
+def test_a_submit_carries_every_request_s_tokens_in_one_frame() -> None:
+    first, second = array("I", range(5)), array("I", [7, 8])
+    msg = _submit_message([[3, 1.5, 4, 5], [9, 2, 1, 2]], (first.tobytes() + second.tobytes(),))
+    assert _submitted(msg) == [(3, 1.5, 4, first), (9, 2.0, 1, second)]
+
+
+@pytest.mark.parametrize(
+    ("requests", "frames"),
+    [
+        ([[3, 1.5, 4, 5]], (array("I", range(4)).tobytes(),)),  # too few tokens
+        ([[3, 1.5, 4, 3]], (array("I", range(4)).tobytes(),)),  # tokens left over
+        ([[3, 1.5, 4, -1]], (b"",)),  # a negative count
+        ([[3, 1.5, 4]], (b"",)),  # the old form: no token count
+        ([[3, "x", 4, 0]], (b"",)),  # not a number
+        ([[3.0, 1.5, 4, 0]], (b"",)),  # a float id
+        ([[3, 1.5, True, 0]], (b"",)),  # a bool max_output
+        ([[3, 1.5, 4, 1]], (b"abc",)),  # not whole u32
+        ([[3, 1.5, 4, 0]], ()),  # no tokens frame
+        ([[3, 1.5, 4, 0]], (b"", b"")),  # two frames
+    ],
+)
+def test_a_malformed_submit_is_rejected_whole(
+    requests: list[list[object]], frames: tuple[bytes, ...]
+) -> None:
+    with pytest.raises(ProtocolError):
+        _submitted(_submit_message(requests, frames))
+
+
+def test_a_malformed_submit_submits_nothing(tmp_path: Path) -> None:
+    """Validated as a whole: a bad second request leaves the first one out too."""
+    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+        msg = _submit_message([[1, 0.0, 4, 2], [2, 0.0, 4, 5]], (array("I", [1, 2]).tobytes(),))
+        with pytest.raises(ProtocolError):
+            rank._handle(msg)
+        assert not rank.scheduler.has_work()
+
+
+def test_a_burst_accounts_plain_decode_passes_like_after_pass(tmp_path: Path) -> None:
+    """The burst's inline accounting of plain decode passes: one ITL pair per pass, every
+    non-first token counted once, the rest in full pass records."""
+    engine = EngineConfig(num_gpu_blocks=256, block_size=16, speedup_ratio=math.inf)
+    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+        for request_id in range(4):
+            rank.scheduler.submit(request_id, array("I", range(40 + request_id)), 20, 0.0)
+        while rank.scheduler.has_work():
+            rank._run_burst(rank.clock.now_ms())
+            rank._urgent = False
+        records = rank._pending
+        decode = rank._pending_decode
+        plain_tokens = sum(int(n) for n in decode[1::2])
+        record_tokens = sum(int(r[6]) for r in records) + sum(len(r[7]) for r in records)
+        assert sum(len(r[4]) for r in records) == 4  # first tokens
+        # every token but the first of each request is an ITL sample: 4 x 19
+        assert plain_tokens + record_tokens == 4 * 19
+        assert plain_tokens > 0
+        assert rank._num_pending == len(records) + len(decode) // 2
+        assert rank._num_passes >= rank._num_pending
+        assert sorted(c[0] for r in records for c in r[8]) == [0, 1, 2, 3]
+
+
+def test_send_frames_sends_one_multipart_message(tmp_path: Path) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    receiver = ctx.socket(zmq.PAIR)
+    sender = ctx.socket(zmq.PAIR)
+    try:
+        receiver.bind(f"ipc://{tmp_path}/pair")
+        sender.connect(f"ipc://{tmp_path}/pair")
+        frames = tp.encode(tp.SUBMIT, {"requests": []}, (b"",))
+        tp.send_frames(sender, frames)
+        tp.send_frames(sender, [b"single"])
+        assert receiver.poll(5000)
+        assert receiver.recv_multipart() == frames
+        assert receiver.recv_multipart() == [b"single"]
+    finally:
+        sender.close(linger=0)
+        receiver.close(linger=0)
+        ctx.term()
+
+
+def test_a_rank_s_state_carries_its_device_hashes_in_one_frame() -> None:
+    hashes = [1, 2**63 + 5, 2**64 - 1]
+    packed = tp.decode(
+        tp.encode(tp.STATE, {"rank": 0, "device_packed": True}, (array("Q", hashes).tobytes(),))
+    )
+    assert _unpacked_state(packed)["device"] == hashes
+    plain = tp.decode(tp.encode(tp.STATE, {"host_pinned": [4]}))  # the coordinator's form
+    assert _unpacked_state(plain) == {"host_pinned": [4]}
+    for frames in [(), (b"1234567",), (b"", b"")]:
+        with pytest.raises(ProtocolError):
+            _unpacked_state(tp.decode(tp.encode(tp.STATE, {"device_packed": True}, frames)))

@@ -8,6 +8,7 @@ roots, refused keys), single inserts, evictions and removals.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -88,6 +89,64 @@ def test_g2_lineage_evicts_what_lineage_evicts(seed: int) -> None:
         assert [p in g2 for p in known[-50:]] == [p in ref for p in known[-50:]]
     _both(ref, g2, "evict_many", len(ref) + 1)
     assert len(g2) == 0
+
+
+def _chains(rng: random.Random, known: list[int]) -> tuple[list[int], list[int]]:
+    """PLHs of a few parent-first chains, and where each starts (`G2Lineage.insert_chains`)."""
+    plhs: list[int] = []
+    starts: list[int] = []
+    for _ in range(rng.randint(1, 4)):
+        roll = rng.random()
+        if roll < 0.1 and known:  # blocks present already (or gone): may be refused
+            for plh in rng.sample(known, min(3, len(known))):
+                starts.append(len(plhs))
+                plhs.append(plh)
+            continue
+        starts.append(len(plhs))
+        if roll < 0.4 and (plhs or known):  # extend a block of this batch or seen before
+            base = rng.choice(plhs if plhs and roll < 0.2 else known or plhs)
+            start = ((base >> 118) & 0xFF) + 1
+            plhs += _chain(rng, start, _seq_of(base), rng.randint(1, 20))
+        elif roll < 0.45:
+            plhs += _chain(rng, 250, rng.getrandbits(64), 12)  # crosses into mode 1
+        else:
+            plhs += _chain(rng, rng.choice([0, 0, 3]), rng.getrandbits(64), rng.randint(1, 30))
+    return plhs, starts
+
+
+def _outcome(call: Callable[..., None], *args: object) -> tuple[str, str]:
+    try:
+        call(*args)
+    except InvariantError as exc:
+        return ("error", str(exc))
+    return ("ok", "")
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_insert_chains_is_insert_many(seed: int) -> None:
+    """`insert_chains` (runs the caller vouches for) leaves exactly what `insert_many` does,
+    refusals included, under any mix of evictions and removals."""
+    rng = random.Random(seed)
+    ref, g2 = G2Lineage(), G2Lineage()
+    known: list[int] = []
+    for _ in range(rng.randint(1, 40)):
+        roll = rng.random()
+        if roll < 0.5:
+            plhs, starts = _chains(rng, known)
+            known += plhs
+            outcomes = [_outcome(ref.insert_many, plhs), _outcome(g2.insert_chains, plhs, starts)]
+            assert outcomes[0] == outcomes[1]
+        elif roll < 0.8:
+            count = rng.randint(0, 40)
+            assert ref.evict_many(count) == g2.evict_many(count)
+        elif known:
+            plh = rng.choice(known)
+            assert ref.remove(plh) == g2.remove(plh)
+        assert len(ref) == len(g2)
+        assert ref.leaf_order() == g2.leaf_order()
+        g2.check_invariants()
+    assert ref.evict_many(len(ref) + 1) == g2.evict_many(len(g2) + 1)
 
 
 def test_a_fresh_parent_first_chain_is_linked_in_one_run() -> None:

@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 from shmkv.errors import InvariantError
 from shmkv.eviction import make_backend
 from shmkv.eviction.lru import LruBackend
-from shmkv.g2 import G2Directory, G2RankView, PinnedRun, plhs_of
+from shmkv.g2 import G2Directory, G2RankView, PinnedRun, plhs_of, plhs_of_columns
 from shmkv.hashing import make_plh
 from shmkv.shm import G2Segment
 from tests.refusing_policy import RefusingLru
@@ -153,6 +153,14 @@ class VectorPaths(RuleBasedStateMachine):
         toks = [[seq & 0xFFFF, pos] for seq, pos in zip(seqs, poss, strict=True)]
         plhs = [make_plh(s, p, q) for s, p, q in zip(seqs, pars, poss, strict=True)]
         assert plhs_of(seqs, pars, poss) == plhs
+        assert (
+            plhs_of_columns(
+                np.array(seqs, dtype=np.uint64),
+                np.array([0 if p is None else p for p in pars], dtype=np.uint64),
+                np.array(poss, dtype=np.int64),
+            )
+            == plhs
+        )
         expected: list[object] = []
         raised: tuple[str, object] | None = None
         for i, slot in enumerate(slots):

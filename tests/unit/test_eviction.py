@@ -8,7 +8,13 @@ import xxhash
 import shmkv
 from shmkv.errors import ConfigError, InvariantError
 from shmkv.eviction import EVICTION_NAMES, EvictionBackend, FrequencyTracker, make_backend
-from shmkv.eviction.lineage import LineageBackend, NodeView, decode_key, encode_key
+from shmkv.eviction.lineage import (
+    LineageBackend,
+    LineageEntry,
+    NodeView,
+    decode_key,
+    encode_key,
+)
 from shmkv.eviction.lru import LruBackend
 from shmkv.eviction.multi_lru import MultiLruBackend
 from shmkv.eviction.tinylfu import SEEDS, TinyLfuTracker
@@ -268,6 +274,57 @@ def test_lineage_conflicting_plh_at_the_same_node_raises_and_changes_nothing() -
         b.insert(conflict)
     assert snapshot(b) == before
     b.insert(parent)
+    b.check_invariants()
+
+
+def test_lineage_entries_behave_like_their_plhs_and_decode_once() -> None:
+    """insert_entries / remove_entry take the same steps as insert / remove of the PLHs, also
+    when an entry comes back (decoded fields kept) and after `set_plh` recycles one."""
+    by_plh, by_entry = LineageBackend(), LineageBackend()
+    boundary = 256
+    plhs = [*chain([0x91, 0x92, 0x93], 0), *chain([0xA1, 0xA2, 0xA3], boundary - 1)]
+    entries = [LineageEntry(plh) for plh in plhs]
+    assert all(entry.lineage_position == -2 for entry in entries)  # not decoded yet
+
+    def same() -> None:
+        assert snapshot(by_entry) == snapshot(by_plh)
+        by_entry.check_invariants()
+
+    for plh in reversed(plhs):
+        by_plh.insert(plh)
+    by_entry.insert_entries(entries[::-1])
+    same()
+    assert [entry.lineage_position for entry in entries] == [0, 1, 2, 255, 256, 257]
+    for index in (1, 4, 0):
+        assert by_entry.remove_entry(entries[index]) is by_plh.remove(plhs[index])
+        same()
+    assert by_entry.remove_entry(entries[1]) is by_plh.remove(plhs[1]) is False
+    by_plh.insert_many([plhs[0], plhs[4], plhs[1]])
+    by_entry.insert_entries([entries[0], entries[4], entries[1]])
+    same()
+    assert by_entry.evict_many(3) == by_plh.evict_many(3)
+    same()
+    recycled = entries[2]  # evicted first (the oldest leaf)
+    new_plh = make_plh(0xB3, 0x92, 2)
+    recycled.set_plh(new_plh)
+    assert recycled.lineage_position == -2
+    by_plh.insert(new_plh)
+    by_entry.insert_entries([recycled])
+    same()
+    assert by_entry.evict_many(10) == by_plh.evict_many(10)
+    same()
+
+
+def test_lineage_entry_with_a_bad_plh_raises_after_the_entries_before_it() -> None:
+    b = LineageBackend()
+    good = LineageEntry(make_plh(0xC1, None, 0))
+    bad = LineageEntry(3 << 126)  # past the last mode
+    with pytest.raises(InvariantError, match="not a positional lineage hash"):
+        b.insert_entries([good, bad])
+    assert good.plh in b
+    assert len(b) == 1
+    assert bad.lineage_position == -2  # left undecoded
+    assert b.remove_entry(LineageEntry(-1)) is False
     b.check_invariants()
 
 

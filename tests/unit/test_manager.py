@@ -826,3 +826,48 @@ def test_a_failing_deref_gives_back_every_handle_it_released() -> None:
     assert mgr.has_partial(8)
     assert mgr.num_inactive_blocks() == 0
     assert mgr.num_active_block_refs() == 4
+
+
+def _chain_use(hashes: list[int], first_position: int = 0) -> Use:
+    plhs = [
+        make_plh(h, hashes[i - 1] if i else None, first_position + i) for i, h in enumerate(hashes)
+    ]
+    return Use([FullBlock(h) for h in hashes], [], plhs, None, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bulk_stores_recycle_evicted_records_exactly(backend: str) -> None:
+    """Records of blocks a bulk store evicts are reused by later stores: every block keeps
+    its own identity (hits, evictions and events as if each record were new)."""
+    mgr = make_mgr(6, backend=backend)
+    first = [0x101, 0x102, 0x103, 0x104, 0x105]
+    second = [0x201, 0x202, 0x203, 0x204]
+    third = [0x301, 0x302, 0x303]
+    for hashes in (first, second, third, first):
+        use = _chain_use(hashes)
+        assert mgr.process(use) == len(hashes)
+        mgr.check_invariants()
+        assert all(mgr.is_active(h) for h in hashes)
+        mgr.process(Deref([FullBlock(h) for h in reversed(hashes)]))
+        mgr.check_invariants()
+    registered = set(mgr.registered_seq_hashes())
+    assert set(first) <= registered
+    assert len(registered) == 6
+    # A hit on a recycled record reactivates that block, not the one it replaced.
+    assert mgr.process(_chain_use(first[:2])) == 2
+    assert mgr.refcount(first[1]) == 1
+    assert mgr.num_inactive_blocks() == 4
+    mgr.check_invariants()
+
+
+def test_prefill_cost_is_a_value() -> None:
+    from shmkv.manager import PrefillCost
+
+    cost = PrefillCost(3, 40, 8, 0, cached_blocks=1)
+    assert cost == PrefillCost(3, 40, 8, 0, 1)
+    assert cost != PrefillCost(3, 40, 8, 0)
+    assert hash(cost) == hash(PrefillCost(3, 40, 8, 0, 1))
+    assert repr(cost) == (
+        "PrefillCost(new_blocks=3, new_tokens=40, cached_tokens=8, active_cached_tokens=0,"
+        " cached_blocks=1)"
+    )

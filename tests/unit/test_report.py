@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 from shmkv.errors import InvariantError
 from shmkv.report import (
     LATENCY_METRICS,
+    PERCENTILES,
     STAT_NAMES,
     MetricsCollector,
     distribution_stats,
@@ -78,6 +79,44 @@ def test_weighted_equals_expanded(pairs: list[tuple[float, int]]) -> None:
     if expanded:
         ordered = sorted(expanded)
         assert weighted["p95"] == ordered[percentile_index(len(ordered), 95.0)]
+
+
+def _sorted_pairs_stats(values: list[float], counts: list[int]) -> dict[str, float]:
+    """The former implementation (sorts every (value, count) pair): the exact reference."""
+    pairs = sorted((value, count) for value, count in zip(values, counts, strict=True) if count > 0)
+    num_samples = sum(count for _, count in pairs)
+    if num_samples == 0:
+        return dict.fromkeys(STAT_NAMES, 0.0)
+    mean = math.fsum(value * count for value, count in pairs) / num_samples
+    variance = math.fsum(count * (value - mean) ** 2 for value, count in pairs) / num_samples
+    stats = {"mean": mean, "min": pairs[0][0], "max": pairs[-1][0], "std": math.sqrt(variance)}
+    expanded = [value for value, count in pairs for _ in range(count)]
+    for name, percentile in PERCENTILES:
+        stats[name] = expanded[percentile_index(num_samples, percentile)]
+    return stats
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.1, 1.0 / 3.0, 2.5, 20.091893711287177, 1e6 / 7.0]),
+            st.integers(min_value=-1, max_value=70),
+        ),
+        max_size=40,
+    ),
+    st.lists(st.floats(min_value=0, max_value=1e6, allow_subnormal=False), max_size=30),
+)
+def test_stats_are_bit_identical_to_sorting_every_pair(
+    pairs: list[tuple[float, int]], singles: list[float]
+) -> None:
+    values, counts = [v for v, _ in pairs], [c for _, c in pairs]
+    assert weighted_distribution_stats(values, counts) == _sorted_pairs_stats(values, counts)
+    assert distribution_stats(singles) == _sorted_pairs_stats(singles, [1] * len(singles))
+
+
+def test_weighted_stats_reject_unequal_lengths() -> None:
+    with pytest.raises(ValueError, match="2 values but 1 counts"):
+        weighted_distribution_stats([1.0, 2.0], [1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,3 +256,53 @@ def test_preempted_requests_with_g2_copies_do_not_livelock_on_swap_in() -> None:
     assert 0 < g2.num_onboarded < 2000, (
         "swap-ins happen, but each block is onboarded a bounded number of times"
     )
+
+
+def _lazy_decode_scenario(flush_every_pass: bool) -> tuple[list[list[int]], list[str], bool]:
+    """Decode with block crossings, late submits whose prompts end in a partial block (the
+    sequence draws its id from the rank's rng) and completions; with `flush_every_pass`
+    every pass's cohort tokens are appended at once instead of left pending."""
+    config = EngineConfig.from_mapping(
+        {"num_gpu_blocks": 256, "block_size": 8, "max_num_batched_tokens": 64}
+    )
+    sched = RankScheduler(config, enable_events=True, emit_token_ids=True)
+    seqs = []
+    for request_id in range(5):
+        sched.submit(request_id, [7 * request_id + i for i in range(8)], 30 + request_id, 0.0)
+        seqs.append(sched._requests[request_id].seq)
+    passes: list[str] = []
+    lazy_seen = False
+    now = 0.0
+    for index in range(400):
+        if index in (15, 22, 23):  # 7-token prompts: a partial block each
+            request_id = len(seqs)
+            sched.submit(request_id, [request_id] * 7, 25, now)
+            seqs.append(sched._requests[request_id].seq)
+        if not sched.has_work():
+            break
+        result = sched.step(now)
+        lazy_seen = lazy_seen or sched._lazy
+        if flush_every_pass:
+            sched._flush_pending()
+        sched.check_invariants()
+        passes.append(repr(result))
+        now = result.end_ms
+    assert not sched.has_work()
+    sched.submit(99, [1, 2, 3], 1, now)  # the rank's rng stream: the same next draw
+    passes.append(repr(sched._requests[99].seq.partial_block))
+    return [list(seq.tokens) for seq in seqs], passes, lazy_seen
+
+
+def test_pending_cohort_tokens_equal_appending_them_every_pass() -> None:
+    tokens, passes, lazy_seen = _lazy_decode_scenario(flush_every_pass=False)
+    assert lazy_seen
+    assert [len(t) for t in tokens] == [38, 39, 40, 41, 42, 32, 32, 32]
+    assert _lazy_decode_scenario(flush_every_pass=True) == (tokens, passes, True)
+
+
+@pytest.mark.pure_core  # patches a module constant
+def test_pending_cohort_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `_MAX_PENDING_WORDS` pending words a decode run appends them: the same results."""
+    reference = _lazy_decode_scenario(flush_every_pass=False)
+    monkeypatch.setattr("shmkv.scheduler._MAX_PENDING_WORDS", 7)
+    assert _lazy_decode_scenario(flush_every_pass=False) == reference

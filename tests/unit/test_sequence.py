@@ -4,6 +4,7 @@ Promote, terminal frees, pop, preemption, prefix caching off, planned outputs, v
 from __future__ import annotations
 
 import random
+from array import array
 
 import pytest
 
@@ -16,7 +17,13 @@ from shmkv.hashing import (
     plh_position,
     sequence_hashes,
 )
-from shmkv.sequence import ActiveSequence, append_crossing_tokens, random_words
+from shmkv.sequence import (
+    ActiveSequence,
+    append_crossing_tokens,
+    extend_crossing_words,
+    extend_random_words,
+    random_words,
+)
 from shmkv.signals import Deref, FullBlock, MoveBlock, PartialBlock, Promote, Use
 
 
@@ -478,3 +485,25 @@ def test_random_words_consume_the_stream_like_randbytes(count: int) -> None:
     expected = [int.from_bytes(data[i : i + 4], "little") for i in range(0, 4 * count, 4)]
     assert list(random_words(bulk, count)) == expected
     assert bulk.getrandbits(64) == reference.getrandbits(64)
+
+
+@pytest.mark.parametrize("positions", [[], [0], [5], [1, 2], [0, 3, 5]])
+def test_extend_crossing_words_appends_the_tokens_and_returns_the_ids(
+    positions: list[int],
+) -> None:
+    """One bulk step of 6 sequences (those at `positions` open a block): the words one
+    `getrandbits(32)` per token and one `getrandbits(128)` per crossing, in order, would give,
+    appended after what `words` held; plain words likewise (`extend_random_words`)."""
+    bulk, single = random.Random(11), random.Random(11)
+    words = array("I", [7, 8])
+    ids = extend_crossing_words(words, 6, positions, bulk)
+    expected_tokens = [7, 8]
+    expected_ids = []
+    for i in range(6):
+        expected_tokens.append(single.getrandbits(32))
+        if i in positions:
+            expected_ids.append(single.getrandbits(128))
+    assert (list(words), ids) == (expected_tokens, expected_ids)
+    extend_random_words(words, bulk, 3)
+    assert list(words) == expected_tokens + [single.getrandbits(32) for _ in range(3)]
+    assert bulk.getrandbits(64) == single.getrandbits(64)
