@@ -36,7 +36,13 @@ from typing import TYPE_CHECKING, Final, NoReturn, TypeAlias
 from shmkv.errors import ConfigError, InvariantError, SignalError
 from shmkv.events import BlockRemoved, BlockStored, KvEvent, StorageTier
 from shmkv.eviction import make_backend
-from shmkv.eviction.lineage import BoxedInt, LineageBackend, LineageEntry
+from shmkv.eviction.lineage import (
+    FAST_LINEAGE_END,
+    FRAG_MASK,
+    BoxedInt,
+    LineageBackend,
+    LineageEntry,
+)
 from shmkv.ids import BlockId, LocalHash, PartialId, Plh, SeqHash
 from shmkv.offload import (
     BlockMeta,
@@ -99,6 +105,14 @@ def _alias(name: SeqHash, rec: _Block) -> _Block:
     alias = _Block(rec.slot, rec.plh, name, rec.parent, rec.local, 1)
     alias.target = rec
     return alias
+
+
+def _set_lineage(rec: _Block, position: int, parent: BoxedInt) -> None:
+    """Fill in the Lineage fields of the new block `rec` at `position` (below
+    `FAST_LINEAGE_END`) whose PLH the sender vouches is `make_plh(rec.seq, parent, position)`
+    (`parent`: the parent's sequence hash; anything at position 0)."""
+    mask: BoxedInt = FRAG_MASK
+    rec.set_lineage(position, rec.seq & mask, parent & mask if position else 0)
 
 
 def _parent_of(rec: _Block) -> SeqHash | None:
@@ -447,6 +461,9 @@ class KvManager:
         processed = num_hits
         num_refs = num_hits
         try_bulk = offload is None and tracker is None and signal.num_full > 2
+        # The position of full block 0, when the Lineage fields of new blocks can be filled in
+        # from their hashes (see `_set_lineage`), else -1.
+        lineage_start = signal.lineage_start if self._lineage is not None else -1
         for block in blocks[num_hits:] if num_hits else blocks:
             if type(block) is int:
                 plh = plhs[full_idx]
@@ -483,6 +500,8 @@ class KvManager:
                         slot = taken
                     local = local_hashes[full_idx] if local_hashes else 0
                     rec = _Block(slot, plh, block, prev, local, 1)
+                    if 0 <= lineage_start < FAST_LINEAGE_END - full_idx:
+                        _set_lineage(rec, lineage_start + full_idx, prev)
                     registered[plh] = rec
                     if token_ids is not None:
                         token_map[plh] = token_ids[full_idx]
@@ -623,6 +642,16 @@ class KvManager:
         active_full = self._active_full
         registered = self._registered
         spare = self._spare_recs
+        # The Lineage fields of the new blocks, from their hashes (see `_set_lineage`), when the
+        # signal vouches for their positions and all of them lie below `FAST_LINEAGE_END`.
+        position = signal.lineage_start + full_idx
+        fill = (
+            self._lineage is not None
+            and signal.lineage_start >= 0
+            and position + count <= FAST_LINEAGE_END
+        )
+        mask: BoxedInt = FRAG_MASK
+        parent_frag: BoxedInt = 0 if not fill or not position else prev & mask
         # Optimistic: register as we go; a block held, registered or repeated undoes it all.
         new: list[_Block] = []
         parent = prev
@@ -639,6 +668,11 @@ class KvManager:
                 rec.refs = 1
             else:
                 rec = _Block(_NO_SLOT, plh, seq_hash, parent, local_hashes[i], 1)
+            if fill:
+                frag: BoxedInt = seq_hash & mask
+                rec.set_lineage(position, frag, parent_frag)
+                parent_frag = frag
+                position += 1
             if active_full.setdefault(seq_hash, rec) is not rec:
                 self._unstore(new)
                 return None
@@ -983,6 +1017,9 @@ class KvManager:
                 signal.local_hash,
                 0,
             )
+            position = signal.lineage_position
+            if self._lineage is not None and 0 <= position < FAST_LINEAGE_END:
+                _set_lineage(rec, position, rec.parent)
             self._registered[plh] = rec
             if token_ids is not None:
                 self._token_ids[plh] = token_ids
@@ -1086,13 +1123,19 @@ class KvManager:
         entries: Sequence[SwapInBlock],
         initial_parent_hash: SeqHash | None,
         destination_slots: list[BlockId],
+        lineage_start: int = -1,
     ) -> int:
         """Register onboarded blocks into the reserved slots, straight to the inactive pool.
 
         Blocks already in G1 release their slot and become the next anchor. Device Stored
         events go out in contiguous runs, the first anchored at `initial_parent_hash`.
+        `lineage_start`: the position of the first entry when the caller vouches that entry
+        k's PLH is `make_plh(its hash, the previous entry's (initial_parent_hash for the
+        first), lineage_start + k)`, else -1 (see `Use.lineage_start`).
         Returns how many entries were consumed.
         """
+        if self._lineage is None:
+            lineage_start = -1
         if len(destination_slots) < len(entries):
             raise SignalError(
                 f"swap-in: {len(entries)} blocks but only {len(destination_slots)} reserved slots"
@@ -1127,6 +1170,8 @@ class KvManager:
                     entry.local_hash,
                     0,
                 )
+                if 0 <= lineage_start < FAST_LINEAGE_END - consumed:
+                    _set_lineage(rec, lineage_start + consumed, rec.parent)
                 self._registered[entry.plh] = rec
                 if entry.token_ids is not None:
                     self._token_ids[entry.plh] = entry.token_ids

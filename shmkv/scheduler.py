@@ -1396,7 +1396,10 @@ class RankScheduler:
                 for i in range(start, start + count)
             ]
             parent = seq.seq_hashes[start - 1] if start > 0 else None
-            self.manager.register_swapped_in_blocks(entries, parent, swap.slots)
+            # the PLHs chain the sequence hashes (prefix caching off, each is a root's)
+            self.manager.register_swapped_in_blocks(
+                entries, parent, swap.slots, start if seq.enable_prefix_caching else -1
+            )
             self.manager.unpin_g1_prefix(swap.pinned_prefix)
             swap.request.status = Status.WAITING
             self._waiting.appendleft(swap.request)

@@ -230,6 +230,9 @@ class ActiveSequence:
             token_ids,
             FullBlock(self.seq_hashes[prev - 1]) if prev > 0 else None,
             full_end - prev,
+            # the PLHs chain the sequence hashes from position `prev` (prefix caching off,
+            # each is a root's: no hint)
+            prev if self.enable_prefix_caching else -1,
         )
 
     def commit_allocation(self, cumulative_tokens: int) -> None:
@@ -341,6 +344,7 @@ class ActiveSequence:
             local,
             plh,
             block.tolist() if self.emit_token_ids else None,
+            index if self.enable_prefix_caching else -1,
         )
 
     def pop(self) -> None:

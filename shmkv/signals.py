@@ -68,9 +68,23 @@ class Use:
         plhs: one positional lineage hash per full block.
         token_ids: None, or one token list per full block.
         parent: the full block just before `blocks[0]` in the sequence, if any.
+
+    `lineage_start` (set by `from_raw`) is the sequence position of the first full block when
+    the sender vouches that every full block's PLH is `make_plh(its hash, the hash of the full
+    block before it (`parent` for the first), lineage_start + its full index)`, else -1: the
+    block manager then fills the Lineage fields of new blocks without decoding their PLHs.
+    It is a hint about the other fields, not part of the signal's value (`==` ignores it).
     """
 
-    __slots__ = ("local_hashes", "num_full", "parent", "plhs", "raw_blocks", "token_ids")
+    __slots__ = (
+        "lineage_start",
+        "local_hashes",
+        "num_full",
+        "parent",
+        "plhs",
+        "raw_blocks",
+        "token_ids",
+    )
 
     def __init__(
         self,
@@ -82,6 +96,7 @@ class Use:
     ) -> None:
         raw = [to_raw(b) for b in blocks]
         self._init(raw, local_hashes, plhs, token_ids, parent, None)
+        self.lineage_start = -1
 
     def _init(
         self,
@@ -110,11 +125,14 @@ class Use:
         token_ids: Sequence[Sequence[int]] | None,
         parent: UniqueBlock | None,
         num_full: int | None = None,
+        lineage_start: int = -1,
     ) -> Use:
         """Build from internal blocks without conversion. `num_full`, when given, must be the
-        number of int (full) blocks in `raw_blocks`: the caller vouches for it."""
+        number of int (full) blocks in `raw_blocks`: the caller vouches for it, as for
+        `lineage_start` (see the class docstring)."""
         self = cls(())
         self._init(raw_blocks, local_hashes, plhs, token_ids, parent, num_full)
+        self.lineage_start = lineage_start
         return self
 
     @property
@@ -174,9 +192,20 @@ class Deref:
 class Promote:
     """Turn a held partial block into the full block `seq_hash` (decode crossed a boundary).
 
-    Immutable by convention (a plain class for the same reason as `PartialBlock`)."""
+    Immutable by convention (a plain class for the same reason as `PartialBlock`).
+    `lineage_position` is the block's sequence position when the sender vouches that `plh` is
+    `make_plh(seq_hash, parent_hash, lineage_position)`, else -1 (see `Use`; `==` ignores it).
+    """
 
-    __slots__ = ("local_hash", "parent_hash", "partial_id", "plh", "seq_hash", "token_ids")
+    __slots__ = (
+        "lineage_position",
+        "local_hash",
+        "parent_hash",
+        "partial_id",
+        "plh",
+        "seq_hash",
+        "token_ids",
+    )
 
     def __init__(
         self,
@@ -186,6 +215,7 @@ class Promote:
         local_hash: LocalHash,
         plh: Plh,
         token_ids: Sequence[int] | None = None,
+        lineage_position: int = -1,
     ) -> None:
         self.partial_id = partial_id
         self.seq_hash = seq_hash
@@ -193,6 +223,7 @@ class Promote:
         self.local_hash = local_hash
         self.plh = plh
         self.token_ids = token_ids
+        self.lineage_position = lineage_position
 
     def _fields(self) -> tuple[object, ...]:
         return (

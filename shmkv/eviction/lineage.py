@@ -48,6 +48,14 @@ _M0_POS_SHIFT: Final = 118
 _M0_FRAG_BITS: Final = 59
 _M0_FRAG: Final = (1 << 59) - 1
 
+FAST_LINEAGE_END: Final = 255
+"""Below this position a PLH is mode 0 with 59-bit fragments (`hashing._FAST_PLH_END`): the
+lineage fields of a block at such a position with sequence hash `seq` and parent sequence
+hash `parent` are (position, `seq & FRAG_MASK`, `parent & FRAG_MASK`, 0 at position 0), which
+a sender that knows the position can fill in without decoding the PLH (`set_lineage`)."""
+FRAG_MASK: Final[Any] = _M0_FRAG
+"""The fragment mask of those positions, boxed once (see `BoxedInt`)."""
+
 _NONE: Final = -1
 _UNDECODED: Final = -2
 """`LineageEntry.lineage_position` until the entry's PLH has been decoded."""
@@ -113,6 +121,13 @@ class LineageEntry:
         """Its current fragment (once decoded)."""
         self.lineage_parent_frag: Frag = 0
         """Its parent fragment (once decoded; 0 for a mode-0 root)."""
+
+    def set_lineage(self, position: int, frag: Frag, parent_frag: Frag) -> None:
+        """Fill in the lineage fields the PLH decodes to, known to the caller (see
+        `FAST_LINEAGE_END`): the backend then never decodes the PLH."""
+        self.lineage_position = position
+        self.lineage_frag = frag
+        self.lineage_parent_frag = parent_frag
 
     def set_plh(self, plh: BoxedInt) -> None:
         """Give a recycled entry (one no backend holds) a new PLH, not decoded yet."""
