@@ -130,48 +130,26 @@ class G2Lineage:
         parent first) is linked inline, and only the last block of such a run enters the leaf
         queue: the scalar inserts would queue every block and dequeue it at the next one
         (leaving stale heap entries that slow evictions down). Anything else takes `insert`.
+        This finds the runs by decoding each PLH's parent key, then hands them to
+        `insert_chains`.
         """
-        nodes = self._nodes
-        leaves = self._leaves
-        heap = self._heap
-        tick = self._tick
-        last: list[int] | None = None  # the childless node inserted just before ...
-        last_key = _NONE  # ... its key (_NONE: there is none) ...
-        queued = False  # ... and whether it is in the leaf queue already
-        try:
-            for plh in plhs:
-                if _M0_POS_ONE <= plh < _M0_END:  # mode 0, not a root: inline decoding
-                    key = plh & _M0_KEY
-                    if (
-                        last_key != _NONE
-                        and ((plh & _M0_POS) - _M0_POS_ONE) | ((plh >> 59) & _M0_FRAG) == last_key
-                        and key not in nodes
-                    ):
-                        assert last is not None
-                        if queued:  # it stops being a leaf (its heap entry goes stale)
-                            del leaves[last[_TICK]]
-                            queued = False
-                        last[_CHILDREN] = 1
-                        last = [key, plh, tick, last_key, 0]
-                        nodes[key] = last
-                        last_key = key
-                        tick += 1
-                        continue
-                if last is not None and not queued:
-                    heappush(heap, last[_TICK])
-                    leaves[last[_TICK]] = last
-                self._tick = tick
-                last, last_key = None, _NONE
-                self.insert(plh)
-                tick = self._tick
-                node = nodes.get(plh & _M0_KEY if plh < _M0_END else _node_key(plh))
-                if node is not None and not node[_CHILDREN] and node[_PLH] == plh:
-                    last, last_key, queued = node, node[_KEY], True
-        finally:
-            if last is not None and not queued:
-                heappush(heap, last[_TICK])
-                leaves[last[_TICK]] = last
-            self._tick = tick
+        items = plhs if isinstance(plhs, list) else list(plhs)
+        starts: list[int] = []
+        prev_key = _NONE  # the node key of the PLH before
+        for i in range(len(items)):
+            plh = items[i]
+            if not (
+                prev_key != _NONE
+                and _M0_POS_ONE <= plh < _M0_END  # mode 0, not a root: inline decoding
+                and ((plh & _M0_POS) - _M0_POS_ONE) | ((plh >> 59) & _M0_FRAG) == prev_key
+            ):
+                starts.append(i)
+            # (a PLH out of range is left to `insert`, which refuses it after the ones before)
+            if 0 <= plh < _M0_END:
+                prev_key = plh & _M0_KEY
+            else:
+                prev_key = _node_key(plh) if 0 <= plh < _PLH_LIMIT else _NONE
+        self.insert_chains(items, starts)
 
     def insert_chains(self, plhs: list[Plh], starts: list[int]) -> None:
         """`insert_many(plhs)` of PLHs in runs the caller vouches for: `starts` holds, in
