@@ -364,7 +364,6 @@ class Coordinator:
         self._instant = self.clock.never_sleeps
         self._block_size = spec.block_size
         self._token_bytes = 4 * spec.block_size
-        self._zero_token_bytes = bytes(self._token_bytes)
         self._closed = False
         self._stop = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None

@@ -454,31 +454,20 @@ class RankEngine:
         next_check_s = wall_s + SUPERVISOR_CHECK_S
         while True:
             result = step(now)
-            num_tokens = result.num_decode_tokens
             if (
                 inline
-                and num_tokens
+                and result.num_decode_tokens
                 and not result.events
-                and not result.completions
-                and not result.admissions
-                and not result.first_tokens
-                and not result.second_tokens
-                and not result.token_gaps
-                and not result.preemptions
-                and not result.rejections
+                and not _has_records(result)
             ):
-                # tokens were emitted, so the pass did work; it reports only its ITL pair
+                # a plain decode pass (tokens were emitted, so it did work): only its ITL pair
                 self._num_passes += 1
-                end_ms = result.end_ms
-                self._next_pass_ms = end_ms
+                self._next_pass_ms = result.end_ms
                 self._idle_pass = False
-                decode.append(end_ms - result.prev_end_ms)
-                decode.append(num_tokens)
-                if not self._num_pending:
-                    self._pending_since = wall_s
-                self._num_pending += 1
-                if self._num_pending >= RESULTS_MAX_PASSES:
-                    self._urgent = True
+                decode.append(result.end_ms - result.prev_end_ms)
+                decode.append(result.num_decode_tokens)
+                self._count_pending(wall_s)
+                if self._urgent:
                     return
             else:
                 after_pass(result, now)
@@ -555,8 +544,12 @@ class RankEngine:
             self._pending_decode.append(result.num_decode_tokens)
         else:
             return  # nothing to account (e.g. a prefill chunk that emitted no token)
+        self._count_pending(time.monotonic())
+
+    def _count_pending(self, wall_s: float) -> None:
+        """One more pass awaits the next RESULTS message (`wall_s`: about now)."""
         if not self._num_pending:
-            self._pending_since = time.monotonic()
+            self._pending_since = wall_s
         self._num_pending += 1
         if self._num_pending >= RESULTS_MAX_PASSES:
             self._urgent = True

@@ -1561,10 +1561,7 @@ class G2Directory(_IndexReader):
 
     def take_evicted(self) -> list[SeqHash]:
         """Drain the sequence hashes evicted since the last call (for host-tier Removed events)."""
-        parts, self._evicted_parts = self._evicted_parts, []
-        evicted: list[SeqHash] = []
-        for part in parts:
-            evicted.extend(part if isinstance(part, list) else part.tolist())
+        evicted: list[SeqHash] = self.take_evicted_array().tolist()
         return evicted
 
     def take_evicted_array(self) -> npt.NDArray[np.uint64]:

@@ -66,7 +66,7 @@ BoxedInt: TypeAlias = Any
 """An int that compiled code should keep as the boxed Python int it is: a 128-bit PLH or a
 64-bit hash (mypyc short ints hold 62 bits, so as `int` they are unboxed and boxed again at
 every hand-over and go through mypyc's slow tagged-int fallbacks; see the NOTE in
-`hashing._chain_mode0`), or a fragment used as a dict key (boxed once, not per dict access)."""
+`hashing._hash_mode0`), or a fragment used as a dict key (boxed once, not per dict access)."""
 
 Frag: TypeAlias = BoxedInt
 """A fragment of a PLH: the key of a node in its level."""

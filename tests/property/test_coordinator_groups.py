@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import orjson
@@ -235,13 +235,17 @@ def _differing_arrays(a: Coordinator, b: Coordinator) -> list[str]:
     return [n for n in names if not np.array_equal(getattr(seg_a, n), getattr(seg_b, n))]
 
 
+_THREE_ITEMS: Final = (
+    [1, 2**64 - 1, 7],
+    [None, 1, 2**64 - 1],
+    [3, 4, 5],
+    [0, 1, 9],
+)
+"""(seqs, parents, locals_, positions) of three packed items: a root, u64 extremes."""
+
+
 def test_pack_offload_items_round_trips_and_bad_frames_are_refused() -> None:
-    seqs, parents, locals_, positions = (
-        [1, 2**64 - 1, 7],
-        [None, 1, 2**64 - 1],
-        [3, 4, 5],
-        [0, 1, 9],
-    )
+    seqs, parents, locals_, positions = _THREE_ITEMS
     frame = tp.pack_offload_items(seqs, parents, locals_, positions)
     assert len(frame) == 3 * tp.PACKED_ITEM_BYTES
     assert tp.unpack_offload_items(3, frame) == (seqs, parents, locals_, positions)
@@ -262,12 +266,7 @@ def test_pack_offload_items_round_trips_and_bad_frames_are_refused() -> None:
 
 
 def test_unpack_offload_columns_matches_the_lists_and_refuses_the_same_frames() -> None:
-    seqs, parents, locals_, positions = (
-        [1, 2**64 - 1, 7],
-        [None, 1, 2**64 - 1],
-        [3, 4, 5],
-        [0, 1, 9],
-    )
+    seqs, parents, locals_, positions = _THREE_ITEMS
     frame = tp.pack_offload_items(seqs, parents, locals_, positions)
     columns = tp.unpack_offload_columns(3, frame)
     assert columns.seqs.tolist() == seqs
