@@ -8,8 +8,9 @@ every rank count alike.
 
 Each line also gives the median CPU seconds each process spent during the run (psutil
 `cpu_times`, user + system, from just before `run()` to just after it): the supervisor, the
-coordinator (0 when G2 is off: there is none) and the ranks summed, and the 1-minute load
-average when the line is printed. CPU seconds depend less than wall time on how busy the
+coordinator (0 when G2 is off: there is none), the ranks summed and the busiest rank (round
+robin in a closed loop loads the ranks unevenly: the slower one ends up holding most of the
+requests in flight), and the 1-minute load average when the line is printed. CPU seconds depend less than wall time on how busy the
 machine is, so they show where the work goes even on a shared box (a loaded 2-core VM still
 moves them by tens of percent: compare runs at a similar load).
 
@@ -75,14 +76,15 @@ def run_once(num_ranks: int, request_count: int, num_g2_blocks: int) -> dict[str
         cpu = {name: _cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
     report = outcome.collector.build_report(wall_time_ms=wall_s * 1000)
     tokens = float(report["total_output_tokens"])
-    ranks_cpu_s = sum(v for k, v in cpu.items() if k.startswith("rank"))
+    ranks_cpu = [v for k, v in cpu.items() if k.startswith("rank")]
     return {
         "wall_s": wall_s,
         "output_tokens": tokens,
         "tokens_per_wall_s": tokens / wall_s,
         "supervisor_cpu_s": cpu["supervisor"],
         "coordinator_cpu_s": cpu["coordinator"],
-        "ranks_cpu_s": ranks_cpu_s,
+        "ranks_cpu_s": sum(ranks_cpu),
+        "max_rank_cpu_s": max(ranks_cpu),
     }
 
 
@@ -123,6 +125,7 @@ def main() -> None:
                         "supervisor": med("supervisor_cpu_s"),
                         "coordinator": med("coordinator_cpu_s"),
                         "ranks": med("ranks_cpu_s"),
+                        "max_rank": med("max_rank_cpu_s"),
                     },
                 }
             ),

@@ -10,8 +10,15 @@ Each workload is generated once (timed separately) and replayed `--runs` times; 
 simulated output tokens per wall second (at the median), and the simulated metrics, which
 must be identical in every run (the script fails otherwise).
 
+With `--vs-dynamo` (needs `ai-dynamo-runtime`, the `interop` extra), Dynamo's Rust mocker
+replays the same workload after each of our runs (`scripts/dynamo_reference.py`; its call
+generates its workload too), and the line adds its median wall ms and our median over its:
+the issue's "within 2x of Dynamo" as a ratio measured in the same minutes, which a noisy
+machine moves far less than either wall time. `ratio_with_generation` also counts our
+workload generation.
+
     .venv/bin/python scripts/bench_replay.py [--runs 5] [--workload W1|W2|all]
-        [--eviction lineage|lru|multi-lru]
+        [--eviction lineage|lru|multi-lru] [--vs-dynamo]
 """
 
 from __future__ import annotations
@@ -72,7 +79,28 @@ def _w2(eviction: str) -> tuple[Callable[[], list[Session]], ReplayOptions]:
 WORKLOADS = {"W1": _w1, "W2": _w2}
 
 
-def bench(name: str, runs: int, eviction: str) -> dict[str, object]:
+def _dynamo_runner(name: str) -> Callable[[], float] | None:
+    """A callable timing one Dynamo replay of workload `name` (wall ms), or None without
+    Dynamo."""
+    import dynamo_reference  # scripts/, beside this file
+
+    replay = dynamo_reference._load_replay()
+    if replay is None:
+        return None
+    workload = next(w for w in dynamo_reference.WORKLOADS if w.name == name)
+
+    def run() -> float:
+        wall_ms, _summary = dynamo_reference._run_once(replay, workload)
+        return wall_ms
+
+    return run
+
+
+def bench(name: str, runs: int, eviction: str, *, vs_dynamo: bool = False) -> dict[str, object]:
+    dynamo = _dynamo_runner(name) if vs_dynamo else None
+    if vs_dynamo and dynamo is None:
+        raise SystemExit("--vs-dynamo: Dynamo is not installed (pip install '.[interop]')")
+    dynamo_walls: list[float] = []
     make_sessions, options = WORKLOADS[name](eviction)
     start = time.perf_counter()
     sessions = make_sessions()
@@ -91,10 +119,22 @@ def bench(name: str, runs: int, eviction: str) -> dict[str, object]:
             raise SystemExit(f"{name}: simulated metrics differ between runs: {these} vs {metrics}")
         metrics = these
         num_passes = outcome.num_passes
+        if dynamo is not None:
+            gc.collect()
+            dynamo_walls.append(dynamo())
     assert metrics is not None
     median = statistics.median(walls)
     output_tokens = metrics["total_output_tokens"]
     assert isinstance(output_tokens, int)
+    versus: dict[str, object] = {}
+    if dynamo_walls:
+        dynamo_median = statistics.median(dynamo_walls)
+        versus = {
+            "dynamo_median_wall_ms": round(dynamo_median, 1),
+            "dynamo_walls_ms": [round(w, 1) for w in dynamo_walls],
+            "ratio_to_dynamo": round(median / dynamo_median, 2),
+            "ratio_with_generation": round((median + generation_ms) / dynamo_median, 2),
+        }
     return {
         "workload": name,
         "core": core_mode(),
@@ -103,11 +143,13 @@ def bench(name: str, runs: int, eviction: str) -> dict[str, object]:
         "median_wall_ms": round(median, 1),
         "min_wall_ms": round(min(walls), 1),
         "max_wall_ms": round(max(walls), 1),
+        "walls_ms": [round(w, 1) for w in walls],
         "target_wall_ms": TARGET_WALL_MS[name],
         "dynamo_wall_ms": DYNAMO_WALL_MS[name],
         "workload_generation_ms": round(generation_ms, 1),
         "sim_output_tokens_per_wall_s": round(output_tokens / (median / 1000)),
         "num_passes": num_passes,
+        **versus,
         **metrics,
     }
 
@@ -117,10 +159,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="replays per workload (median)")
     parser.add_argument("--workload", choices=("W1", "W2", "all"), default="all")
     parser.add_argument("--eviction", choices=("lineage", "lru", "multi-lru"), default="lineage")
+    parser.add_argument(
+        "--vs-dynamo",
+        action="store_true",
+        help="after each run, time Dynamo's Rust mocker on the same workload; add the ratio",
+    )
     args = parser.parse_args()
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     for name in names:
-        print(json.dumps(bench(name, args.runs, args.eviction)), flush=True)
+        record = bench(name, args.runs, args.eviction, vs_dynamo=args.vs_dynamo)
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

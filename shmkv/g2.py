@@ -60,6 +60,7 @@ from array import array
 from collections.abc import Iterable, Sequence, Set as AbstractSet
 from dataclasses import dataclass
 from itertools import chain, repeat
+from operator import itemgetter
 from types import TracebackType
 from typing import Final, Protocol, Self
 
@@ -67,6 +68,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shmkv.errors import ClosedError, ConfigError, InvariantError
+from shmkv.g2_lineage import index_cells_at, index_insert_run, index_remove_all
 from shmkv.hashing import MAX_POSITION, make_plh
 from shmkv.ids import U64_MASK, BlockId, DpRank, LocalHash, Plh, SeqHash
 from shmkv.shm import (
@@ -99,12 +101,11 @@ _M0_HI_POSITION_SHIFT_U64: Final = np.uint64(_M0_POSITION_SHIFT - 64)
 _M0_HI_PARENT_SHIFT_U64: Final = np.uint64(64 - _M0_FRAG_BITS)
 _WINDOW: Final = 8
 """Index cells the numpy path gathers per key (home and the next 7); the rest probe on."""
-_INSERT_WINDOW: Final = 16
-"""Index cells an insert gathers per key (at a live load of 1/2, 8 live cells in a row are
-common enough that their scalar scan cost more than the wider gather)."""
 _MAX_VECTOR_ROWS: Final = 1024
 _SCALAR_UNPIN_MAX: Final = 24
 """`unpin_many` releases fewer pins than this one by one (cheaper than numpy's call cost)."""
+_SCALAR_CELL_COPIES: Final = 16
+"""Fewer changed index cells than this are copied into the shared table one by one."""
 _REBUILD_EMPTY_FRACTION: Final = 4
 """Rebuild the index when fewer than T / 4 cells are empty."""
 
@@ -277,7 +278,6 @@ class _IndexReader:
         self._index_size_u64 = np.uint64(segment.index_size)
         self._index_size_intp = np.intp(segment.index_size)
         self._window_offsets = np.arange(_WINDOW, dtype=np.intp)
-        self._insert_offsets = np.arange(_INSERT_WINDOW, dtype=np.intp)
         self._rows = np.arange(_MAX_VECTOR_ROWS, dtype=np.intp)
         self._state_mv = segment.cells("state")
         self._gen_mv = segment.cells("gen")
@@ -427,6 +427,19 @@ class G2RankView(_IndexReader):
         self._tokens_np: npt.NDArray[np.uint32] = segment.tokens
         self._ledger: dict[int, PinnedRun] = {}
         self._next_run_id = 1
+        self._slot_hints: dict[SeqHash, BlockId] = {}
+        """Where this view last found each hash (a guess, validated like an index probe)."""
+        self._max_slot_hints = max(self._HINTS_MIN, min(2 * self._capacity, self._HINTS_MAX))
+        self._run_cells: dict[int, tuple[npt.NDArray[np.intp], bytes, bytes]] = {}
+        """Runs pinned by `_pin_short`: their slots as an array, gens and hashes as bytes."""
+        self._ready_bytes = bytes([READY]) * VECTOR_MIN_BLOCKS
+        """`state` bytes of that many READY slots."""
+
+    _HINTS_MIN: Final = 1024
+    _HINTS_MAX: Final = 1 << 18
+    """`_slot_hints` is emptied when it would grow past 2 x capacity, within these bounds."""
+    _SHORT_MIN_BLOCKS: Final = 4
+    """`_pin_short` leaves shorter runs to `_pin_scalar` (cheaper than numpy's call cost)."""
 
     @property
     def rank(self) -> DpRank:
@@ -481,13 +494,16 @@ class G2RankView(_IndexReader):
         Args:
             seq_hashes: chained sequence hashes, first block first.
             vectorized: force the numpy path (True, `pin_prefixes` with one run) or the
-                per-block loop (False); by default runs of at least `VECTOR_MIN_BLOCKS` hashes
-                take the numpy path.
+                per-block reference loop (False); by default runs of at least
+                `VECTOR_MIN_BLOCKS` hashes take the numpy path, shorter ones `_pin_short`
+                (the reference loop's steps done for all blocks at once).
         """
         self._check_open()
         hashes = seq_hashes.tolist() if isinstance(seq_hashes, np.ndarray) else seq_hashes
         if vectorized is None:
-            vectorized = len(hashes) >= VECTOR_MIN_BLOCKS
+            if len(hashes) >= VECTOR_MIN_BLOCKS:
+                return self.pin_prefixes([hashes])[0]
+            return self._pin_short(hashes if type(hashes) is list else list(hashes))
         if vectorized:
             return self.pin_prefixes([hashes])[0]
         pinned = self._pin_scalar(hashes)
@@ -660,6 +676,149 @@ class G2RankView(_IndexReader):
             del slots[kept:], gens[kept:]
         return (slots, gens) if slots else None
 
+    def _pin_short(self, keys: list[SeqHash]) -> PinnedRun | None:
+        """`pin_prefix` of a short list: `_pin_scalar`'s protocol with each step done for all
+        blocks at once (numpy gathers and one scatter over the slot list, compared as bytes):
+        per slot the same loads and stores in the same order (gen, then state and hash; the
+        pin; one fence for all; state, then gen), and the same run
+        (tests/property/test_g2_pin_short.py).
+
+        A slot comes from `_slot_hints` (where this view last found the hash) or, without a
+        hint, from the index probe; either way it counts only if READY with the hash, and
+        READY with a given hash is one slot at most (the directory rejects duplicates), so a
+        valid hint is the slot the probe would find. Anything off the common path (a stale
+        hint, a missing or not-READY block, a slot named twice, a saturated pin cell) goes to
+        `_pin_scalar` before anything is written; a slot that changed across the fence is
+        undone exactly as there. The run keeps its slot array for `release`.
+        """
+        hints = self._slot_hints
+        try:
+            slots = list(map(hints.__getitem__, keys))
+        except KeyError:  # NOTE: a hash without a hint (seen for the first time here)
+            slots = self._probe_unhinted(keys, list(map(hints.get, keys, repeat(-1))))
+        num = len(slots)
+        if num < self._SHORT_MIN_BLOCKS or len(set(slots)) != num:
+            return self._pin_reference(keys)
+        idx = np.fromiter(slots, dtype=np.intp, count=num)
+        # INVARIANT: gen is gathered before state and hash (module docstring).
+        gens = self._gen_np[idx]
+        ready = self._ready_bytes[:num]
+        if self._state_np[idx].tobytes() != ready:
+            return self._pin_reference(keys)
+        hashes = self._seq_hash_np[idx]
+        pinned_keys = keys if num == len(keys) else keys[:num]
+        if hashes.tolist() != pinned_keys:
+            return self._pin_reference(keys)
+        row = self._row_np
+        pins = row[idx]
+        if max(pins.tolist()) >= PIN_MAX:
+            return self._pin_reference(keys)
+        row[idx] = pins + 1  # NOTE: distinct slots: one store per slot
+        full_fence()
+        gen_bytes = gens.tobytes()
+        # INVARIANT: states gathered before gens (the left operand is evaluated first).
+        if self._state_np[idx].tobytes() == ready and self._gen_np[idx].tobytes() == gen_bytes:
+            run = self._record(slots, gens.tolist(), list(pinned_keys))
+            self._run_cells[run.run_id] = (idx, gen_bytes, hashes.tobytes())
+            return run
+        confirmed = self._confirm(slots, gens.tolist())
+        if confirmed is None:
+            return None
+        kept_slots, kept_gens = confirmed
+        return self._record(kept_slots, kept_gens, keys[: len(kept_slots)])
+
+    def _probe_unhinted(self, keys: list[SeqHash], slots: list[int]) -> list[int]:
+        """Fill the hint-less (-1) entries of `slots` by the index probe (a candidate,
+        remembered as the key's hint); cut `slots` at the first key the index does not hold."""
+        hints = self._slot_hints
+        size = self._index_size
+        for i in range(slots.index(-1), len(slots)):
+            if slots[i] >= 0:
+                continue
+            key = keys[i]
+            slot = self._probe(key, key % size)
+            if slot < 0:
+                del slots[i:]
+                break
+            slots[i] = slot
+            if len(hints) >= self._max_slot_hints:
+                hints.clear()
+            hints[key] = slot
+        return slots
+
+    def _pin_reference(self, keys: list[SeqHash]) -> PinnedRun | None:
+        """`_pin_scalar`, then the hints it proves right are kept and the hint of the key where
+        it stopped is dropped (so a stale one is not followed again)."""
+        pinned = self._pin_scalar(keys)
+        hints = self._slot_hints
+        kept = 0
+        if pinned is not None:
+            kept = len(pinned[0])
+            if len(hints) + kept > self._max_slot_hints:
+                hints.clear()
+            hints.update(zip(keys, pinned[0], strict=False))
+        if kept < len(keys):
+            hints.pop(keys[kept], None)
+        if pinned is None:
+            return None
+        slots, gens = pinned
+        return self._record(slots, gens, keys[:kept])
+
+    def _confirm(self, slots: list[int], gens: list[int]) -> tuple[list[int], list[int]] | None:
+        """The reference re-check after the fence (state, then gen, slot by slot); the pins from
+        the first slot that changed on are undone."""
+        state, gen, row = self._state_mv, self._gen_mv, self._row_mv
+        kept = 0
+        for slot, slot_gen in zip(slots, gens, strict=True):
+            if state[slot] != READY or gen[slot] != slot_gen:
+                break
+            kept += 1
+        for slot in slots[kept:]:
+            row[slot] -= 1
+        del slots[kept:], gens[kept:]
+        return (slots, gens) if slots else None
+
+    def _unpin_slots(self, run: PinnedRun) -> None:
+        """`pins[r, s] -= 1` for each slot of a run taken off the ledger."""
+        cells = self._run_cells.pop(run.run_id, None)
+        if cells is not None:  # NOTE: distinct slots (checked when pinned): one store each
+            self._row_np[cells[0]] -= 1
+            return
+        row = self._row_mv
+        for slot in run.slots:
+            row[slot] -= 1
+
+    def release(self, run: PinnedRun) -> int:
+        """`validate(run)`, then `unpin(run)`; returns the validate count.
+
+        Raises:
+            InvariantError: the run is not held by this view (nothing is released then).
+        """
+        self._check_open()
+        ledger = self._ledger
+        if ledger.get(run.run_id) is not run:
+            raise InvariantError(
+                f"rank {self._rank} does not hold run {run.run_id} (double unpin, or a run "
+                "pinned by another view)"
+            )
+        cells = self._run_cells.get(run.run_id)
+        if cells is None or not self._unchanged(*cells):
+            bad = self._violations(run)
+        else:
+            bad = 0
+        del ledger[run.run_id]
+        self._unpin_slots(run)
+        return bad
+
+    def _unchanged(self, idx: npt.NDArray[np.intp], gen_bytes: bytes, hash_bytes: bytes) -> bool:
+        """Whether every slot still holds the pinned gen and hash, READY (`_violations` is 0
+        then; False means: count them)."""
+        return (
+            self._gen_np[idx].tobytes() == gen_bytes
+            and self._seq_hash_np[idx].tobytes() == hash_bytes
+            and self._state_np[idx].tobytes() == self._ready_bytes[: idx.size]
+        )
+
     def unpin(self, run: PinnedRun) -> None:
         """Release a run pinned by this view.
 
@@ -672,9 +831,7 @@ class G2RankView(_IndexReader):
                 f"rank {self._rank} does not hold run {run.run_id} (double unpin, or a run "
                 "pinned by another view)"
             )
-        row = self._row_mv
-        for slot in run.slots:
-            row[slot] -= 1
+        self._unpin_slots(run)
 
     def validate(self, run: PinnedRun) -> int:
         """How many slots of a run this view still pins are no longer what was pinned: each one
@@ -686,12 +843,23 @@ class G2RankView(_IndexReader):
         from this very pin (EVICTING -> sees the pin -> READY), which is not a violation.
         """
         self._check_open()
-        state, gen, seq = self._segment.state, self._segment.gen, self._segment.seq_hash
+        return self._violations(run)
+
+    def _violations(self, run: PinnedRun) -> int:
+        slots = run.slots
+        num = len(slots)
+        state, gen, seq = self._state_mv, self._gen_mv, self._seq_hash_mv
+        if num >= 2:  # NOTE: the common all-good case in three gathers
+            get = itemgetter(*slots)
+            if get(gen) == tuple(run.gens) and get(seq) == tuple(run.seq_hashes):
+                states: tuple[int, ...] = get(state)
+                if states.count(READY) + states.count(EVICTING) == num:
+                    return 0
         bad = 0
-        for slot, pinned_gen, seq_hash in zip(run.slots, run.gens, run.seq_hashes, strict=True):
+        for slot, pinned_gen, seq_hash in zip(slots, run.gens, run.seq_hashes, strict=True):
             if (
-                int(gen[slot]) != pinned_gen
-                or int(seq[slot]) != seq_hash
+                gen[slot] != pinned_gen
+                or seq[slot] != seq_hash
                 or state[slot] not in (READY, EVICTING)
             ):
                 bad += 1
@@ -712,8 +880,10 @@ class G2RankView(_IndexReader):
                 f"rank {self._rank} does not hold every run it was asked to unpin (double "
                 "unpin, or a run pinned by another view)"
             )
+        run_cells = self._run_cells
         for run in runs:
             del ledger[run.run_id]
+            run_cells.pop(run.run_id, None)
         total = sum(len(run.slots) for run in runs)
         if total < _SCALAR_UNPIN_MAX:
             row = self._row_mv
@@ -855,8 +1025,11 @@ class G2Directory(_IndexReader):
         # Free stack: pops from the end, so a fresh pool hands out slots 0, 1, 2, ...
         self._free_stack = np.arange(self._capacity - 1, -1, -1, dtype=np.int32)
         self._slot_scratch = np.zeros(self._capacity, dtype=np.intp)
-        self._cell_scratch = np.zeros(self._index_size, dtype=np.intp)
-        """Work arrays of `_distinct_prefix` (slot numbers, index cells)."""
+        """Work array of `_distinct_prefix` (slot numbers)."""
+        self._index_cells: list[int] = [INDEX_EMPTY] * self._index_size
+        """A private copy of the shared index table (only this directory writes the table):
+        the probing of inserts and removals runs on it, compiled (`shmkv.g2_lineage`), and
+        the changed cells are copied into the table."""
         self._num_free = self._capacity
         self._num_reserved = 0
         self._plh_to_slot: dict[Plh, BlockId] = {}
@@ -1077,7 +1250,8 @@ class G2Directory(_IndexReader):
         get gen+1 and turn FREE. Returns (pinned? per slot, or None when none was pinned;
         the freed slots and their sequence hashes, in order).
         """
-        idx = np.array(slots, dtype=np.intp)
+        # NOTE: through array.array: numpy converts a list of ints element by element
+        idx: npt.NDArray[np.intp] = np.frombuffer(array("q", slots), dtype=np.intp)
         state = self._state_np
         state[idx] = _EVICTING_I8
         full_fence()
@@ -1089,8 +1263,9 @@ class G2Directory(_IndexReader):
             self._num_evict_backoffs += num_pinned
             free = ~pinned
             idx, keys = idx[free], keys[free]
-        self._ready_seqs.difference_update(keys.tolist())
-        self._index_remove_many(keys, idx)
+        key_list: list[SeqHash] = keys.tolist()
+        self._ready_seqs.difference_update(key_list)
+        self._index_remove_many(keys, idx, key_list, None if num_pinned else slots)
         self._gen_np[idx] += 1  # INVARIANT: gen before state (module docstring)
         self._owner_np[idx] = NO_OWNER
         state[idx] = FREE
@@ -1501,7 +1676,8 @@ class G2Directory(_IndexReader):
     ) -> None:
         """Write the fields of reserved slots already in the policy, turn them READY, index
         (`seq_list`: `seq_arr` as ints, if the caller has it)."""
-        self._plh_to_slot.update(zip(plhs, idx.tolist(), strict=True))
+        slot_list: list[int] = idx.tolist()
+        self._plh_to_slot.update(zip(plhs, slot_list, strict=True))
         seg = self._segment
         self._seq_hash_np[idx] = seq_arr
         seg.parent_hash[idx] = np.where(has_parent, parent_arr, np.uint64(0))
@@ -1511,7 +1687,7 @@ class G2Directory(_IndexReader):
         seg.tokens[idx] = 0 if tokens is None else tokens
         # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
         self._state_np[idx] = _READY_I8
-        self._index_insert_many(seq_arr, idx)
+        self._index_insert_many(seq_arr, idx, slot_list)
         self._ready_seqs.update(seq_arr.tolist() if seq_list is None else seq_list)
         self._num_reserved -= int(idx.size)
         self._num_commits += int(idx.size)
@@ -1619,160 +1795,93 @@ class G2Directory(_IndexReader):
     # -- index maintenance (single writer) -----------------------------------------------------
 
     def _index_insert(self, key: SeqHash, slot: BlockId) -> None:
-        index, size = self._index_mv, self._index_size
-        pos = key % size
-        tombstone = -1
-        while True:  # terminates: at least T/4 cells are empty (rebuild threshold)
-            cell = index[pos]
-            if cell == INDEX_EMPTY:
-                break
-            if cell == INDEX_TOMBSTONE and tombstone < 0:
-                tombstone = pos
-            pos += 1
-            if pos == size:
-                pos = 0
-        if tombstone >= 0:
-            index[tombstone] = slot
-            self._num_tombstones -= 1
-            return
-        index[pos] = slot
-        self._index_used += 1
-        if self._index_used > self._rebuild_at:
-            self._rebuild_index()
+        """Index `slot` under `key`: at the first tombstone before the first empty cell of
+        the linear probe path from `key mod T`, else at that empty cell; the table is rebuilt
+        when fewer than T / 4 cells stay empty."""
+        self._index_insert_all([key % self._index_size], [slot], None)
 
     def _index_remove(self, key: SeqHash, slot: BlockId) -> None:
-        index, size = self._index_mv, self._index_size
-        pos = key % size
-        for _ in range(size):
-            cell = index[pos]
-            if cell == slot:
-                break
-            if cell == INDEX_EMPTY:
-                raise InvariantError(f"slot {slot} (hash {key:#x}) is missing from the index")
-            pos += 1
-            if pos == size:
-                pos = 0
-        else:
-            raise InvariantError(f"slot {slot} (hash {key:#x}) is missing from the index")
-        if index[(pos + 1) % size] != INDEX_EMPTY:
-            index[pos] = INDEX_TOMBSTONE
-            self._num_tombstones += 1
-            return
-        # The chain ends here: this cell and the tombstones just before it can become empty
-        # without cutting any other key's probe path.
-        index[pos] = INDEX_EMPTY
-        self._index_used -= 1
-        pos = (pos - 1) % size
-        while index[pos] == INDEX_TOMBSTONE:
-            index[pos] = INDEX_EMPTY
-            self._index_used -= 1
-            self._num_tombstones -= 1
-            pos = (pos - 1) % size
+        """Unindex `slot` (under `key`): its cell becomes a tombstone, or empty together with
+        the tombstones just before it when the next cell is empty (no probe path crosses it).
 
-    def _index_insert_many(self, keys: npt.NDArray[np.uint64], slots: npt.NDArray[np.intp]) -> None:
-        """`_index_insert` of every (key, slot) in order, vectorized; the table ends up exactly
-        as the per-key inserts would leave it (same cells, counters and rebuild point).
-
-        Each round finds, for every remaining key, the first non-live cell of its probe path
-        (what `_index_insert` picks: the first tombstone before the first empty cell, else that
-        empty cell). The longest run of keys with pairwise different targets is placed at once:
-        none of them crosses another's target, so order does not matter inside it. The first
-        key whose target repeats an earlier one starts the next round, against the updated
-        table. A rebuild happens right after the insert that crosses the threshold, leaving
-        out the batch's slots not yet inserted (they are inserted into the new table after).
+        Raises:
+            InvariantError: the slot is not in the index.
         """
-        count = int(slots.size)
-        start = 0
-        index_np = self._index_np
-        homes = (keys % self._index_size_u64).view(np.intp)  # < T < 2**63: same bits
-        while start < count:
-            targets = self._free_cells(homes[start:])
-            run = max(1, _distinct_prefix(targets, self._cell_scratch))
-            targets = targets[:run]
-            was_empty = index_np[targets] == INDEX_EMPTY
-            used = self._index_used + np.cumsum(was_empty)
-            over = np.flatnonzero(used > self._rebuild_at)
-            if over.size:
-                run = int(over[0]) + 1
-                targets, was_empty = targets[:run], was_empty[:run]
-            index_np[targets] = slots[start : start + run]
-            num_empty = int(np.count_nonzero(was_empty))
-            self._index_used += num_empty
-            self._num_tombstones -= run - num_empty
-            start += run
-            if over.size:
-                self._rebuild_index(skip=slots[start:])
+        self._index_remove_all([key % self._index_size], [slot], [key])
 
-    def _free_cells(self, home: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
-        """For each home cell, the first cell of the probe path from it that holds no live
-        slot (`_INSERT_WINDOW` cells gathered per key; the rare longer run is scanned)."""
-        cells = np.take(self._index_np, home[:, None] + self._insert_offsets, mode="wrap")
-        free = cells < 0
-        first = free.argmax(axis=1)
-        targets = self._wrap(home + first)
-        for i in np.flatnonzero(~free[self._row_numbers(home.size), first]).tolist():
-            targets[i] = self._scan_free(int(targets[i]))  # rare: a long run of live cells
-        return targets
-
-    def _scan_free(self, pos: int) -> int:
-        index, size = self._index_mv, self._index_size
-        while index[pos] >= 0:  # terminates: at least T/4 cells are empty (rebuild threshold)
-            pos += 1
-            if pos == size:
-                pos = 0
-        return pos
-
-    def _index_remove_many(self, keys: npt.NDArray[np.uint64], slots: npt.NDArray[np.intp]) -> None:
-        """`_index_remove` of every (key, slot), vectorized, with the same final table.
-
-        Every removed cell becomes a tombstone; then each run of tombstones that ends just
-        before an empty cell turns empty, which is what the per-key removals leave in any
-        order (a removal empties its cell, and the tombstones before it, when the next cell is
-        empty; otherwise it leaves a tombstone).
-        """
-        if slots.size == 0:
-            return
-        cells = self._cells_of(keys, slots)
-        index_np, size = self._index_np, self._index_size
-        index_np[cells] = INDEX_TOMBSTONE
-        self._num_tombstones += int(cells.size)
-        after = cells + 1
-        after[after == size] = 0
-        ends = cells[index_np[after] == INDEX_EMPTY]
-        if ends.size:
+    def _copy_cells(self, touched: list[int], values: list[int]) -> None:
+        """Copy changed cells of the private table into the shared one."""
+        if len(touched) < _SCALAR_CELL_COPIES:
             index = self._index_mv
-            cleared = 0
-            for pos in ends.tolist():
-                while index[pos] == INDEX_TOMBSTONE:
-                    index[pos] = INDEX_EMPTY
-                    cleared += 1
-                    pos = pos - 1 if pos else size - 1
-            self._index_used -= cleared
-            self._num_tombstones -= cleared
+            for pos, value in zip(touched, values, strict=True):
+                index[pos] = value
+        else:  # NOTE: through array.array: numpy converts a list of ints element by element
+            cells = np.frombuffer(array("q", touched), dtype=np.int64)
+            self._index_np[cells] = np.frombuffer(array("i", values), dtype=np.int32)
 
-    def _cells_of(
-        self, keys: npt.NDArray[np.uint64], slots: npt.NDArray[np.intp]
-    ) -> npt.NDArray[np.intp]:
-        """The index cell of each (key, slot); raises InvariantError if one is missing."""
-        home, window_cells = self._window_cells(keys)
-        hit = window_cells == slots[:, None]
-        first = hit.argmax(axis=1)
-        cells = self._wrap(home + first)
-        index, size = self._index_mv, self._index_size
-        for i in np.flatnonzero(~hit[self._row_numbers(keys.size), first]).tolist():
-            key, slot = int(keys[i]), int(slots[i])
-            pos = key % size
-            for _ in range(size):
-                cell = index[pos]
-                if cell == slot:
-                    break
-                if cell == INDEX_EMPTY:
-                    raise InvariantError(f"slot {slot} (hash {key:#x}) is missing from the index")
-                pos = pos + 1 if pos + 1 < size else 0
-            else:
-                raise InvariantError(f"slot {slot} (hash {key:#x}) is missing from the index")
-            cells[i] = pos
-        return cells
+    def _index_insert_many(
+        self,
+        keys: npt.NDArray[np.uint64],
+        slots: npt.NDArray[np.intp],
+        slot_list: list[int] | None = None,
+    ) -> None:
+        """`_index_insert` of every (key, slot) in order (`slot_list`: `slots` as ints, if
+        the caller has them); the table ends up exactly as the per-key inserts would leave it
+        (same cells, counters and rebuild point)."""
+        if slots.size:
+            homes: list[int] = (keys % self._index_size_u64).tolist()
+            self._index_insert_all(homes, slots.tolist() if slot_list is None else slot_list, slots)
+
+    def _index_insert_all(
+        self, homes: list[int], slots: list[int], slot_arr: npt.NDArray[np.intp] | None
+    ) -> None:
+        """`_index_insert` of every slot (home cell `homes[k]`) in order, probing the
+        private table compiled (`g2_lineage.index_insert_run`). A rebuild happens right after
+        the insert that crosses the threshold, leaving out the slots not inserted yet (they
+        are inserted into the new table after). `slot_arr`: `slots` as an array, if any."""
+        count = len(slots)
+        start = 0
+        while start < count:
+            room = self._rebuild_at - self._index_used
+            touched: list[int] = []
+            done, filled = index_insert_run(self._index_cells, homes, slots, start, room, touched)
+            self._copy_cells(touched, slots[start : start + done])
+            self._index_used += filled
+            self._num_tombstones -= done - filled
+            start += done
+            if filled > room:
+                rest = slots[start:] if slot_arr is None else slot_arr[start:]
+                self._rebuild_index(skip=np.asarray(rest, dtype=np.intp))
+
+    def _index_remove_many(
+        self,
+        keys: npt.NDArray[np.uint64],
+        slots: npt.NDArray[np.intp],
+        key_list: list[SeqHash] | None = None,
+        slot_list: list[int] | None = None,
+    ) -> None:
+        """`_index_remove` of every (key, slot) in order (`key_list`, `slot_list`: `keys` and
+        `slots` as ints, if the caller has them): the same final table."""
+        if slots.size:
+            homes: list[int] = (keys % self._index_size_u64).tolist()
+            self._index_remove_all(
+                homes,
+                slots.tolist() if slot_list is None else slot_list,
+                keys.tolist() if key_list is None else key_list,
+            )
+
+    def _index_remove_all(self, homes: list[int], slots: list[int], keys: list[int]) -> None:
+        """`_index_remove` of every (key, slot) in order (home cell `homes[k]`), probing the
+        private table compiled (`g2_lineage.index_remove_all`)."""
+        touched: list[int] = []
+        try:
+            net_tombstones, emptied = index_remove_all(
+                self._index_cells, homes, slots, keys, touched
+            )
+        finally:  # NOTE: on a missing slot the ones before it are removed: copy them
+            self._copy_cells(touched, index_cells_at(self._index_cells, touched))
+        self._num_tombstones += net_tombstones
+        self._index_used -= emptied
 
     def _rebuild_index(self, skip: npt.NDArray[np.intp] | None = None) -> None:
         """Re-place every READY slot without tombstones (vectorized), then copy the table in.
@@ -1806,6 +1915,7 @@ class G2Directory(_IndexReader):
             moved[moved == size] = 0
             pos[pending] = moved
         self._index_np[:] = table
+        self._index_cells = table.tolist()
         self._index_used = int(ready.size)
         self._num_tombstones = 0
         self._num_index_rebuilds += 1
@@ -1874,6 +1984,8 @@ class G2Directory(_IndexReader):
     def _index_problems(self, ready: npt.NDArray[np.bool_]) -> list[str]:
         problems: list[str] = []
         cells = self._index_np.copy()
+        if cells.tolist() != self._index_cells:
+            problems.append("the private copy of the index differs from the shared table")
         if np.any((cells < INDEX_TOMBSTONE) | (cells >= self._capacity)):
             problems.append("index cell out of range")
             return problems

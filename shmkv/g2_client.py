@@ -41,6 +41,7 @@ import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -72,6 +73,7 @@ from shmkv.shm import G2Segment
 
 HELLO_TIMEOUT_S: Final = 30.0
 _NO_PARENT: Final = -1
+_UNKNOWN: Final = -1
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
 
 
@@ -561,25 +563,28 @@ class SharedG2Client:
 
     def prepare_onboard(self, plhs: Sequence[Plh]) -> OnboardPlan | None:
         """Pin the longest contiguous prefix of `plhs` that G2 holds; None if not the first."""
-        found: list[SeqHash | None] = list(map(self._plh_to_seq.get, plhs))
-        if None in found:
-            del found[found.index(None) :]
-        if not found:
+        # NOTE: -1 marks a PLH the replica does not know (seq hashes are >= 0); an int
+        # marker compares faster than None.
+        seqs: list[SeqHash] = list(map(self._plh_to_seq.get, plhs, repeat(_UNKNOWN)))
+        if _UNKNOWN in seqs:
+            del seqs[seqs.index(_UNKNOWN) :]
+        if not seqs:
             return None
-        seqs: list[SeqHash] = found  # type: ignore[assignment]  # NOTE: no None left
         run = self.view.pin_prefix(seqs)
         if run is None:
             self._counts["onboard_misses"] += 1
             return None
         self._runs[run.run_id] = run
-        return OnboardPlan(list(plhs[: len(run)]), run.run_id)
+        num_blocks = len(run.slots)
+        # NOTE: slicing a list copies it already.
+        plan_plhs = plhs[:num_blocks] if type(plhs) is list else list(plhs[:num_blocks])
+        return OnboardPlan(plan_plhs, run.run_id)
 
     def cancel_onboard(self, plan: OnboardPlan) -> None:
         run = self._runs.pop(plan.token, None)
         if run is None:
             raise ProtocolError(f"cancel of an unknown onboard plan {plan.token}")
-        self._counts["pin_violations"] += self.view.validate(run)
-        self.view.unpin(run)
+        self._counts["pin_violations"] += self.view.release(run)
 
     def start_onboard(self, plan: OnboardPlan, now_ms: float) -> SwapInHandle:
         run = self._runs.get(plan.token)
@@ -608,8 +613,7 @@ class SharedG2Client:
             handle = self._onboards.pop(transfer_id)
             run = self._runs.pop(handle.plan.token, None)
             if run is not None:
-                self._counts["pin_violations"] += self.view.validate(run)
-                self.view.unpin(run)
+                self._counts["pin_violations"] += self.view.release(run)
             handle.completed = True
             self._completed_onboards.append(handle)
 

@@ -357,4 +357,115 @@ class G2Lineage:
             raise InvariantError("Lineage: a queued leaf has no heap entry")
 
 
-__all__ = ["G2Lineage"]
+# -- the shared index's single-writer probing (compiled with this module) ---------------------
+#
+# The coordinator keeps a private copy of the index table as a list (`cells`); these run its
+# linear probing on the copy at compiled speed and list the cells they changed (`touched`),
+# which the caller then copies into the shared table in one numpy store.
+
+INDEX_EMPTY: Final = -1
+"""`shmkv.shm.INDEX_EMPTY` (a test pins them equal)."""
+INDEX_TOMBSTONE: Final = -2
+"""`shmkv.shm.INDEX_TOMBSTONE`."""
+
+
+def index_insert_run(
+    cells: list[int], homes: list[int], slots: list[int], start: int, room: int, touched: list[int]
+) -> tuple[int, int]:
+    """`G2Directory._index_insert` of `slots[k]` (home cell `homes[k]`) for k = start, ...
+    in order: each goes to the first tombstone before the first empty cell of its linear
+    probe path, else to that empty cell; its cell is appended to `touched`. Stops after the
+    insert that fills the `room + 1`-th empty cell (the caller's rebuild point), or at the end.
+
+    Returns (inserts done, empty cells filled); the rest filled tombstones. Terminates while
+    the table keeps an empty cell (the caller rebuilds long before it runs out).
+    """
+    size = len(cells)
+    count = len(slots)
+    k = start
+    filled = 0
+    while k < count:
+        pos = homes[k]
+        tombstone = -1
+        while True:
+            cell = cells[pos]
+            if cell == INDEX_EMPTY:
+                break
+            if cell == INDEX_TOMBSTONE and tombstone < 0:
+                tombstone = pos
+            pos += 1
+            if pos == size:
+                pos = 0
+        if tombstone >= 0:
+            pos = tombstone
+        else:
+            filled += 1
+        cells[pos] = slots[k]
+        touched.append(pos)
+        k += 1
+        if filled > room:
+            break
+    return k - start, filled
+
+
+def index_remove_all(
+    cells: list[int], homes: list[int], slots: list[int], keys: list[int], touched: list[int]
+) -> tuple[int, int]:
+    """`G2Directory._index_remove` of every (`keys[k]`, `slots[k]`) in order (home cell
+    `homes[k]`): the slot's cell becomes a tombstone, or, when the next cell is empty, empty
+    together with the tombstones just before it. Every changed cell is appended to `touched`
+    (a cell may appear twice: read the final values back with `index_cells_at`).
+
+    Returns (the change in the number of tombstones: added minus cleared, the number of
+    cells turned empty: the drop in used cells).
+
+    Raises:
+        InvariantError: a slot is not in the index (the ones before it are removed).
+    """
+    size = len(cells)
+    net_tombstones = 0
+    emptied = 0
+    for k in range(len(slots)):
+        slot = slots[k]
+        pos = homes[k]
+        for _ in range(size):
+            cell = cells[pos]
+            if cell == slot:
+                break
+            if cell == INDEX_EMPTY:
+                raise InvariantError(f"slot {slot} (hash {keys[k]:#x}) is missing from the index")
+            pos += 1
+            if pos == size:
+                pos = 0
+        else:
+            raise InvariantError(f"slot {slot} (hash {keys[k]:#x}) is missing from the index")
+        touched.append(pos)
+        if cells[pos + 1 if pos + 1 < size else 0] != INDEX_EMPTY:
+            cells[pos] = INDEX_TOMBSTONE
+            net_tombstones += 1
+            continue
+        cells[pos] = INDEX_EMPTY
+        emptied += 1
+        pos = pos - 1 if pos else size - 1
+        while cells[pos] == INDEX_TOMBSTONE:
+            cells[pos] = INDEX_EMPTY
+            touched.append(pos)
+            emptied += 1
+            net_tombstones -= 1
+            pos = pos - 1 if pos else size - 1
+    return net_tombstones, emptied
+
+
+def index_cells_at(cells: list[int], touched: list[int]) -> list[int]:
+    """`[cells[pos] for pos in touched]`, compiled."""
+    return [cells[pos] for pos in touched]
+
+
+__all__ = [
+    "INDEX_EMPTY",
+    "INDEX_TOMBSTONE",
+    "G2Lineage",
+    "index_cells_at",
+    "index_insert_run",
+    "index_remove_all",
+]

@@ -62,6 +62,20 @@ class BlockHashes(NamedTuple):
 _HashLists: TypeAlias = tuple[list[LocalHash], list[SeqHash], list[Plh]]
 """A `BlockHashes`' three lists."""
 
+# NOTE: compiled, calling the `NamedTuple` class runs its Python-level `__new__` (about 2,600
+# instructions a call, callgrind); `tuple.__new__` (what its `_make` calls) builds the same
+# object in C, in half of that
+_new_tuple: Final = tuple.__new__
+
+
+def _block_hashes(
+    local_hashes: list[LocalHash], seq_hashes: list[SeqHash], plhs: list[Plh]
+) -> BlockHashes:
+    """`BlockHashes(local_hashes, seq_hashes, plhs)`, built by `tuple.__new__`."""
+    new: Any = _new_tuple
+    hashes: BlockHashes = new(BlockHashes, (local_hashes, seq_hashes, plhs))
+    return hashes
+
 
 def token_bytes(tokens: Sequence[int] | array[int]) -> bytes:
     """Serialize tokens as little-endian u32; raises ConfigError on a token outside u32."""
@@ -144,7 +158,7 @@ def hash_blocks(
         ConfigError: a bad block size, or the last block lies beyond `MAX_POSITION`.
     """
     locals_, seqs, plhs = _hash_lists(data, block_size, parent, position)
-    return BlockHashes(locals_, seqs, plhs)
+    return _block_hashes(locals_, seqs, plhs)
 
 
 def _hash_lists(
@@ -284,14 +298,19 @@ class PrefixHashCache:
             rest_locals, rest_seqs, rest_plhs = _hash_lists(
                 data[shared * step : count * step], block_size, old_seqs[shared - 1], shared
             )
-            locals_ = old_locals[:shared]
+            self._num_blocks -= len(old_seqs)
+            # NOTE: the remembered lists are the cache's own (callers get copies): cut and
+            # extended in place, they need no copy of the shared prefix
+            locals_ = old_locals
+            del locals_[shared:]
             locals_ += rest_locals
-            seqs = old_seqs[:shared]
+            seqs = old_seqs
+            del seqs[shared:]
             seqs += rest_seqs
-            plhs = old_plhs[:shared]
+            plhs = old_plhs
+            del plhs[shared:]
             plhs += rest_plhs
             del self._recent[first]  # re-inserted below as the most recent
-            self._num_blocks -= len(old_seqs)
         self._recent[first] = (data, shared, locals_, seqs, plhs)
         self._num_blocks += count
         while len(self._recent) > self._max_prompts or (
@@ -299,7 +318,7 @@ class PrefixHashCache:
         ):
             dropped = self._recent.pop(next(iter(self._recent)))
             self._num_blocks -= len(dropped[3])
-        return BlockHashes(list(locals_), list(seqs), list(plhs))
+        return _block_hashes(list(locals_), list(seqs), list(plhs))
 
 
 def _common_blocks(a: bytes, b: bytes, step: int, limit: int, guess: int = 0) -> int:

@@ -250,7 +250,8 @@ class KvManager:
         """Active names: each name's registration, or an alias entry (see `_Block`)."""
         self._active_partial: dict[PartialId, BlockId] = {}
         self._spare_recs: list[_Block] = []
-        """Records of blocks a bulk store evicted, recycled by the next bulk stores."""
+        """Records of blocks a bulk store evicted (none still refers to them), recycled by the
+        next bulk stores and Promotes."""
         self._num_full_refs = 0
         self._num_quarantined = 0
         self._num_reserved = 0
@@ -584,7 +585,8 @@ class KvManager:
         if tracker is not None:
             tracker.touch(plh)
         found.refs += 1
-        if found.seq == block:
+        seq = found.seq
+        if seq is block or seq == block:  # `is`: often the very same object
             found.handles = 1
             active_full[block] = found
         else:
@@ -615,7 +617,8 @@ class KvManager:
         of them is held or registered, none repeats, G1 has room for all of them, and no
         offload engine or frequency tracker watches the allocations. At most one partial
         block may follow (left to the caller). Returns (blocks stored, sequence hashes
-        evicted), or None to fall back to the per-block loop."""
+        evicted; only collected when events are on), or None to fall back to the per-block
+        loop."""
         blocks = signal.raw_blocks
         count = signal.num_full - full_idx
         extra = len(blocks) - start - count
@@ -698,6 +701,8 @@ class KvManager:
         evicted: list[SeqHash] = []
         if num_reset < count:
             token_map = self._token_ids
+            has_tokens = bool(token_map)
+            report = self._events_enabled  # the evicted hashes only feed Removed events
             lineage = self._lineage
             num_victims = count - num_reset
             victims: list[BoxedInt] = (
@@ -710,9 +715,10 @@ class KvManager:
                 vrec = unregister(victim)
                 new[filled].slot = vrec.slot
                 filled += 1
-                evicted.append(vrec.seq)
+                if report:
+                    evicted.append(vrec.seq)
                 spare.append(vrec)
-                if token_map:
+                if has_tokens:
                     token_map.pop(victim, None)
         if filled != count:
             raise InvariantError(f"bulk store: {filled} slots for {count} blocks")
@@ -769,7 +775,8 @@ class KvManager:
         if self._token_ids:
             self._token_ids.pop(victim, None)
         active_partial[partial_id] = vrec.slot
-        self._emit_removed(_DEVICE, [vrec.seq])
+        if self._events_enabled:
+            self._emit_removed(_DEVICE, [vrec.seq])
         return 1
 
     def _emit_use_events(
@@ -999,28 +1006,19 @@ class KvManager:
             return
         plh: BoxedInt = signal.plh
         tracker = self._tracker
-        found = self._registered.get(plh)
-        if found is not None:
-            rec = found
-            self._reset.append(slot)
-            if not rec.refs:
-                self._reactivate(rec)
-            if tracker is not None:
-                tracker.touch(plh)
-        else:
-            parent_hash = signal.parent_hash
-            rec = _Block(
-                slot,
-                plh,
-                seq_hash,
-                _NO_PARENT if parent_hash is None else parent_hash,
-                signal.local_hash,
-                0,
-            )
+        parent_hash = signal.parent_hash
+        rec = self._new_rec(
+            slot,
+            plh,
+            seq_hash,
+            _NO_PARENT if parent_hash is None else parent_hash,
+            signal.local_hash,
+        )
+        found = self._registered.setdefault(plh, rec)  # one lookup for the check and the store
+        if found is rec:  # a new block
             position = signal.lineage_position
             if self._lineage is not None and 0 <= position < FAST_LINEAGE_END:
                 _set_lineage(rec, position, rec.parent)
-            self._registered[plh] = rec
             if token_ids is not None:
                 self._token_ids[plh] = token_ids
             if tracker is not None:
@@ -1033,13 +1031,41 @@ class KvManager:
                     [signal.local_hash],
                     None if token_ids is None else [token_ids],
                 )
-        rec.refs += 1
-        if rec.seq == seq_hash:
+            rec.refs = 1
             rec.handles = 1
             self._active_full[seq_hash] = rec
-        else:
-            self._active_full[seq_hash] = _alias(seq_hash, rec)
+        else:  # registered already (under this name or another): the slot goes back
+            self._spare_recs.append(rec)
+            self._reset.append(slot)
+            if not found.refs:
+                self._reactivate(found)
+            if tracker is not None:
+                tracker.touch(plh)
+            found.refs += 1
+            if found.seq == seq_hash:
+                found.handles = 1
+                self._active_full[seq_hash] = found
+            else:
+                self._active_full[seq_hash] = _alias(seq_hash, found)
         self._num_full_refs += 1
+
+    def _new_rec(
+        self, slot: BlockId, plh: BoxedInt, seq: BoxedInt, parent: BoxedInt, local: BoxedInt
+    ) -> _Block:
+        """A registration record without handles, not registered yet: an evicted block's
+        record recycled (see `_spare_recs`), else a new one."""
+        spare = self._spare_recs
+        if not spare:
+            return _Block(slot, plh, seq, parent, local, 0)
+        rec = spare.pop()
+        rec.set_plh(plh)
+        rec.slot = slot
+        rec.seq = seq
+        rec.parent = parent
+        rec.local = local
+        rec.handles = 0
+        rec.refs = 0
+        return rec
 
     # ── offload engine (G2) ───────────────────────────────────────────────────────────────
 

@@ -27,7 +27,8 @@ order-independent (`_bulk_is_exact`) dissolves the cohort first. Results, random
 manager calls are exactly those of scheduling every request one by one.
 
 Steady decode without a Python call per pass (`run_decode_passes`, used by the offline
-replay): while every running request is a cohort member and no member leaves, a stretch of
+replay, and by the live rank at speedup inf, where passes take no simulated time and a
+stretch of them runs at one instant): while every running request is a cohort member and no member leaves, a stretch of
 passes is run in one call. Passes with no block event cost only their duration; passes with
 block crossings / allocations do what `step`'s bulk path would (`_event_pass`: one bulk token
 draw, then the Promotes). The caller bounds the stretch in time (the next arrival, other
@@ -376,7 +377,8 @@ class RankScheduler:
         self._undrawn = 0
         self._pending_start = 0
         self._pending_ragged = False
-        """Some member's tokens were appended ahead of the others (`_materialize`)."""
+        """Some member's tokens were appended ahead of the others (at its block crossing,
+        `_emit_crossing_members`)."""
         self._swap_ins: list[_SwapIn] = []
         self.num_preemptions_total = 0
         self._pass_index = 0
@@ -587,7 +589,7 @@ class RankScheduler:
         return bool(self._cohort_size) and not self._explicit and not self._swap_ins
 
     def run_decode_passes(
-        self, now_ms: float, before_ms: float, until_ms: float
+        self, now_ms: float, before_ms: float, until_ms: float, *, zero_time_ok: bool = False
     ) -> DecodeRun | None:
         """Fast-forward through consecutive *steady decode passes*: every running request is
         a cohort member whose next token is not its last, nothing can be admitted and there
@@ -605,9 +607,19 @@ class RankScheduler:
         runs only while that start is `< before_ms` and `<= until_ms` (the caller's limits:
         e.g. the next arrival and other ranks' clocks) and the pass is still a steady one.
 
-        Returns None (and changes nothing) when the pass at `now_ms` is not steady or a plain
-        one taking no time: call `step`. Otherwise the passes run are exactly those `step`
-        would have run, with the same results (see `DecodeRun`).
+        Passes taking no time (speedup inf) are refused unless `zero_time_ok`: `step` then
+        runs them one by one. With `zero_time_ok` (the live rank at speedup inf) they run here
+        too: at inf a stretch of steady decode passes runs at one instant, every pass of the
+        run starting and ending at `now_ms`. The stretch still ends where the checks above
+        end it (a member's last token, an event the bulk path does not serve, admission,
+        `_MAX_DECODE_RUN` passes) and at the caller's limits (`until_ms >= now_ms` lets it go
+        on, `before_ms <= now_ms` stops it after one pass). That is what calling `step(now_ms)`
+        once per pass without moving the clock would do: such a pass has no deadline to
+        stall-advance to (no offload engine; the requests' own deadlines are checked once).
+
+        Returns None (and changes nothing) when the pass at `now_ms` is not steady or (without
+        `zero_time_ok`) one taking no time: call `step`. Otherwise the passes run are exactly
+        those `step` would have run, with the same results (see `DecodeRun`).
         """
         members = self._cohort_size
         if not members or self._explicit or self._swap_ins:
@@ -619,6 +631,8 @@ class RankScheduler:
         manager = self.manager
         if manager.has_offload_engine():
             return None
+        if zero_time_ok and self.next_deadline_ms(now_ms) is not None:
+            zero_time_ok = False  # a zero-time pass would stall-advance to it: `step` does
         due = self._due
         perf = self.perf
         total_kv_tokens = self._total_kv_tokens
@@ -634,7 +648,7 @@ class RankScheduler:
         while len(ends) < _MAX_DECODE_RUN:
             tokens = base + members * clock
             end = start + perf.scaled_decode_ms(members, tokens, tokens // members, total_kv_tokens)
-            if end <= start:  # a pass taking no time: `step` handles deadlines
+            if end <= start and not zero_time_ok:  # a pass taking no time: `step` handles it
                 break
             if clock in due:
                 if not (caching and self._bulk_events_only(clock, start)):
@@ -763,19 +777,6 @@ class RankScheduler:
         self._pending_ragged = False
         self._lazy = False
 
-    def _materialize(self, request: _Request, position: int) -> None:
-        """Append to a member (at `position` in the running list) its pending tokens (all
-        drawn: no `_undrawn` words)."""
-        pending = self._pending
-        members = len(self._running)
-        tokens = request.seq.tokens
-        offset = (len(tokens) - request.cohort_base - self._pending_start) * members + position
-        if offset + members >= len(pending):
-            _array_append(tokens, pending[offset])
-        else:
-            _array_extend(tokens, pending[offset::members])
-        self._pending_ragged = True
-
     def _run_append(self, request: _Request) -> None:
         if self._lazy:
             self._flush_pending()
@@ -858,11 +859,7 @@ class RankScheduler:
             kind, event_pass = _LEAVE, request.leave_pass
         request.event_kind = kind
         request.event_pass = event_pass
-        due = self._due.get(event_pass)
-        if due is None:
-            self._due[event_pass] = [request]
-        else:
-            due.append(request)
+        self._due_bucket(event_pass).append(request)
 
     def _take_due_events(self, now_ms: float) -> tuple[list[_Request], list[_Request]]:
         """Members whose event is due this pass: the crossing ones and the allocating ones
@@ -877,11 +874,13 @@ class RankScheduler:
         del buckets[clock]
         # The next event, as `_plan_event` would plan it: a crossing member allocates its new
         # block next pass; an allocating one crosses when its token fills that block. (The
-        # order within a bucket does not matter: its members are sorted when used.)
+        # order within a bucket does not matter: its members are sorted when used.) Those two
+        # buckets are looked up once, when first needed.
         next_pass = clock + 1
         after_alloc = clock + self.block_size - 1
-        to_allocate: list[_Request] = []
-        to_cross: list[_Request] = []
+        to_allocate: list[_Request] | None = None
+        to_cross: list[_Request] | None = None
+        has_offload = self._has_offload
         for request in due:
             if not request.in_cohort or request.event_pass != clock:
                 continue  # stale: it left the cohort or was rescheduled
@@ -891,13 +890,17 @@ class RankScheduler:
                 if next_pass < request.leave_pass:
                     request.event_kind = _ALLOC
                     request.event_pass = next_pass
+                    if to_allocate is None:
+                        to_allocate = self._due_bucket(next_pass)
                     to_allocate.append(request)
                     continue
-            elif kind == _ALLOC and not (self._has_offload or request.blocked_until_ms > now_ms):
+            elif kind == _ALLOC and not (has_offload or request.blocked_until_ms > now_ms):
                 allocating.append(request)
                 if after_alloc < request.leave_pass:
                     request.event_kind = _CROSS
                     request.event_pass = after_alloc
+                    if to_cross is None:
+                        to_cross = self._due_bucket(after_alloc)
                     to_cross.append(request)
                     continue
             else:  # leaving, or an offload could block the allocation: the per-request path
@@ -905,20 +908,16 @@ class RankScheduler:
                 continue
             request.event_kind = _LEAVE
             request.event_pass = request.leave_pass
-            self._add_due(request.leave_pass, [request])
-        if to_allocate:
-            self._add_due(next_pass, to_allocate)
-        if to_cross:
-            self._add_due(after_alloc, to_cross)
+            self._due_bucket(request.leave_pass).append(request)
         return crossing, allocating
 
-    def _add_due(self, at_pass: int, requests: list[_Request]) -> None:
-        """File `requests` (their next event planned at `at_pass`) in `_due`."""
+    def _due_bucket(self, at_pass: int) -> list[_Request]:
+        """The `_due` bucket of pass `at_pass` (created empty if missing)."""
         bucket = self._due.get(at_pass)
         if bucket is None:
-            self._due[at_pass] = requests
-        else:
-            bucket.extend(requests)
+            bucket = []
+            self._due[at_pass] = bucket
+        return bucket
 
     def _bulk_is_exact(self, explicit: list[_Request], budget: int, num_allocating: int) -> bool:
         """True when this pass may schedule the cohort in bulk: every request's whole demand
@@ -1248,15 +1247,18 @@ class RankScheduler:
             + sum(request.seq.next_token_words() for request, kind in walk if kind),
         )
         manager = self.manager
+        draw = words.getrandbits
         start = 0
-        for (request, kind), position in zip(walk, positions, strict=True):
+        for index in range(len(walk)):
+            request, kind = walk[index]
+            position = positions[index]
             if position > start:
                 append_tokens(tokens[start:position], words.take(position - start))
             if kind == _READY:
-                self._emit_one(request, result, end_ms, words.getrandbits)
+                self._emit_one(request, result, end_ms, draw)
                 emitted.append(request)
             elif kind == _CROSSING:
-                promote = request.seq.generate_token(words.getrandbits)
+                promote = request.seq.generate_token(draw)
                 if promote is not None:
                     manager.process(promote)
             start = position + 1
@@ -1275,25 +1277,34 @@ class RankScheduler:
         if len(crossing) > 1:
             _sort_by_order(crossing)
         orders = self._running_orders
+        members = len(orders)
         positions = [_position_of(orders, request.order) for request in crossing]
         if not self._lazy:
             self._lazy = True
             self._pending_start = self._cohort_pass
         undrawn = self._undrawn  # owed words first, then this pass's
         self._undrawn = 0
+        pending = self._pending
         partial_ids = extend_crossing_words(
-            self._pending,
-            undrawn + len(orders),
-            [undrawn + position for position in positions] if undrawn else positions,
-            self._rng,
+            pending, undrawn + members, positions, self._rng, undrawn
         )
+        # Each crossing member gets its pending tokens (ahead of the others), then its block.
+        num_pending = len(pending)
+        start = self._pending_start
         manager = self.manager
         for index in range(len(crossing)):
             request = crossing[index]
-            self._materialize(request, positions[index])
-            promote = request.seq.open_block(partial_ids[index])
+            seq = request.seq
+            tokens = seq.tokens
+            offset = (len(tokens) - request.cohort_base - start) * members + positions[index]
+            if offset + members >= num_pending:
+                _array_append(tokens, pending[offset])
+            else:
+                _array_extend(tokens, pending[offset::members])
+            promote = seq.open_block(partial_ids[index])
             if promote is not None:
                 manager.process(promote)
+        self._pending_ragged = True
 
     def _draw_plain_tokens(self) -> None:
         """A pass where only cohort members run and none opens a block: their tokens, one
@@ -1441,9 +1452,25 @@ _INSERTION_SORT_MAX: Final = 64
 
 
 def _position_of(orders: list[int], order: int) -> int:
-    """`bisect_left(orders, order)` (compiled, a native loop beats the builtin's call)."""
-    low = 0
-    high = len(orders)
+    """`bisect_left(orders, order)` for strictly increasing int `orders` (the running order
+    keys). Compiled, a native loop beats the builtin's call; and as `orders[i]` lies between
+    `orders[0] + i` and `orders[-1] - (len - 1 - i)`, the search starts in a window as wide
+    as the gaps in the keys (a few, as requests leave), not the whole list."""
+    count = len(orders)
+    if not count:
+        return 0
+    # orders[i] >= orders[0] + i: every i >= order - orders[0] holds a key >= order.
+    high = order - orders[0]
+    if high > count:
+        high = count
+    elif high <= 0:
+        return 0
+    # orders[i] <= orders[-1] - (count - 1 - i): every i below this bound holds a key < order.
+    low = order - orders[count - 1] + count - 1
+    if low >= high:
+        return high
+    if low < 0:
+        low = 0
     while low < high:
         mid = (low + high) >> 1
         if orders[mid] < order:

@@ -48,6 +48,7 @@ _array_append: Final = array.append
 _array_frombytes: Final = array.frombytes
 _array_tobytes: Final = array.tobytes
 _BIG_ENDIAN: Final = sys.byteorder == "big"
+_int_from_bytes: Final = int.from_bytes
 
 
 def _random_bytes(rng: random.Random, count: int) -> bytes:
@@ -290,14 +291,12 @@ class ActiveSequence:
         """The rest of `generate_token` once its token is appended (by `append_crossing_tokens`)
         and opens a new block: promote the full partial block (returned) and open a partial
         block `partial_id`. Prefix caching on only (no random block hash to draw)."""
-        tokens = self.tokens
-        bs = self.block_size
-        if len(tokens) % bs != 1 or not self.enable_prefix_caching:
+        if len(self.tokens) % self.block_size != 1 or not self.enable_prefix_caching:
             raise SignalError(
                 "open_block() needs a caching sequence whose last token opens a block"
             )
-        # Caching on: `_promote_partial` draws nothing.
-        promote = None if self._partial is None else self._promote_partial(None)
+        partial = self._partial
+        promote = None if partial is None else self._promote_hashed(partial.partial_id)
         self._partial = PartialBlock(partial_id)
         return promote
 
@@ -312,40 +311,56 @@ class ActiveSequence:
             words += 4
         return words
 
-    def _promote_partial(self, getrandbits: Callable[[int], int] | None) -> Promote:
-        """The partial block just became full: give it its identity (`getrandbits`: the
-        source of a random one, prefix caching off)."""
-        partial = self._partial
-        assert partial is not None
+    def _promote_hashed(self, partial_id: PartialId) -> Promote:
+        """`_promote_partial` of the partial block `partial_id` with prefix caching on (its
+        identity hashes its tokens), without the caching-off branches: the decode crossing's
+        path (`open_block`)."""
         seqs = self.seq_hashes
         index = len(seqs)
         if index > MAX_POSITION:
             raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
         bs = self.block_size
-        parent = seqs[-1] if seqs else None
-        block = self.tokens[index * bs : (index + 1) * bs]
-        if self.enable_prefix_caching:
-            data = token_bytes(block) if _BIG_ENDIAN else _array_tobytes(block)
-            local, current, plh = hash_block(data, parent, index)
-            self.local_hashes.append(local)
-        else:
-            if getrandbits is None:
-                raise InvariantError("a sequence with prefix caching off needs random bits")
-            local = 0
-            current = getrandbits(64)
-            plh = make_plh(current, None, index)
+        start = index * bs
+        block = self.tokens[start : start + bs]
+        parent = seqs[index - 1] if index else None
+        local, current, plh = hash_block(
+            token_bytes(block) if _BIG_ENDIAN else _array_tobytes(block), parent, index
+        )
+        self.local_hashes.append(local)
         seqs.append(current)
         self.plhs.append(plh)
         self._partial = None
         return Promote(
-            partial.partial_id,
+            partial_id,
             current,
             parent,
             local,
             plh,
             block.tolist() if self.emit_token_ids else None,
-            index if self.enable_prefix_caching else -1,
+            index,
         )
+
+    def _promote_partial(self, getrandbits: Callable[[int], int] | None) -> Promote:
+        """The partial block just became full: give it its identity (`getrandbits`: the
+        source of a random one, prefix caching off)."""
+        partial = self._partial
+        assert partial is not None
+        if self.enable_prefix_caching:
+            return self._promote_hashed(partial.partial_id)
+        seqs = self.seq_hashes
+        index = len(seqs)
+        if index > MAX_POSITION:
+            raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
+        if getrandbits is None:
+            raise InvariantError("a sequence with prefix caching off needs random bits")
+        parent = seqs[-1] if seqs else None
+        current = getrandbits(64)
+        plh = make_plh(current, None, index)
+        seqs.append(current)
+        self.plhs.append(plh)
+        self._partial = None
+        # emit_token_ids is off with caching off: no token ids
+        return Promote(partial.partial_id, current, parent, 0, plh, None, -1)
 
     def pop(self) -> None:
         """Undo the last generated token after a failed decode allocation."""
@@ -445,7 +460,7 @@ def append_crossing_tokens(
         append_random_tokens(token_arrays, rng)
         return []
     words = array("I")
-    partial_ids = extend_crossing_words(words, len(token_arrays), positions, rng)
+    partial_ids = extend_crossing_words(words, len(token_arrays), list(positions), rng)
     append_tokens(token_arrays, words)
     return partial_ids
 
@@ -456,25 +471,30 @@ def extend_random_words(words: array[int], rng: random.Random, count: int) -> No
 
 
 def extend_crossing_words(
-    words: array[int], num_tokens: int, positions: Sequence[int], rng: random.Random
+    words: array[int],
+    num_tokens: int,
+    positions: list[int],
+    rng: random.Random,
+    offset: int = 0,
 ) -> list[PartialId]:
-    """One bulk decode step of `num_tokens` sequences, those at `positions` (ascending)
-    opening a new block with their token: draws what their `generate_token` calls would draw
-    one by one in that order (a token word each; right after a crossing one's token, the four
-    words of its new partial block's id), appends the `num_tokens` tokens to `words` in order
-    and returns the ids in order. Prefix caching on (no random block hash is drawn)."""
+    """One bulk decode step of `num_tokens` sequences, those at `offset + positions`
+    (ascending) opening a new block with their token: draws what their `generate_token` calls
+    would draw one by one in that order (a token word each; right after a crossing one's
+    token, the four words of its new partial block's id), appends the `num_tokens` tokens to
+    `words` in order and returns the ids in order. Prefix caching on (no random block hash is
+    drawn)."""
     data = _random_bytes(rng, 4 * (num_tokens + 4 * len(positions)))
-    from_bytes = int.from_bytes
     partial_ids: list[PartialId] = []
     start = 0
-    extra = 0
+    # Crossing j's token is word `offset + position + 4 j`, its id the four words after it:
+    # the id's bytes start at `4 (offset + position + 1) + 16 j`.
+    shift = 4 * (offset + 1)
     for position in positions:
-        # Crossing j's token is word `position + 4 j`, its id the four words after it.
-        end = 4 * (position + extra + 1)
+        end = 4 * position + shift
         _extend_words(words, data[start:end])
-        partial_ids.append(from_bytes(data[end : end + 16], "little"))
         start = end + 16
-        extra += 4
+        partial_ids.append(_int_from_bytes(data[end:start], "little"))
+        shift += 16
     _extend_words(words, data[start:])
     return partial_ids
 

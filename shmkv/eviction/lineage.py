@@ -12,7 +12,9 @@ of their positional lineage hash (PLH):
 Only *leaves* (real nodes without children) are evictable, oldest insertion tick first. Ticks
 are unique, so the leaf queue is a min-heap of ticks plus a tick -> node map; heap entries of
 nodes that stopped being leaves are skipped lazily and compacted away now and then. A real node
-that becomes a leaf again re-enters the queue with its original tick.
+that becomes a leaf again re-enters the queue with its original tick. One leaf known to be the
+oldest may wait outside both (`_front`): a chain evicted block by block then costs no heap or
+map traffic.
 
 Hot-path representation (this sits under every block-manager operation): the nodes of one
 position live in one *level*, a dict keyed by their current fragment; a PLH is decoded into
@@ -201,6 +203,7 @@ class LineageBackend:
 
     __slots__ = (
         "_departed",
+        "_front",
         "_heap",
         "_heap_limit",
         "_high",
@@ -217,6 +220,12 @@ class LineageBackend:
         """The levels of positions >= 256, created on first use."""
         self._leaves: dict[int, _Node] = {}  # tick -> real childless node: the leaf queue
         self._heap: list[int] = []  # ticks; may also hold stale and duplicate entries
+        self._front: _Node | None = None
+        """A leaf queued outside `_leaves` and the heap, older than every leaf in them: the
+        next victim. `evict` parks there the parent its victim leaves a leaf, when that
+        parent goes next, so a chain evicted one block at a time touches neither the heap
+        nor `_leaves`. It leaves the spot when it gains a child or is removed (`_unqueue`)
+        or when an older leaf appears (`_queue_old`)."""
         self._heap_limit = _COMPACT_SLACK  # `remove` rebuilds the heap once it is longer
         self._tick = 0  # the next insertion tick = number of successful inserts so far
         self._departed = 0  # removes + evictions so far; len = _tick - _departed
@@ -265,14 +274,16 @@ class LineageBackend:
             position = entry.lineage_position
         level = self._low[position] if position < _M0_LEVELS else self._level(position)
         node = level.get(entry.lineage_frag)
-        if node is None or node.plh != entry.plh or node.tick == _NONE:
+        if node is None or node.tick == _NONE:
+            return False
+        plh = node.plh
+        if plh is not entry.plh and plh != entry.plh:  # `is`: usually the very same object
             return False
         self._departed += 1
         if node.children:
             node.tick = _NONE  # a ghost that keeps its PLH, parent link and children
             return True
-        leaves = self._leaves
-        del leaves[node.tick]  # its heap entry goes stale
+        self._unqueue(node)  # its heap entry, if any, goes stale
         spare = self._spare
         # Prune `node` and the ancestor ghosts it leaves childless.
         while True:
@@ -285,10 +296,8 @@ class LineageBackend:
             parent.children = children
             if children:
                 break
-            tick = parent.tick
-            if tick != _NONE:  # a real parent becomes a leaf again, with its original tick
-                heappush(self._heap, tick)
-                leaves[tick] = parent
+            if parent.tick != _NONE:  # a real parent becomes a leaf again, with its old tick
+                self._queue_old(parent)
                 break
             node = parent
         if len(self._heap) > self._heap_limit:
@@ -298,14 +307,19 @@ class LineageBackend:
     def evict(self) -> Plh | None:
         heap: list[BoxedInt] = self._heap  # compiled: the ticks popped stay boxed
         leaves = self._leaves
-        while heap:
-            top = heappop(heap)
-            victim = leaves.get(top)  # None: a stale entry
-            if victim is not None:
-                del leaves[top]
-                break
+        found = self._front  # older than every other leaf
+        if found is not None:
+            self._front = None
         else:
-            return None
+            while heap:
+                top = heappop(heap)
+                found = leaves.get(top)  # None: a stale entry
+                if found is not None:
+                    del leaves[top]
+                    break
+            else:
+                return None
+        victim = found
         self._departed += 1
         spare = self._spare
         node = victim
@@ -322,12 +336,36 @@ class LineageBackend:
                 break
             tick = parent.tick
             if tick != _NONE:  # a real parent becomes a leaf again, with its original tick
-                heappush(heap, tick)
-                leaves[tick] = parent
+                if not heap or tick < heap[0]:  # the next victim: park it (`_front` is free)
+                    self._front = parent
+                else:
+                    heappush(heap, tick)
+                    leaves[tick] = parent
                 break
             node = parent
         plh: Plh = victim.plh
         return plh
+
+    def _unqueue(self, node: _Node) -> None:
+        """Take the leaf `node` off the leaf queue (its heap entry, if any, goes stale)."""
+        if node is self._front:
+            self._front = None
+        else:
+            del self._leaves[node.tick]
+
+    def _queue(self, node: _Node) -> None:
+        """Put the real childless `node` on the leaf queue (heap and `_leaves`)."""
+        tick = node.tick
+        heappush(self._heap, tick)
+        self._leaves[tick] = node
+
+    def _queue_old(self, node: _Node) -> None:
+        """`_queue` a node that was a leaf before (its tick may be older than `_front`'s)."""
+        front = self._front
+        if front is not None and node.tick < front.tick:  # `_front` is no longer the oldest
+            self._front = None
+            self._queue(front)
+        self._queue(node)
 
     # ------------------------------------------------------------------ bulk operations
     # Same outcome as the scalar loops they replace, for the manager's per-request paths.
@@ -360,7 +398,9 @@ class LineageBackend:
                 plh = entry.plh
                 frag = entry.lineage_frag
                 if 0 < position < _M0_LEVELS:  # mode 0, not a root
-                    if position == fresh_position and frag == fresh.frag:  # the chain case
+                    if position == fresh_position and (
+                        frag is fresh.frag or frag == fresh.frag
+                    ):  # the chain case (`is`: the manager hands the very parent fragment)
                         fresh.plh = plh  # fill the fresh placeholder
                         fresh.tick = tick  # it has a child: not a leaf
                         tick += 1
@@ -384,7 +424,7 @@ class LineageBackend:
                         else:
                             spare.append(placeholder)
                             if not parent.children:  # an existing childless node is a leaf
-                                del leaves[parent.tick]
+                                self._unqueue(parent)
                             parent.children += 1
                             fresh_position = _NONE
                         continue
@@ -396,11 +436,15 @@ class LineageBackend:
                 fresh_position = _NONE
                 node = level.get(frag)
                 if node is None:
-                    node = _Node(level, frag, plh, tick, None, 0)
+                    node = self._new_node(level, frag, plh, tick, 0)
                     level[frag] = node
                 elif node.tick != _NONE:
                     what = "inserted twice" if node.plh == plh else f"conflicts with {node.plh:#x}"
                     raise InvariantError(f"Lineage: PLH {plh:#x} {what}")
+                elif node.plh is plh:  # the `node.plh == plh` case below, without a compare
+                    node.tick = tick
+                    tick += 1
+                    continue
                 elif node.plh == _NONE:  # fill a placeholder ghost (it has children)
                     node.plh = plh
                     node.tick = tick
@@ -415,15 +459,16 @@ class LineageBackend:
                 if position:
                     parent_level = self._level(position - 1)
                     parent_frag = entry.lineage_parent_frag
-                    placeholder = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
+                    placeholder = self._new_node(parent_level, parent_frag, _NONE, _NONE, 1)
                     parent = parent_level.setdefault(parent_frag, placeholder)
                     node.parent = parent
                     if parent is placeholder:
                         fresh = placeholder
                         fresh_position = position - 1
                     else:
+                        spare.append(placeholder)
                         if not parent.children:  # an existing childless node is a real leaf
-                            del leaves[parent.tick]
+                            self._unqueue(parent)
                         parent.children += 1
                 if not node.children:
                     heappush(heap, tick)
@@ -431,6 +476,22 @@ class LineageBackend:
                 tick += 1
         finally:
             self._tick = tick
+
+    def _new_node(
+        self, level: dict[int, _Node], frag: Frag, plh: BoxedInt, tick: int, children: int
+    ) -> _Node:
+        """A root node (no parent link yet): a pruned one reused, else a new one."""
+        spare = self._spare
+        if not spare:
+            return _Node(level, frag, plh, tick, None, children)
+        node = spare.pop()
+        node.level = level
+        node.frag = frag
+        node.plh = plh
+        node.tick = tick
+        node.parent = None
+        node.children = children
+        return node
 
     def evict_many(self, count: int) -> list[Plh]:
         """`[evict() for _ in range(count)]` without the Nones: up to `count` victims in order.
@@ -444,6 +505,10 @@ class LineageBackend:
         leaves = self._leaves
         spare = self._spare
         victims: list[Plh] = []
+        front = self._front
+        if front is not None:  # back into the heap: this loop only looks there
+            self._front = None
+            self._queue(front)
         remaining = count
         while remaining > 0:
             while heap:
@@ -497,10 +562,8 @@ class LineageBackend:
             parent.children = children
             if children:
                 return
-            tick = parent.tick
-            if tick != _NONE:
-                heappush(self._heap, tick)
-                self._leaves[tick] = parent
+            if parent.tick != _NONE:
+                self._queue_old(parent)
                 return
             node = parent
 
@@ -537,7 +600,10 @@ class LineageBackend:
 
     def leaf_queue(self) -> list[tuple[int, Plh]]:
         """The leaf queue as (tick, PLH) pairs, oldest first; for tests and debugging."""
-        return sorted((tick, node.plh) for tick, node in self._leaves.items())
+        queue = [(tick, node.plh) for tick, node in self._leaves.items()]
+        if self._front is not None:
+            queue.append((self._front.tick, self._front.plh))
+        return sorted(queue)
 
     def forest(self) -> dict[tuple[int, int], NodeView]:
         """Every node by (position, current fragment); for tests and debugging."""
@@ -596,8 +662,14 @@ class LineageBackend:
             for node in level.values()
             if node.tick != _NONE and not node.children
         }
-        if leaves.keys() != self._leaves.keys() or any(
-            self._leaves[tick] is not node for tick, node in leaves.items()
+        queued = dict(self._leaves)
+        front = self._front
+        if front is not None:
+            if front.tick in queued or any(tick < front.tick for tick in queued):
+                raise InvariantError("Lineage: the parked leaf is queued or not the oldest")
+            queued[front.tick] = front
+        if leaves.keys() != queued.keys() or any(
+            queued[tick] is not node for tick, node in leaves.items()
         ):
             raise InvariantError("Lineage: leaf queue differs from the real childless nodes")
         if not self._leaves.keys() <= set(self._heap):

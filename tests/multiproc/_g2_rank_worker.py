@@ -85,13 +85,15 @@ def rank_main(
             if iteration % 1024 == 0 and os.getppid() != parent:
                 break  # the coordinator died: nothing left to protect
             batch = [
-                [seq_hash[rng.randrange(capacity)] for _ in range(rng.randint(1, 4))]
+                [seq_hash[rng.randrange(capacity)] for _ in range(rng.randint(1, 8))]
                 for _ in range(rng.choice((1, 1, 3)))
             ]
             if len(batch) > 1:
                 runs = view.pin_prefixes(batch)
             else:
-                runs = [view.pin_prefix(batch[0], vectorized=rng.random() < vectorized_share)]
+                # numpy path, per-block reference, or the default (`_pin_short` from 4 blocks)
+                vectorized = True if rng.random() < vectorized_share else rng.choice((False, None))
+                runs = [view.pin_prefix(batch[0], vectorized=vectorized)]
             for run in runs:
                 if run is None:
                     stats[base + MISSES] += 1
@@ -113,7 +115,10 @@ def rank_main(
                     stats[base + VIOLATIONS] += 1
                 if not tokens_intact(done):
                     stats[base + TOKEN_VIOLATIONS] += 1
-                view.unpin(done)
+                if rng.random() < 0.5:
+                    view.unpin(done)
+                else:
+                    view.release(done)  # validate + unpin (the onboarding path)
         try:
             view.check_ledger()
         except InvariantError:

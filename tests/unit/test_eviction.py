@@ -373,6 +373,32 @@ def test_lineage_stale_heap_entries_are_compacted() -> None:
     assert drain(b) == [keeper]
 
 
+def test_lineage_parked_next_victim_yields_to_an_older_reactivated_leaf() -> None:
+    # evict() parks the parent its victim leaves a leaf (the next victim) outside the heap;
+    # a remove() that exposes an older real leaf must still go first.
+    b = LineageBackend()
+    x0, x1 = chain([0xF1, 0xF2], 0)
+    a0, a1 = chain([0xF3, 0xF4], 0)
+    b.insert(x0)  # tick 0
+    b.insert_many([a1, a0])  # ticks 1, 2
+    b.insert(x1)  # tick 3: x0 is no leaf
+    assert b.evict() == a1  # a0 (tick 2) is parked as the next victim
+    b.check_invariants()
+    assert b.remove(x1) is True  # x0 (tick 0) is a leaf again, older than a0
+    b.check_invariants()
+    assert drain(b) == [x0, a0]
+
+
+def test_lineage_one_by_one_evictions_of_chains_match_evict_many() -> None:
+    plhs = [p for i in range(4) for p in chain([0x100 * i + j for j in range(1, 6)], 0)]
+    single, bulk = LineageBackend(), LineageBackend()
+    for b in (single, bulk):
+        for start in range(0, len(plhs), 5):
+            b.insert_many(plhs[start : start + 5][::-1])
+    assert drain(single) == bulk.evict_many(len(plhs))
+    assert len(single) == len(bulk) == 0
+
+
 def test_lineage_check_invariants_detects_corruption() -> None:
     b = LineageBackend()
     a, child = chain([0xE1, 0xE2], 0)

@@ -6,14 +6,13 @@ pin holds, what a dead rank leaves behind. The concurrent protocol is in tests/m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from shmkv import g2 as g2_module
 from shmkv.errors import ClosedError, ConfigError, InvariantError
 from shmkv.eviction.lru import LruBackend
 from shmkv.g2 import G2Directory, G2RankView, PinnedRun
@@ -29,6 +28,7 @@ from shmkv.shm import (
     RESERVED,
     G2Segment,
 )
+from tests.g2_fence import patch_fence
 from tests.refusing_policy import RefusingLru
 
 BLOCK_SIZE = 4
@@ -350,7 +350,7 @@ def test_pin_prefixes_lost_race_truncates_only_the_affected_list(
     def coordinator_marks_c_evicting() -> None:
         pool.segment.state[slots[2]] = EVICTING
 
-    _patch_fence(monkeypatch, coordinator_marks_c_evicting)
+    patch_fence(monkeypatch, coordinator_marks_c_evicting)
     runs = pool.ranks[0].pin_prefixes([[A, B], [B, C, D], [C], [D]])
     assert [None if r is None else r.seq_hashes for r in runs] == [[A, B], [B], None, [D]]
     assert pool.segment.pins[0, slots].tolist() == [1, 2, 0, 1]
@@ -402,18 +402,6 @@ def test_a_saturated_pin_cell_ends_the_run(pool: Pool, vectorized: bool) -> None
     pool.segment.pins[0] = 0
 
 
-def _patch_fence(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
-    """Run `action` (the coordinator's concurrent move) inside the rank's next fence, once."""
-    fired: list[bool] = []
-
-    def fence() -> None:
-        if not fired:
-            fired.append(True)
-            action()
-
-    monkeypatch.setattr(g2_module, "full_fence", fence)
-
-
 @pytest.mark.parametrize("vectorized", [False, True])
 def test_lost_race_with_an_eviction_undoes_the_pin(
     pool: Pool, monkeypatch: pytest.MonkeyPatch, vectorized: bool
@@ -423,7 +411,7 @@ def test_lost_race_with_an_eviction_undoes_the_pin(
     def coordinator_marks_b_evicting() -> None:
         pool.segment.state[slots[1]] = EVICTING
 
-    _patch_fence(monkeypatch, coordinator_marks_b_evicting)
+    patch_fence(monkeypatch, coordinator_marks_b_evicting)
     run = pool.ranks[0].pin_prefix([A, B, C], vectorized=vectorized)
     assert run is not None
     assert run.slots == [slots[0]], "B lost the race; C after it is given up too"
@@ -443,7 +431,7 @@ def test_a_reassigned_slot_fails_the_generation_check(
         # Evicted and stored again between the rank's validation and its re-check.
         pool.segment.gen[slots[0]] += 1
 
-    _patch_fence(monkeypatch, coordinator_reassigns_a)
+    patch_fence(monkeypatch, coordinator_reassigns_a)
     assert pool.ranks[0].pin_prefix([A, B], vectorized=vectorized) is None
     assert pool.segment.pins.sum() == 0
 
@@ -457,7 +445,7 @@ def test_the_coordinator_backs_off_from_a_pin_it_sees(
         # The rank stored its pin before the coordinator's fence: the coordinator must see it.
         pool.segment.pins[1, slots[0]] = 1
 
-    _patch_fence(monkeypatch, rank_pins_a_meanwhile)
+    patch_fence(monkeypatch, rank_pins_a_meanwhile)
     assert pool.directory.reserve(1, owner_rank=0) == [slots[1]]
     assert pool.directory.take_evicted() == [B]
     assert pool.segment.state[slots[0]] == READY

@@ -201,3 +201,22 @@ def test_prefix_hash_cache_equals_hash_blocks_over_a_prompt_stream(
         got.local_hashes.append(1)  # a caller may keep and extend the lists
         got.seq_hashes.clear()
         got.plhs.append(2)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 3, 8, 9])
+def test_hash_blocks_and_the_cache_return_a_block_hashes_of_fresh_lists(num_tokens: int) -> None:
+    """`BlockHashes` built by `tuple.__new__` (the fast construction) is the named tuple itself:
+    its type, fields, equality and unpacking; the cache's lists are not its own."""
+    data = token_bytes(random_tokens(random.Random(num_tokens), num_tokens))
+    cache = PrefixHashCache(4)
+    for got in (hash_blocks(data, 4), cache.hash_blocks(data), cache.hash_blocks(data)):
+        assert type(got) is BlockHashes
+        assert got._fields == ("local_hashes", "seq_hashes", "plhs")
+        local_hashes, seq_hashes, plhs = got
+        assert got == BlockHashes(local_hashes, seq_hashes, plhs)
+        assert (got.local_hashes, got.seq_hashes, got.plhs) == (local_hashes, seq_hashes, plhs)
+        assert all(type(part) is list for part in got)
+        assert len(seq_hashes) == len(local_hashes) == len(plhs) == num_tokens // 4
+    first, second = cache.hash_blocks(data), cache.hash_blocks(data)
+    assert first == second
+    assert all(a is not b for a, b in zip(first, second, strict=True))

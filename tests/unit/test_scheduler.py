@@ -3,6 +3,8 @@ preemption and completion order on small pools (behavior.md §7, §10.2, §11)."
 
 from __future__ import annotations
 
+import bisect
+import random
 from array import array
 
 import pytest
@@ -12,7 +14,7 @@ from shmkv.events import BlockRemoved, BlockStored
 from shmkv.offload_local import LocalG2Engine, OffloadConfig
 from shmkv.perf_model import decode_ms, prefill_ms
 from shmkv.replay import ReplayOptions, run_replay
-from shmkv.scheduler import PassResult, RankScheduler
+from shmkv.scheduler import PassResult, RankScheduler, _position_of
 from shmkv.workload import RequestSpec, Session, synthetic_sessions
 
 
@@ -306,3 +308,15 @@ def test_pending_cohort_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> N
     reference = _lazy_decode_scenario(flush_every_pass=False)
     monkeypatch.setattr("shmkv.scheduler._MAX_PENDING_WORDS", 7)
     assert _lazy_decode_scenario(flush_every_pass=False) == reference
+
+
+def test_position_of_is_bisect_left_on_increasing_keys() -> None:
+    """`_position_of` narrows its search with the keys' bounds: still `bisect_left` for
+    every strictly increasing key list, with or without gaps, and keys in or out of it."""
+    rng = random.Random(3)
+    for _ in range(2000):
+        count = rng.randrange(0, 12)
+        first = rng.randrange(0, 6)
+        orders = sorted(rng.sample(range(first, first + count + rng.randrange(0, 6)), count))
+        for order in range(first - 2, first + count + 8):
+            assert _position_of(orders, order) == bisect.bisect_left(orders, order)

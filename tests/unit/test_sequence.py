@@ -453,6 +453,18 @@ def test_crossing_token_draws_equal_generate_token_one_by_one(
     assert bulk_rng.getrandbits(64) == single_rng.getrandbits(64)
 
 
+@pytest.mark.parametrize("positions", [[], [0], [2, 3]])
+def test_extend_crossing_words_offset_shifts_the_positions(positions: list[int]) -> None:
+    """`offset` = that many plain words owed before the step's: the same draws as the
+    positions shifted by it."""
+    shifted, reference = random.Random(13), random.Random(13)
+    words, expected = array("I"), array("I")
+    ids = extend_crossing_words(words, 2 + 4, positions, shifted, 2)
+    expected_ids = extend_crossing_words(expected, 6, [2 + p for p in positions], reference)
+    assert (words, ids) == (expected, expected_ids)
+    assert shifted.getrandbits(64) == reference.getrandbits(64)
+
+
 def test_open_block_opens_without_promote_after_a_full_prompt() -> None:
     seq = seq_of(list(range(8)), seed=3)
     seq.tokens.append(99)  # the token the bulk draw appended: it opens block 2
