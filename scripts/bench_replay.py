@@ -119,6 +119,7 @@ def bench(name: str, runs: int, eviction: str, *, vs_dynamo: bool = False) -> di
             raise SystemExit(f"{name}: simulated metrics differ between runs: {these} vs {metrics}")
         metrics = these
         num_passes = outcome.num_passes
+        del outcome, report  # each run starts with only the workload alive, as a CLI run does
         if dynamo is not None:
             gc.collect()
             dynamo_walls.append(dynamo())
