@@ -406,16 +406,8 @@ class LineageBackend:
                         tick += 1
                         parent_level = low[position - 1]
                         parent_frag = entry.lineage_parent_frag
-                        if spare:  # reuse a pruned node as the parent's placeholder
-                            placeholder = spare.pop()
-                            placeholder.level = parent_level
-                            placeholder.frag = parent_frag
-                            placeholder.plh = _NONE
-                            placeholder.tick = _NONE
-                            placeholder.parent = None
-                            placeholder.children = 1
-                        else:
-                            placeholder = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
+                        # the parent's placeholder (a pruned node reused, if any)
+                        placeholder = self._new_node(parent_level, parent_frag, _NONE, _NONE, 1)
                         parent = parent_level.setdefault(parent_frag, placeholder)
                         fresh.parent = parent
                         if parent is placeholder:
