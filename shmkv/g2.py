@@ -276,7 +276,6 @@ class _IndexReader:
         self._capacity = segment.capacity
         self._index_size = segment.index_size
         self._index_size_u64 = np.uint64(segment.index_size)
-        self._index_size_intp = np.intp(segment.index_size)
         self._window_offsets = np.arange(_WINDOW, dtype=np.intp)
         self._rows = np.arange(_MAX_VECTOR_ROWS, dtype=np.intp)
         self._state_mv = segment.cells("state")
@@ -372,7 +371,7 @@ class _IndexReader:
         NOTE: empty (-1) and tombstone (-2) cells index the hash array from its end; those
         reads are harmless (an empty cell stops the probe anyway).
         """
-        _home, cells = self._window_cells(keys)
+        cells = self._window_cells(keys)
         # The probe stops at the first cell holding the key or empty; a tombstone whose alias
         # (slot T-2 from the end) happens to hold the key is left to the scalar probe.
         stop = (self._seq_hash_np[cells] == keys[:, None]) | (cells == INDEX_EMPTY)
@@ -383,21 +382,14 @@ class _IndexReader:
         unresolved: npt.NDArray[np.bool_] = ~stop[rows, first] | (picked == INDEX_TOMBSTONE)
         return slots, unresolved
 
-    def _window_cells(
-        self, keys: npt.NDArray[np.uint64]
-    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int32]]:
-        """Each key's home cell, and the contents of the first `_WINDOW` cells of its probe
-        path (shape (len(keys), _WINDOW); `np.take` wraps around the end of the table)."""
+    def _window_cells(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.int32]:
+        """The contents of the first `_WINDOW` cells of each key's probe path (shape
+        (len(keys), _WINDOW); `np.take` wraps around the end of the table)."""
         home = (keys % self._index_size_u64).view(np.intp)  # < T < 2**63: same bits
         cells: npt.NDArray[np.int32] = np.take(
             self._index_np, home[:, None] + self._window_offsets, mode="wrap"
         )
-        return home, cells
-
-    def _wrap(self, positions: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
-        """Cell numbers from home + offset (< 2T): wrapped into 0..T-1, in place."""
-        positions[positions >= self._index_size_intp] -= self._index_size_intp
-        return positions
+        return cells
 
     def _row_numbers(self, count: int) -> npt.NDArray[np.intp]:
         rows: npt.NDArray[np.intp] = (

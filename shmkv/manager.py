@@ -661,16 +661,7 @@ class KvManager:
         for i in range(count):
             seq_hash = hashes[i]
             plh = plhs[i]
-            if spare:  # recycle the record of an evicted block
-                rec = spare.pop()
-                rec.set_plh(plh)
-                rec.seq = seq_hash
-                rec.parent = parent
-                rec.local = local_hashes[i]
-                rec.handles = 1
-                rec.refs = 1
-            else:
-                rec = _Block(_NO_SLOT, plh, seq_hash, parent, local_hashes[i], 1)
+            rec = self._new_rec(_NO_SLOT, plh, seq_hash, parent, local_hashes[i], 1)
             if fill:
                 frag: BoxedInt = seq_hash & mask
                 rec.set_lineage(position, frag, parent_frag)
@@ -1013,6 +1004,7 @@ class KvManager:
             seq_hash,
             _NO_PARENT if parent_hash is None else parent_hash,
             signal.local_hash,
+            1,
         )
         found = self._registered.setdefault(plh, rec)  # one lookup for the check and the store
         if found is rec:  # a new block
@@ -1031,8 +1023,6 @@ class KvManager:
                     [signal.local_hash],
                     None if token_ids is None else [token_ids],
                 )
-            rec.refs = 1
-            rec.handles = 1
             self._active_full[seq_hash] = rec
         else:  # registered already (under this name or another): the slot goes back
             self._spare_recs.append(rec)
@@ -1050,21 +1040,27 @@ class KvManager:
         self._num_full_refs += 1
 
     def _new_rec(
-        self, slot: BlockId, plh: BoxedInt, seq: BoxedInt, parent: BoxedInt, local: BoxedInt
+        self,
+        slot: BlockId,
+        plh: BoxedInt,
+        seq: BoxedInt,
+        parent: BoxedInt,
+        local: BoxedInt,
+        handles: int,
     ) -> _Block:
-        """A registration record without handles, not registered yet: an evicted block's
-        record recycled (see `_spare_recs`), else a new one."""
+        """A registration record holding `handles` handles under its own name, not registered
+        yet: an evicted block's record recycled (see `_spare_recs`), else a new one."""
         spare = self._spare_recs
         if not spare:
-            return _Block(slot, plh, seq, parent, local, 0)
+            return _Block(slot, plh, seq, parent, local, handles)
         rec = spare.pop()
         rec.set_plh(plh)
         rec.slot = slot
         rec.seq = seq
         rec.parent = parent
         rec.local = local
-        rec.handles = 0
-        rec.refs = 0
+        rec.handles = handles
+        rec.refs = handles
         return rec
 
     # ── offload engine (G2) ───────────────────────────────────────────────────────────────

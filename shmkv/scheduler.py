@@ -27,13 +27,13 @@ order-independent (`_bulk_is_exact`) dissolves the cohort first. Results, random
 manager calls are exactly those of scheduling every request one by one.
 
 Steady decode without a Python call per pass (`run_decode_passes`, used by the offline
-replay, and by the live rank at speedup inf, where passes take no simulated time and a
-stretch of them runs at one instant): while every running request is a cohort member and no member leaves, a stretch of
-passes is run in one call. Passes with no block event cost only their duration; passes with
-block crossings / allocations do what `step`'s bulk path would (`_event_pass`: one bulk token
-draw, then the Promotes). The caller bounds the stretch in time (the next arrival, other
-ranks' clocks), so the passes and their results are exactly those of calling `step` once per
-pass. `step` itself takes this path for a steady pass.
+replay, and by the live rank at speedup inf, where passes take no simulated time and a stretch
+of them runs at one instant): while every running request is a cohort member and no member
+leaves, a stretch of passes is run in one call. Passes with no block event cost only their
+duration; passes with block crossings / allocations do what `step`'s bulk path would
+(`_event_pass`: one bulk token draw, then the Promotes). The caller bounds the stretch in time
+(the next arrival, other ranks' clocks), so the passes and their results are exactly those of
+calling `step` once per pass. `step` itself takes this path for a steady pass.
 
 Lazy cohort tokens: while only cohort members run, their tokens are not appended pass by pass.
 A plain pass's words are owed (drawn with the next draw from the rank's rng, or before anything

@@ -11,7 +11,6 @@ The coordinator's concurrent moves inside the fence are in the unit tests below 
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from shmkv.eviction.lru import LruBackend
 from shmkv.g2 import G2Directory, G2RankView, PinnedRun
 from shmkv.shm import EVICTING, PIN_MAX, READY, G2Segment
 from tests.g2_fence import patch_fence
+from tests.g2_pool import g2_pool
 
 CAPACITY = 48
 BLOCK_SIZE = 2
@@ -50,19 +50,8 @@ class Pool:
 
 @contextmanager
 def _pool() -> Iterator[Pool]:
-    segment = G2Segment.create(
-        f"ps{uuid.uuid4().hex[:12]}", capacity=CAPACITY, block_size=BLOCK_SIZE, num_ranks=2
-    )
-    directory = G2Directory(segment, LruBackend())
-    views = [G2RankView(segment, r) for r in range(2)]
-    try:
+    with g2_pool("ps", CAPACITY, BLOCK_SIZE, 2, LruBackend()) as (segment, directory, views):
         yield Pool(segment, directory, views[0], views[1])
-    finally:
-        segment.unlink()
-        for view in views:
-            view.close()
-        directory.close()
-        segment.close()
 
 
 def _shape(run: PinnedRun | None) -> tuple[list[int], list[int], list[int]] | None:

@@ -36,6 +36,7 @@ from shmkv.eviction.lru import LruBackend
 from shmkv.g2 import G2Directory, G2RankView, PinnedRun, plhs_of, plhs_of_columns
 from shmkv.hashing import make_plh
 from shmkv.shm import G2Segment
+from tests.g2_pool import g2_pool
 from tests.refusing_policy import RefusingLru
 
 CAPACITY = 10
@@ -82,20 +83,9 @@ class Pool:
 
 @contextmanager
 def _pool(policy: str) -> Iterator[Pool]:
-    segment = G2Segment.create(
-        f"hv{uuid.uuid4().hex[:12]}", capacity=CAPACITY, block_size=BLOCK_SIZE, num_ranks=NUM_RANKS
-    )
     backend = LruBackend() if policy == "lru" else make_backend("lineage", CAPACITY)[0]
-    directory = G2Directory(segment, backend)
-    views = [G2RankView(segment, r) for r in range(NUM_RANKS)]
-    try:
+    with g2_pool("hv", CAPACITY, BLOCK_SIZE, NUM_RANKS, backend) as (segment, directory, views):
         yield Pool(segment, directory, views)
-    finally:
-        segment.unlink()
-        for view in views:
-            view.close()
-        directory.close()
-        segment.close()
 
 
 def _outcome(call: object, *args: object, **kwargs: object) -> tuple[str, object]:
