@@ -5,7 +5,8 @@
     .venv/bin/python scripts/build_core.py --clean    # remove the build: the core runs from source
 
 The modules listed in `shmkv._native.CORE_MODULES` become one mypyc extension group
-(`shmkv/_core__mypyc*.so`, a shim `.so` beside each `.py`). The stamp
+(`shmkv/_core__mypyc*.so`, a shim `.so` beside each `.py`); the C accelerators in
+`shmkv._native.C_EXTENSIONS` are built beside them. The stamp
 (`shmkv/_core_stamp.json`) records the sha256 of each compiled source; `import shmkv` runs the
 compiled core only while every source still matches (see shmkv/_native.py). The build needs
 mypy (its mypyc compiler), setuptools and a C compiler; without them the core runs from source
@@ -53,7 +54,7 @@ def clean() -> None:
 
 def build(jobs: int) -> None:
     from mypyc.build import mypycify
-    from setuptools import setup
+    from setuptools import Extension, setup
 
     digests = _native.source_digests()
     clean()
@@ -68,6 +69,14 @@ def build(jobs: int) -> None:
             multi_file=False,
             target_dir="build/core",  # NOTE: relative: mypyc's include paths assume it
         )
+        extensions += [
+            Extension(
+                name,
+                [str(_native.source_path(name).relative_to(ROOT))],
+                extra_compile_args=["-O2"],
+            )
+            for name in _native.C_EXTENSIONS
+        ]
         setup(
             name="shmkv-core",
             ext_modules=extensions,  # type: ignore[arg-type]  # NOTE: distutils vs setuptools stubs

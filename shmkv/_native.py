@@ -55,6 +55,11 @@ CORE_MODULES: Final = (
 )
 """The modules `scripts/build_core.py` compiles: the hot, pure-Python part of the simulator."""
 
+C_EXTENSIONS: Final = ("shmkv._blockhash",)
+"""C accelerators of the core that `scripts/build_core.py` builds with it, each from a `.c`
+beside the `.py`s. A core module uses one only while the core runs compiled (so `SHMKV_PURE=1`
+runs every line of Python), and the stamp covers their sources too."""
+
 PACKAGE_DIR: Final = Path(__file__).resolve().parent
 STAMP_PATH: Final = PACKAGE_DIR / "_core_stamp.json"
 PURE_ENV: Final = "SHMKV_PURE"
@@ -62,11 +67,12 @@ PURE_ENV: Final = "SHMKV_PURE"
 
 
 def source_path(module: str) -> Path:
-    """The `.py` file of a core module."""
-    return PACKAGE_DIR.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    """The `.py` file of a core module (the `.c` file of a C accelerator)."""
+    suffix = ".c" if module in C_EXTENSIONS else ".py"
+    return PACKAGE_DIR.joinpath(*module.split(".")[1:]).with_suffix(suffix)
 
 
-def source_digests(modules: Sequence[str] = CORE_MODULES) -> dict[str, str]:
+def source_digests(modules: Sequence[str] = (*CORE_MODULES, *C_EXTENSIONS)) -> dict[str, str]:
     """sha256 of each module's source, as the stamp records it."""
     return {m: hashlib.sha256(source_path(m).read_bytes()).hexdigest() for m in modules}
 
@@ -81,7 +87,7 @@ def build_problem() -> str | None:
         return f"built for {stamp.get('python')}, running {sys.implementation.cache_tag}"
     if stamp.get("sources") != source_digests():
         return "sources changed since the build (rerun scripts/build_core.py)"
-    if not all(_has_extension(source_path(m)) for m in CORE_MODULES):
+    if not all(_has_extension(source_path(m)) for m in (*CORE_MODULES, *C_EXTENSIONS)):
         return "a compiled module is missing (rerun scripts/build_core.py)"
     return None
 

@@ -51,6 +51,26 @@ _M0_POSITION_SHIFT: Final = 2 * _M0_FRAG_BITS
 _M0_POSITIONS: Final = tuple(p << _M0_POSITION_SHIFT for p in range(_FAST_PLH_END))
 
 
+def _accelerator() -> Any:
+    """The module `shmkv._blockhash` (the C loops of `_hash_mode0` and `hash_block`) while the
+    core runs compiled and it loads; else None (the Python loops run; `SHMKV_PURE=1` runs them
+    always)."""
+    from shmkv import _native
+
+    if not _native.is_compiled():
+        return None
+    try:
+        from shmkv import _blockhash
+    except ImportError:  # not built, or xxhash's C function not found: the Python loops
+        return None
+    return _blockhash
+
+
+_ACCEL: Final = _accelerator()
+_ACCEL_MODE0: Final[Any] = None if _ACCEL is None else _ACCEL.hash_mode0
+_ACCEL_ONE: Final[Any] = None if _ACCEL is None else _ACCEL.hash_one
+
+
 class BlockHashes(NamedTuple):
     """The identities of consecutive full blocks, one entry per block in each list."""
 
@@ -174,6 +194,10 @@ def _hash_lists(
     # NOTE: typed `bytes`, compiled slicing is a direct call (a union goes through a slice object)
     raw = data if isinstance(data, bytes) else bytes(data)
     if _NATIVE_PAIR and position >= 0 and position + count <= _FAST_PLH_END:
+        accel: Any = _ACCEL_MODE0
+        if accel is not None:
+            hashed: _HashLists = accel(raw, step, count, parent, position)
+            return hashed
         return _hash_mode0(raw, step, count, parent, position)
     locals_ = _local_hashes_of(raw, step, count)
     seqs = _chain(locals_, parent)
@@ -351,6 +375,10 @@ def hash_block(
 ) -> tuple[LocalHash, SeqHash, Plh]:
     """(local hash, sequence hash, PLH) of the one block whose token bytes are `data`, at
     `position` after `parent` (a decode step filling a block)."""
+    accel: Any = _ACCEL_ONE
+    if accel is not None and 0 <= position < _FAST_PLH_END:
+        hashed: tuple[LocalHash, SeqHash, Plh] = accel(data, parent, position)
+        return hashed
     # NOTE: `Any` for the hashes and the big ints, `+` for disjoint fields: see `_hash_mode0`
     xxh3: Any = _xxh3
     pack: Any = _pack_seq_input

@@ -6,6 +6,10 @@ msgpack batches with its own wire rules, recomputes `tokens_hash` from `token_id
 through `parent_block_hash` and keeps one radix tree per (worker, dp_rank, tier). Its `/dump`
 and `/query` answers are compared with `--dump-state` and with prefixes computed from our own
 hashes.
+
+The one socket here not on loopback is the indexer's own HTTP server: `dynamo.indexer` 1.6.1
+has no host option and listens on 0.0.0.0 (checked with `ss -ltn`). It gets a random free
+port and lives only for the test; every socket of ours binds 127.0.0.1.
 """
 
 from __future__ import annotations

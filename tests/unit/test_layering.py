@@ -11,6 +11,7 @@ LAYER_OF_MODULE: dict[str, int] = {
     # 0 vocabulary
     "ids": 0,
     "_native": 0,
+    "_blockhash": 0,
     "errors": 0,
     "config": 0,
     "clock": 0,
