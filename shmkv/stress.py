@@ -181,7 +181,7 @@ class FaultInjector:
             self.paused.pop(pid, None)
             if _signal(pid, signal.SIGKILL):
                 self.kills += 1
-            self.next_kill_ms = now_ms + (opts.kill_rank_every_s or math.inf) * 1000
+            self.next_kill_ms = _next_slot(self.next_kill_ms, now_ms, opts.kill_rank_every_s)
         if (
             opts.kill_coordinator_at_s is not None
             and not self.coordinator_killed
@@ -197,12 +197,22 @@ class FaultInjector:
             if pid not in self.paused and _signal(pid, signal.SIGSTOP):
                 self.paused[pid] = now_ms + opts.pause_s * 1000
                 self.pauses += 1
-            self.next_pause_ms = now_ms + (opts.pause_rank_every_s or math.inf) * 1000
+            self.next_pause_ms = _next_slot(self.next_pause_ms, now_ms, opts.pause_rank_every_s)
 
     def release(self) -> None:
         for pid in list(self.paused):
             _signal(pid, signal.SIGCONT)
         self.paused.clear()
+
+
+def _next_slot(slot_ms: float, now_ms: float, every_s: float | None) -> float:
+    """The first slot of the `every_s` grid that `slot_ms` starts after `now_ms`: a late tick
+    (a loaded machine, a fleet restart) neither shifts the later faults nor bunches the missed
+    ones together."""
+    if not every_s:
+        return math.inf
+    period_ms = every_s * 1000
+    return slot_ms + period_ms * (math.floor((now_ms - slot_ms) / period_ms) + 1)
 
 
 def _signal(pid: int, sig: int) -> bool:
