@@ -10,9 +10,15 @@ Each line also gives the median CPU seconds each process spent during the run (p
 `cpu_times`, user + system, from just before `run()` to just after it): the supervisor, the
 coordinator (0 when G2 is off: there is none), the ranks summed and the busiest rank (round
 robin in a closed loop loads the ranks unevenly: the slower one ends up holding most of the
-requests in flight), and the 1-minute load average when the line is printed. CPU seconds depend less than wall time on how busy the
-machine is, so they show where the work goes even on a shared box (a loaded 2-core VM still
-moves them by tens of percent: compare runs at a similar load).
+requests in flight), and the 1-minute load average when the line is printed. CPU seconds
+depend less than wall time on how busy the machine is, so they show where the work goes even
+on a shared box (a loaded 2-core VM still moves them by tens of percent: compare runs at a
+similar load). `median_paired_ratio` is the median over repeats of the ratio between runs
+made seconds apart (one repeat), steadier than `ratio_to_first` on a VM whose speed drifts.
+`drain_ms` is the part of the wall time after the last completion (DRAIN, STATE: a fixed
+cost, which weighs more the faster the run); `messages` counts the control messages the
+supervisor received and sent per run (mostly RESULTS and SUBMIT: each one costs both ends a
+wake-up).
 
     .venv/bin/python scripts/bench_fleet_scaling.py [--ranks 1 2 4] [--repeats 3]
 """
@@ -85,7 +91,18 @@ def run_once(num_ranks: int, request_count: int, num_g2_blocks: int) -> dict[str
         "coordinator_cpu_s": cpu["coordinator"],
         "ranks_cpu_s": sum(ranks_cpu),
         "max_rank_cpu_s": max(ranks_cpu),
+        "drain_ms": outcome.drain_wall_ms,
+        "messages_received": outcome.num_messages_received,
+        "messages_sent": outcome.num_messages_sent,
     }
+
+
+def _paired_ratio(runs: list[dict[str, float]], first: list[dict[str, float]]) -> float:
+    """The median over repeats of this rank count's rate over the first rank count's rate in
+    the same repeat (seconds apart): less moved by the VM's drift than a ratio of medians."""
+    return statistics.median(
+        r["tokens_per_wall_s"] / f["tokens_per_wall_s"] for r, f in zip(runs, first, strict=True)
+    )
 
 
 def main() -> None:
@@ -102,6 +119,7 @@ def main() -> None:
         for num_ranks in args.ranks:
             runs[num_ranks].append(run_once(num_ranks, args.request_count, args.num_g2_blocks))
     baseline: float | None = None
+    first = args.ranks[0]
     for num_ranks in args.ranks:
         rate = statistics.median(r["tokens_per_wall_s"] for r in runs[num_ranks])
         if baseline is None:
@@ -119,6 +137,7 @@ def main() -> None:
                     "median_output_tokens_per_wall_s": round(rate),
                     "median_wall_s": med("wall_s"),
                     "ratio_to_first": round(rate / baseline, 3),
+                    "median_paired_ratio": round(_paired_ratio(runs[num_ranks], runs[first]), 3),
                     "runs": [round(r["tokens_per_wall_s"]) for r in runs[num_ranks]],
                     "loadavg_1m": round(os.getloadavg()[0], 2),
                     "cpu_s": {
@@ -126,6 +145,11 @@ def main() -> None:
                         "coordinator": med("coordinator_cpu_s"),
                         "ranks": med("ranks_cpu_s"),
                         "max_rank": med("max_rank_cpu_s"),
+                    },
+                    "drain_ms": round(med("drain_ms"), 1),
+                    "messages": {
+                        "received": round(med("messages_received")),
+                        "sent": round(med("messages_sent")),
                     },
                 }
             ),

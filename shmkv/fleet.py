@@ -41,7 +41,7 @@ from shmkv import transport as tp
 from shmkv.clock import MonotonicClock
 from shmkv.config import EngineConfig
 from shmkv.driver import SessionDriver, WorkloadDriver
-from shmkv.engine import EventSpec, RankSpec, read_seq_file
+from shmkv.engine import EventSpec, RankSpec, read_seq_file, recv_message
 from shmkv.errors import BrokenWorkerError, ConfigError, ProtocolError, WorkerTimeoutError
 from shmkv.events import StorageTier
 from shmkv.hashing import sequence_hashes
@@ -136,6 +136,12 @@ class FleetOutcome:
     violation_examples: list[str] = field(default_factory=list)
     stalled: bool = False
     """The run hit `max_wall_s` with requests still in flight (no drain, no state)."""
+    drain_wall_ms: float = 0.0
+    """Of `wall_time_ms`, the end of the run: DRAIN, the coordinator's fence, STATE."""
+    num_messages_received: int = 0
+    """Control messages the supervisor handled during the run (RESULTS, DRAIN, STATE, ...)."""
+    num_messages_sent: int = 0
+    """Control messages the supervisor sent during the run (SUBMIT, DRAIN, STATE, ...)."""
 
 
 class CoordinatorDiedError(BrokenWorkerError):
@@ -181,6 +187,10 @@ class Fleet:
         self._poll_items_cache: (
             tuple[zmq.Socket[bytes] | None, list[tuple[zmq.Socket[bytes], int]]] | None
         ) = None
+        self.num_messages_received = 0
+        """Control messages handled since the fleet started (every process, every kind)."""
+        self.num_messages_sent = 0
+        """Control messages sent since the fleet started (every process, every kind)."""
 
     # ── lifecycle ─────────────────────────────────────────────────────────────────────────
 
@@ -304,7 +314,7 @@ class Fleet:
         router_only = items[:1]
         while zmq.zmq_poll(router_only, 0):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(router)
             except zmq.Again:
                 return handled
             identity, payload = frames[0], frames[1:]
@@ -313,6 +323,7 @@ class Fleet:
             except ProtocolError as exc:
                 logger.warning("supervisor: dropped a malformed message from %r: %s", identity, exc)
             handled += 1
+            self.num_messages_received += 1
         return handled
 
     def _handle(self, identity: bytes, msg: tp.Message) -> None:
@@ -362,6 +373,7 @@ class Fleet:
             )
         except zmq.ZMQError:
             return False  # the peer is gone; the process check will notice
+        self.num_messages_sent += 1
         return True
 
     # ── the run ───────────────────────────────────────────────────────────────────────────
@@ -431,6 +443,7 @@ class Fleet:
         self._num_rejected = 0
         self._on_progress = on_progress
         started = time.monotonic()
+        received_before, sent_before = self.num_messages_received, self.num_messages_sent
         max_time = self.options.max_sim_time_ms or math.inf
         driver = self._driver
         max_wall_s = self.options.max_wall_s
@@ -467,8 +480,10 @@ class Fleet:
                     0, min(LOOP_POLL_MS, math.ceil(self.clock.wall_ms_until(next_arrival)))
                 )
             self._poll_messages(wait_ms)
+        drain_started = time.monotonic()
         state = None if self.stalled else self._drain_and_collect()
-        wall_ms = (time.monotonic() - started) * 1000.0
+        ended = time.monotonic()
+        wall_ms = (ended - started) * 1000.0
         return FleetOutcome(
             collector=self.collector,
             wall_time_ms=wall_ms,
@@ -483,6 +498,9 @@ class Fleet:
             endpoints=[dict(p.info) for p in self._procs.values() if p.role == "rank"],
             violation_examples=list(getattr(self, "_violation_examples", [])),
             stalled=self.stalled,
+            drain_wall_ms=(ended - drain_started) * 1000.0,
+            num_messages_received=self.num_messages_received - received_before,
+            num_messages_sent=self.num_messages_sent - sent_before,
         )
 
     def _route(self, spec: RequestSpec) -> int:

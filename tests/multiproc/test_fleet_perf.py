@@ -15,7 +15,7 @@ import zmq
 
 from shmkv import transport as tp
 from shmkv.config import EngineConfig
-from shmkv.engine import IDLE_POLL_MS, RankEngine, RankSpec, _submitted
+from shmkv.engine import IDLE_POLL_MS, RankEngine, RankSpec, _submitted, recv_message
 from shmkv.errors import ProtocolError
 from shmkv.fleet import Fleet, FleetOptions, _unpacked_state
 from shmkv.scheduler import PassResult
@@ -107,6 +107,11 @@ def test_a_fleet_at_inf_accounts_every_token(fleet_id: str) -> None:
     assert report["completed_requests"] == 24
     assert report["total_output_tokens"] == 24 * 40
     assert sum(outcome.collector._itl_counts) == 24 * 39
+    # the run's own figures: at least a SUBMIT per rank and a DRAIN and a STATE per rank
+    # sent; at least a RESULTS, a DRAIN and a STATE per rank received
+    assert outcome.num_messages_sent >= 2 * 3
+    assert outcome.num_messages_received >= 2 * 3
+    assert 0.0 < outcome.drain_wall_ms < outcome.wall_time_ms
 
 
 def test_the_supervisor_and_an_idle_rank_block_while_the_next_arrival_is_due(
@@ -245,3 +250,93 @@ def test_a_rank_s_state_carries_its_device_hashes_in_one_frame() -> None:
     for frames in [(), (b"1234567",), (b"", b"")]:
         with pytest.raises(ProtocolError):
             _unpacked_state(tp.decode(tp.encode(tp.STATE, {"device_packed": True}, frames)))
+
+
+def _completion_passes(rank: RankEngine) -> list[list[int]]:
+    """The request ids completed by each pending pass record that has completions."""
+    return [[c[0] for c in record[8]] for record in rank._pending if record[8]]
+
+
+def _submit_staggered(rank: RankEngine) -> None:
+    """Four requests that end on four different passes (1, 2, 3 and 4 output tokens)."""
+    for request_id in range(4):
+        rank.scheduler.submit(request_id, array("I", range(32)), request_id + 1, 0.0)
+
+
+def test_a_burst_reports_the_completions_of_the_next_passes_together(tmp_path: Path) -> None:
+    """A completion no longer ends the burst at once: the rank runs on (for up to
+    RESULTS_COALESCE_S) while it has work, so completions of consecutive passes travel in
+    one RESULTS and come back as one SUBMIT."""
+    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+        rank._burst_s = rank._coalesce_s = 3600.0  # no clock decides in this test
+        _submit_staggered(rank)
+        rank._run_burst(rank.clock.now_ms())
+        assert not rank.scheduler.has_work(), "the burst ran until nothing was left"
+        assert _urgent(rank)
+        assert _completion_passes(rank) == [[0], [1], [2], [3]]
+
+
+def test_without_a_coalescing_window_a_burst_ends_at_the_first_completion(
+    tmp_path: Path,
+) -> None:
+    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+        rank._burst_s = 3600.0
+        rank._coalesce_s = 0.0
+        _submit_staggered(rank)
+        rank._run_burst(rank.clock.now_ms())
+        assert _urgent(rank)
+        assert _completion_passes(rank) == [[0]]
+        assert rank.scheduler.has_work()
+
+
+def test_a_rank_s_state_lists_its_device_hashes_sorted(tmp_path: Path) -> None:
+    """STATE's device frame: every hash G1 holds, in ascending order (sorted as u64)."""
+    endpoint = f"ipc://{tmp_path}/sup"
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    try:
+        engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+        with RankEngine(_rank_spec(endpoint, engine)) as rank:
+            for request_id in range(3):
+                tokens = array("I", range(request_id * 1000, request_id * 1000 + 80))
+                rank.scheduler.submit(request_id, tokens, 4, 0.0)
+            while rank.scheduler.has_work():
+                rank._run_burst(rank.clock.now_ms())
+            held = rank.scheduler.manager.registered_seq_hashes()
+            assert len(held) >= 15
+            rank._report_state()
+            assert router.poll(5000)
+            msg = tp.decode(router.recv_multipart()[1:])
+            assert msg.type == tp.STATE
+            assert msg.body["device_packed"] is True
+            assert _unpacked_state(msg)["device"] == sorted(held)
+    finally:
+        router.close(linger=0)
+        ctx.term()
+
+
+def test_recv_message_takes_one_whole_multipart_message(tmp_path: Path) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    receiver = ctx.socket(zmq.PAIR)
+    sender = ctx.socket(zmq.PAIR)
+    try:
+        receiver.bind(f"ipc://{tmp_path}/pair")
+        sender.connect(f"ipc://{tmp_path}/pair")
+        with pytest.raises(zmq.Again):
+            recv_message(receiver)  # nothing there yet
+        big = bytes(range(256)) * 1024  # over pyzmq's copy threshold
+        sender.send_multipart([b"head", b"", big])
+        sender.send_multipart([b"single"])
+        assert receiver.poll(5000)
+        assert recv_message(receiver) == [b"head", b"", big]
+        assert receiver.poll(5000)
+        assert recv_message(receiver) == [b"single"]
+        with pytest.raises(zmq.Again):
+            recv_message(receiver)
+    finally:
+        sender.close(linger=0)
+        receiver.close(linger=0)
+        ctx.term()
