@@ -80,12 +80,17 @@ wait, and are screened together (one numpy pass over all their items, one set of
 `_screen_packed_group`) when something else comes or the turn ends; if any item is malformed or
 not new, they are screened one by one instead, in arrival order, exactly as when read.
 
-Cost (scripts/bench_fleet.py): per group a fixed number of numpy calls (screening, one
-`G2Directory.reserve_many_array`, the PLHs of the whole group as two 64-bit words:
-`g2.plhs_of_columns`, one `commit_screened` whose batches the Lineage links as chains:
-`G2Lineage.insert_chains`); per block the Lineage policy (`shmkv.g2_lineage`, compiled: one
-insert, one evict), joining its PLH, dict/set bookkeeping. The loop runs without automatic
-garbage collection (`_periodic_gc`: one `gc.collect()` per stats interval).
+When such a screened group is all chains stored parent first, lands at once with nothing in
+flight and the pool covers it, `_land_packed` commits it straight from the group's arrays (one
+`commit_screened`, the call staging each OFFLOAD would build: no per-OFFLOAD lists);
+`packed_fast_path = False` stages them one by one (tests compare the two).
+
+Cost (scripts/bench_fleet.py, scripts/callgrind_coordinator.py): per group a fixed number of
+numpy calls (screening, one `G2Directory.reserve_many_array`, the PLHs of the whole group as
+two 64-bit words: `g2.plhs_of_columns`, one `commit_screened` whose batches the Lineage links
+as chains: `G2Lineage.insert_chains`); per block the Lineage policy (`shmkv.g2_lineage`,
+compiled: one insert, one evict), joining its PLH, dict/set bookkeeping. The loop runs
+without automatic garbage collection (`_periodic_gc`: one `gc.collect()` per stats interval).
 `Coordinator.batched = False` keeps the per-item reference path (tests compare them).
 """
 
@@ -93,6 +98,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import math
 import os
@@ -425,6 +431,9 @@ class Coordinator:
         """Whole OFFLOAD batches through `G2Directory.commit_many` (False: the per-item
         reference path, block by block; tests compare the two)."""
         self.batch_min_blocks = BATCH_MIN_BLOCKS
+        self.packed_fast_path = True
+        """Groups of plain packed OFFLOADs that are all chains and land at once commit in one
+        `_land_packed` (False: through `_land_group` one by one; tests compare them)."""
         self.group_offloads = True
         """`serve_router` handles the OFFLOADs it reads in one turn as one group (one
         reservation, one `commit_many`); False handles each message on its own."""
@@ -571,7 +580,7 @@ class Coordinator:
         assert router is not None
         handled = 0
         group: list[_Offload] = []
-        claimed: set[SeqHash] = set()
+        claimed: set[SeqHash] = _Claims()
         pending: list[tuple[bytes, _Rank, tp.Message]] = []
         """Plain packed OFFLOADs read but not screened yet (`_screen_pending`)."""
         while handled < limit:
@@ -611,7 +620,7 @@ class Coordinator:
                     continue
                 if group:  # INVARIANT: earlier OFFLOADs are handled before any other message
                     self._offload_group(group)
-                    group, claimed = [], set()
+                    group, claimed = [], _Claims()
                 self._handle_rank_message(identity, msg)
             except ProtocolError as exc:
                 self._bad_message(identity, str(exc))
@@ -685,32 +694,29 @@ class Coordinator:
             return None
         positions_arr = (meta & _MAX_POSITION_U64).astype(np.int64)
         columns = _Columns(words[:, 0], parents_arr, has_parent, words[:, 2], positions_arr)
-        seqs, parents, locals_, positions = _column_lists(columns)
-        seq_set = set(seqs)
+        seq_list: list[SeqHash] = columns.seqs.tolist()
+        ordered = np.sort(columns.seqs)
         inflight = self._inflight
+        _settle(claimed)
         if (
-            len(seq_set) != total
-            or not self.directory.ready_seqs.isdisjoint(seq_set)
-            or (inflight and not inflight.keys().isdisjoint(seq_set))
-            or (claimed and not claimed.isdisjoint(seq_set))
+            (total > 1 and bool((ordered[1:] == ordered[:-1]).any()))
+            or not self.directory.ready_seqs.isdisjoint(seq_list)
+            or (inflight and not inflight.keys().isdisjoint(seq_list))
+            or (claimed and not claimed.isdisjoint(seq_list))
         ):
             return None
-        tokens = np.frombuffer(
-            b"".join([msg.frames[1] for _identity, _conn, msg in pending]), dtype="<u4"
-        ).reshape(total, self._block_size)
+        token_bytes = b"".join([msg.frames[1] for _identity, _conn, msg in pending])
+        tokens = np.frombuffer(token_bytes, dtype="<u4").reshape(total, self._block_size)
         if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
             tokens = tokens.astype(np.uint32)
+        starts = list(itertools.accumulate(counts[:-1], initial=0))
+        packed = _PackedGroup(
+            columns, seq_list, tokens, token_bytes, starts, counts,
+            _chains_parent_first(columns, starts, ordered),
+        )  # fmt: skip
         screened: list[_Offload] = []
-        start = 0
-        for (_identity, conn, msg), count in zip(pending, counts, strict=True):
+        for (_identity, conn, msg), start, count in zip(pending, starts, counts, strict=True):
             stop = start + count
-            cand = _Candidates(
-                list(range(count)),
-                seqs[start:stop],
-                parents[start:stop],
-                locals_[start:stop],
-                positions[start:stop],
-            )
             part = _Columns(
                 columns.seqs[start:stop],
                 parents_arr[start:stop],
@@ -718,13 +724,15 @@ class Coordinator:
                 columns.locals[start:stop],
                 positions_arr[start:stop],
             )
-            offload = _Offload(conn, msg.body["batch"], cand, [], tokens[start:stop], part)
+            cand = _Candidates([], [], [], [], [])  # NOTE: filled by `_materialized` if needed
+            offload = _Offload(
+                conn, msg.body["batch"], cand, [], tokens[start:stop], part, packed, count
+            )
             screened.append(offload)
-            start = stop
         stats = self.stats
         stats.offload_messages += len(pending)
         stats.offload_items += total
-        claimed.update(seq_set)
+        _claim(claimed, seq_list)
         return screened
 
     def _bad_message(self, identity: bytes, reason: str) -> None:
@@ -852,6 +860,7 @@ class Coordinator:
         """Validate and dedup one OFFLOAD (ProtocolError, after an all-rejected ACK, if it is
         malformed); `claimed` holds the blocks taken by earlier OFFLOADs of the same group,
         and gets this one's."""
+        _settle(claimed)
         body = msg.body
         batch = tp.require(body, "batch", int)
         packed = body.get("packed", False) is True
@@ -911,9 +920,19 @@ class Coordinator:
         and go one by one after the others, so that they can evict the group's own blocks,
         as they would have one by one (a short pool drops what one-by-one handling drops).
         """
-        wanted = [len(entry.cand.idxs) for entry in group]
+        packed = group[0].packed if group else None
+        fast = packed is not None and self._packed_fast_path(group, packed)
+        if not fast:
+            group = [self._materialized(entry) for entry in group]
+        wanted = [entry.num_packed if fast else len(entry.cand.idxs) for entry in group]
         total = sum(wanted)
         slot_arr = self._reserve_for(group, wanted, total, self._batching(total))
+        if fast and packed is not None:
+            if len(slot_arr) == total:
+                self._queue_evictions()
+                self._land_packed(group, packed, slot_arr)
+                return
+            group = [self._materialized(entry) for entry in group]
         slots: list[int] = slot_arr.tolist()
         covered = len(group)
         if len(slots) < total and len(group) > 1:
@@ -930,6 +949,75 @@ class Coordinator:
         self._land_group(group[:covered], wanted[:covered], slots, slot_arr)
         for entry in group[covered:]:
             self._offload_group([entry])
+
+    def _packed_fast_path(self, group: list[_Offload], packed: _PackedGroup) -> bool:
+        """Whether `_land_packed` handles `group` exactly as `_land_group` would (when the
+        pool covers it): the group is one `_PackedGroup`'s OFFLOADs, all chains stored parent
+        first, whose copies land at once with nothing in flight, and no two with the same
+        (rank, batch) or with OFFLOAD_DONEs still owed for their batch."""
+        if not (
+            self.packed_fast_path
+            and packed.chains
+            and self._instant
+            and len(group) == len(packed.starts)
+            and not self._inflight
+            and not self._deferred
+            and self._batching(len(packed.seq_list))
+        ):
+            return False
+        keys = set()
+        for entry in group:
+            if entry.packed is not packed or entry.batch in entry.conn.done:
+                return False
+            keys.add((entry.conn.rank, entry.batch))
+        return len(keys) == len(group)
+
+    def _materialized(self, entry: _Offload) -> _Offload:
+        """`entry` with its candidates as lists (what `_screen_offload` gives)."""
+        if entry.packed is None:
+            return entry
+        assert entry.columns is not None
+        seqs, parents, locals_, positions = _column_lists(entry.columns)
+        cand = _Candidates(list(range(entry.num_packed)), seqs, parents, locals_, positions)
+        return entry._replace(cand=cand, packed=None, num_packed=0)
+
+    def _land_packed(
+        self, group: list[_Offload], packed: _PackedGroup, slot_arr: npt.NDArray[np.intp]
+    ) -> None:
+        """`_land_group` of a group `_packed_fast_path` accepts, every block with a slot:
+        one `commit_screened` of the whole group's columns (the same call, with the same
+        arguments, that staging every OFFLOAD with `_stage_batch` builds), the stores queued,
+        then each OFFLOAD's ACK (done) for the next flush."""
+        total = len(packed.seq_list)
+        self.stats.accepted += total
+        now = self.clock.now_ms()
+        cols = packed.columns
+        plhs = plhs_of_columns(cols.seqs, cols.parents, cols.positions)
+        ranks = [entry.conn.rank for entry in group]
+        owners: DpRank | npt.NDArray[np.int64] = ranks[0]
+        if ranks.count(ranks[0]) != len(ranks):
+            owners = np.repeat(np.array(ranks, dtype=np.int64), packed.counts)
+        committed = self.directory.commit_screened(
+            slot_arr, cols.seqs, cols.parents, cols.has_parent, cols.locals, cols.positions,
+            packed.tokens, owners, plhs, packed.seq_list, chain_starts=packed.starts,
+        )  # fmt: skip
+        if committed.count(True) == total:
+            self.stats.offloaded += total
+            if self._tokenless:
+                self._tokenless.difference_update(slot_arr.tolist())
+            self._out.stored(*cols, packed.token_bytes, True)
+        else:
+            self._queue_stores(committed, slot_arr.tolist(), cols, packed.tokens)
+        deadline = tp.encode_float(now)
+        for entry, count in zip(group, packed.counts, strict=True):
+            body = {
+                "batch": entry.batch,
+                "accepted": list(range(count)),
+                "rejected": [],
+                "deadline_ms": deadline,
+                "done": True,
+            }
+            entry.conn.acks.append(body)
 
     def _land_group(
         self,
@@ -1704,6 +1792,78 @@ class _Offload(NamedTuple):
     token_rows: npt.NDArray[np.uint32] | None
     columns: _Columns | None = None
     """The candidates as arrays, when they are every item of a packed OFFLOAD, in order."""
+    packed: _PackedGroup | None = None
+    """Set when screened with other plain packed OFFLOADs (`_screen_packed_group`): every
+    item is a candidate, and `cand` stays empty until `_materialized` fills it."""
+    num_packed: int = 0
+    """The number of items (candidates) when `packed` is set."""
+
+
+class _PackedGroup(NamedTuple):
+    """Plain packed OFFLOADs screened together (`Coordinator._screen_packed_group`), in
+    order: every item valid and new, all of them candidates."""
+
+    columns: _Columns
+    seq_list: list[SeqHash]
+    tokens: npt.NDArray[np.uint32]
+    token_bytes: bytes
+    """`tokens` as the wire bytes (the token frames, joined)."""
+    starts: list[int]
+    """Where each OFFLOAD's items start."""
+    counts: list[int]
+    chains: bool
+    """Whether every OFFLOAD is a chain stored parent first (what `_stage_batch` tests)."""
+
+
+def _chains_parent_first(
+    columns: _Columns, starts: list[int], ordered_seqs: npt.NDArray[np.uint64]
+) -> bool:
+    """`_is_chain` of every OFFLOAD of a group (items `starts[k]` to the next start), and no
+    first block's parent among the group's blocks (`ordered_seqs`: their sorted hashes), at
+    numpy speed; the second test is stricter than `_stage_batch`'s (the first block's parent
+    later in its own OFFLOAD), which only sends more groups down the exact slow path."""
+    seqs, parents, has_parent, positions = (
+        columns.seqs, columns.parents, columns.has_parent, columns.positions,
+    )  # fmt: skip
+    links = has_parent[1:] & (parents[1:] == seqs[:-1]) & (positions[1:] == positions[:-1] + 1)
+    if len(starts) > 1:
+        links[np.array(starts[1:], dtype=np.intp) - 1] = True  # NOTE: message boundaries
+    if not links.all():
+        return False
+    firsts = np.array(starts, dtype=np.intp)
+    first_parents = parents[firsts][has_parent[firsts]]
+    if not first_parents.size:
+        return True
+    at = np.searchsorted(ordered_seqs, first_parents)
+    at[at == ordered_seqs.size] = 0
+    return not bool((ordered_seqs[at] == first_parents).any())
+
+
+class _Claims(set[SeqHash]):
+    """The blocks claimed by the OFFLOADs of a group (`Coordinator.serve_router`), whose
+    packed screenings add their hashes lazily (`_claim`): only a later screening in the same
+    group reads them (`_settle` first)."""
+
+    __slots__ = ("lazy",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lazy: list[list[SeqHash]] = []
+
+
+def _claim(claimed: set[SeqHash], seqs: list[SeqHash]) -> None:
+    if isinstance(claimed, _Claims):
+        claimed.lazy.append(seqs)
+    else:
+        claimed.update(seqs)
+
+
+def _settle(claimed: set[SeqHash] | None) -> None:
+    """Add the lazily claimed hashes to `claimed` (before anything reads it)."""
+    if isinstance(claimed, _Claims) and claimed.lazy:
+        for seqs in claimed.lazy:
+            claimed.update(seqs)
+        claimed.lazy.clear()
 
 
 _Columns = tp.OffloadColumns
@@ -1800,7 +1960,8 @@ class _EventQueue:
         self._parents = bytearray()
         self._locals = bytearray()
         self._metas = bytearray()
-        self._tokens = bytearray()
+        self._tokens: list[bytes] = []
+        """The token bytes of the stores, in parts (joined once, by `_token_frame`)."""
 
     def __len__(self) -> int:
         return len(self._kinds)
@@ -1831,7 +1992,7 @@ class _EventQueue:
         self._parents += np.where(has_parent, parents, np.uint64(0)).astype("<u8").tobytes()
         self._locals += locals_.astype("<u8", copy=False).tobytes()
         self._metas += meta.tobytes()
-        self._tokens += token_bytes
+        self._tokens.append(token_bytes)
 
     def stored_one(
         self,
@@ -1850,7 +2011,7 @@ class _EventQueue:
         self._parents += (0 if parent is None else parent).to_bytes(8, "little")
         self._locals += local.to_bytes(8, "little")
         self._metas += meta.to_bytes(8, "little")
-        self._tokens += bytes(self._row_bytes) if token_bytes is None else token_bytes
+        self._tokens.append(bytes(self._row_bytes) if token_bytes is None else token_bytes)
 
     def message(self, start: int, stop: int) -> list[bytes]:
         """The frames of a G2_EVENTS holding events `start` to `stop` (and their tokens)."""
@@ -1861,17 +2022,29 @@ class _EventQueue:
         header = tp.encode(tp.G2_EVENTS, {"num_events": count, "num_stores": stores})
         if not count:
             return header
+        # NOTE: memoryview slices: the frame is the only copy
         frame = tp.pack_g2_events(
-            bytes(kinds[start:stop]),
-            bytes(self._seqs[8 * start : 8 * stop]),
-            bytes(self._parents[8 * first : 8 * last]),
-            bytes(self._locals[8 * first : 8 * last]),
-            bytes(self._metas[8 * first : 8 * last]),
+            memoryview(kinds)[start:stop],
+            memoryview(self._seqs)[8 * start : 8 * stop],
+            memoryview(self._parents)[8 * first : 8 * last],
+            memoryview(self._locals)[8 * first : 8 * last],
+            memoryview(self._metas)[8 * first : 8 * last],
         )
         if not stores:
             return [*header, frame]
+        return [*header, frame, self._token_frame(first, last)]
+
+    def _token_frame(self, first: int, last: int) -> bytes:
+        """The token bytes of stores `first` to `last` (no copy when they are all of them,
+        queued in one part)."""
+        parts = self._tokens
+        if len(parts) != 1:
+            parts[:] = [b"".join(parts)]
+        whole = parts[0]
         row = self._row_bytes
-        return [*header, frame, bytes(self._tokens[row * first : row * last])]
+        if first == 0 and row * last == len(whole):
+            return whole
+        return whole[row * first : row * last]
 
 
 def _item_columns(

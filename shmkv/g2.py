@@ -55,6 +55,7 @@ blocks with one PLH are duplicates (the second commit is rejected, as G2 rejects
 
 from __future__ import annotations
 
+import struct
 import threading
 from array import array
 from collections.abc import Iterable, Sequence, Set as AbstractSet
@@ -97,6 +98,9 @@ _M0_FRAG_MASK: Final = (1 << _M0_FRAG_BITS) - 1
 _M0_POSITION_SHIFT: Final = 2 * _M0_FRAG_BITS
 _M0_FRAG_MASK_U64: Final = np.uint64(_M0_FRAG_MASK)
 _M0_FRAG_BITS_U64: Final = np.uint64(_M0_FRAG_BITS)
+_MIN_FRAG_BITS: Final = 51
+"""The narrowest current fragment of any PLH mode (`shmkv.hashing`; a test pins it)."""
+_MIN_FRAG_MASK_U64: Final = np.uint64((1 << _MIN_FRAG_BITS) - 1)
 _M0_HI_POSITION_SHIFT_U64: Final = np.uint64(_M0_POSITION_SHIFT - 64)
 _M0_HI_PARENT_SHIFT_U64: Final = np.uint64(64 - _M0_FRAG_BITS)
 _WINDOW: Final = 8
@@ -143,6 +147,39 @@ def _distinct_prefix(values: npt.NDArray[np.intp], scratch: npt.NDArray[np.intp]
     scratch[values[::-1]] = rows[::-1]
     losers = np.flatnonzero(scratch[values] != rows)
     return int(losers[0]) if losers.size else count
+
+
+def _intp_array(values: list[int]) -> npt.NDArray[np.intp]:
+    """`values` (slot or cell numbers) as an array.
+
+    NOTE: through `struct.pack`, which converts a list of ints at about half the
+    instructions of `np.fromiter` or `array.array` (numpy's `np.array` is slower still).
+    """
+    raw = struct.pack(f"={len(values)}q", *values)
+    out: npt.NDArray[np.intp] = np.frombuffer(raw, dtype=np.int64).astype(np.intp, copy=False)
+    return out
+
+
+def _int32_array(values: list[int]) -> npt.NDArray[np.int32]:
+    """`values` (index cells) as an int32 array (see `_intp_array`)."""
+    out: npt.NDArray[np.int32] = np.frombuffer(
+        struct.pack(f"={len(values)}i", *values), dtype=np.int32
+    )
+    return out
+
+
+def _low_fragments_distinct(seq_hashes: npt.NDArray[np.uint64] | None) -> bool:
+    """Whether the blocks' current fragments, at the shortest width of any PLH mode
+    (`_MIN_FRAG_BITS` low bits of the sequence hash), are all different: then so are their
+    PLHs (each PLH ends with its block's current fragment, at least that wide), whatever
+    their positions and parents. One numpy sort instead of a set of 128-bit PLHs; False
+    (unknown) without the array."""
+    if seq_hashes is None:
+        return False
+    if seq_hashes.size < 2:
+        return True
+    low = np.sort(seq_hashes & _MIN_FRAG_MASK_U64)
+    return not bool((low[1:] == low[:-1]).any())
 
 
 def plhs_of(
@@ -1242,8 +1279,7 @@ class G2Directory(_IndexReader):
         get gen+1 and turn FREE. Returns (pinned? per slot, or None when none was pinned;
         the freed slots and their sequence hashes, in order).
         """
-        # NOTE: through array.array: numpy converts a list of ints element by element
-        idx: npt.NDArray[np.intp] = np.frombuffer(array("q", slots), dtype=np.intp)
+        idx = _intp_array(slots)
         state = self._state_np
         state[idx] = _EVICTING_I8
         full_fence()
@@ -1500,7 +1536,7 @@ class G2Directory(_IndexReader):
     ) -> list[bool]:
         """The body of `commit_many` / `commit_screened` (checked columns)."""
         count = len(seq_list)
-        duplicate = self._duplicates(seq_list, plh_list, screened)
+        duplicate = self._duplicates(seq_list, plh_list, screened, seq_arr)
         keep = [i for i, dup in enumerate(duplicate) if not dup] if any(duplicate) else None
         keep_plhs = plh_list if keep is None else [plh_list[i] for i in keep]
         policy = self._policy
@@ -1630,14 +1666,21 @@ class G2Directory(_IndexReader):
             rows[i] = np.frombuffer(ids, dtype=np.uint32)
         return rows
 
-    def _duplicates(self, seq_list: list[int], plh_list: list[Plh], screened: bool) -> list[bool]:
+    def _duplicates(
+        self,
+        seq_list: list[int],
+        plh_list: list[Plh],
+        screened: bool,
+        seq_arr: npt.NDArray[np.uint64] | None = None,
+    ) -> list[bool]:
         """Which blocks `commit` would reject, in order (earlier blocks of the batch count).
         `screened`: the caller guarantees no sequence hash is READY or repeated (only PLHs
-        are checked at set speed; the per-block pass below still checks everything)."""
+        are checked at set speed; the per-block pass below still checks everything).
+        `seq_arr`: `seq_list` as an array, if the caller has it."""
         count = len(seq_list)
         ready_seqs, plh_to_slot = self._ready_seqs, self._plh_to_slot
         if (
-            len(set(plh_list)) == count
+            (_low_fragments_distinct(seq_arr) or len(set(plh_list)) == count)
             and plh_to_slot.keys().isdisjoint(plh_list)
             and (screened or (ready_seqs.isdisjoint(seq_list) and len(set(seq_list)) == count))
         ):
@@ -1801,15 +1844,20 @@ class G2Directory(_IndexReader):
         """
         self._index_remove_all([key % self._index_size], [slot], [key])
 
-    def _copy_cells(self, touched: list[int], values: list[int]) -> None:
-        """Copy changed cells of the private table into the shared one."""
-        if len(touched) < _SCALAR_CELL_COPIES:
+    def _copy_cells(self, touched: list[int], values: list[int] | npt.NDArray[np.intp]) -> None:
+        """Copy changed cells of the private table into the shared one (`values`: the new
+        contents of the `touched` cells, in order; a cell touched twice holds its last)."""
+        count = len(touched)
+        if count < _SCALAR_CELL_COPIES:
             index = self._index_mv
             for pos, value in zip(touched, values, strict=True):
-                index[pos] = value
-        else:  # NOTE: through array.array: numpy converts a list of ints element by element
-            cells = np.frombuffer(array("q", touched), dtype=np.int64)
-            self._index_np[cells] = np.frombuffer(array("i", values), dtype=np.int32)
+                index[pos] = int(value)
+            return
+        cells = _intp_array(touched)
+        if isinstance(values, list):
+            self._index_np[cells] = _int32_array(values)
+        else:
+            self._index_np[cells] = values
 
     def _index_insert_many(
         self,
@@ -1837,7 +1885,10 @@ class G2Directory(_IndexReader):
             room = self._rebuild_at - self._index_used
             touched: list[int] = []
             done, filled = index_insert_run(self._index_cells, homes, slots, start, room, touched)
-            self._copy_cells(touched, slots[start : start + done])
+            self._copy_cells(
+                touched,
+                slots[start : start + done] if slot_arr is None else slot_arr[start : start + done],
+            )
             self._index_used += filled
             self._num_tombstones -= done - filled
             start += done

@@ -180,13 +180,13 @@ class G2Lineage:
                     next_start = starts[run] if run < len(starts) else count
                 elif last is not None and plh < _M0_END:
                     key = plh & _M0_KEY
-                    if key not in nodes:  # brand new: link it below `last`
+                    fresh = [key, plh, tick, last_key, 0]
+                    if nodes.setdefault(key, fresh) is fresh:  # brand new: link it below `last`
                         if queued:  # it stops being a leaf (its heap entry goes stale)
                             del leaves[last[_TICK]]
                             queued = False
                         last[_CHILDREN] = 1
-                        last = [key, plh, tick, last_key, 0]
-                        nodes[key] = last
+                        last = fresh
                         last_key = key
                         tick += 1
                         continue
@@ -236,7 +236,6 @@ class G2Lineage:
         leaves = self._leaves
         nodes = self._nodes
         victims: list[Plh] = []
-        append = victims.append
         remaining = count
         while remaining > 0:
             while heap:
@@ -246,7 +245,7 @@ class G2Lineage:
             else:
                 break
             while True:  # evict `node`, then maybe its parent, and so on up
-                append(node[_PLH])
+                victims.append(node[_PLH])  # NOTE: not a bound method: mypyc appends directly
                 remaining -= 1
                 del nodes[node[_KEY]]
                 parent_key = node[_PARENT]

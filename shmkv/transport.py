@@ -62,7 +62,8 @@ READY: Final = "ready"  # {role, rank, pid, version, ...endpoints}
 # request's tokens (u32), concatenated in request order
 SUBMIT: Final = "submit"
 # rank -> sup {passes: [full pass records], decode: [itl_ms, num_tokens, ...] of plain decode
-# passes, status figures}; sent at a completion/rejection, else every ~20 ms while busy
+# passes, status figures}; sent at a completion/rejection (at speedup inf: within ~1 ms of
+# it, so the next passes' completions share it), else every ~20 ms while busy
 RESULTS: Final = "results"
 DRAIN: Final = "drain"  # sup -> rank/coord: finish in-flight work, then report state
 # -> sup: a rank's {device_packed: true, host_pinned: [...], ...} + one frame of its device
@@ -224,7 +225,11 @@ def g2_events_frame_bytes(num_events: int, num_stores: int) -> int:
 
 
 def pack_g2_events(
-    kinds: bytes, seqs: bytes, parents: bytes, locals_: bytes, metas: bytes
+    kinds: bytes | memoryview,
+    seqs: bytes | memoryview,
+    parents: bytes | memoryview,
+    locals_: bytes | memoryview,
+    metas: bytes | memoryview,
 ) -> bytes:
     """The events frame of a packed G2_EVENTS of n events, m of them stores: little-endian u64
     words `seq[n]`, then per store (in event order) `parent[m]` (0 when there is none),
