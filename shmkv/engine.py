@@ -76,20 +76,6 @@ RANK_GC_THRESHOLD = 20_000
 (Python's default: 700). See `_tune_gc`."""
 
 _ZMQ_POLLIN: Final = int(zmq.POLLIN)
-_ZMQ_NOBLOCK: Final = int(zmq.NOBLOCK)
-
-
-def recv_message(sock: zmq.Socket[bytes]) -> list[bytes]:
-    """`sock.recv_multipart(zmq.NOBLOCK)`, about half the cost: a frame received without a copy
-    says whether more follow (`Frame.more`), where `recv_multipart` asks the socket each time
-    (`getsockopt(RCVMORE)` builds an enum per frame). Raises zmq.Again when nothing is there.
-    """
-    frame = sock.recv(_ZMQ_NOBLOCK, copy=False)
-    frames = [frame.bytes]
-    while frame.more:
-        frame = sock.recv(_ZMQ_NOBLOCK, copy=False)
-        frames.append(frame.bytes)
-    return frames
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -724,7 +710,7 @@ class RankEngine:
         # readiness first: ending on zmq.Again costs an exception per loop turn
         while zmq.zmq_poll(items, 0):
             try:
-                frames = recv_message(sock)
+                frames = tp.recv_message(sock)
             except zmq.Again:
                 return
             try:

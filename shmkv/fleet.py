@@ -41,7 +41,7 @@ from shmkv import transport as tp
 from shmkv.clock import MonotonicClock
 from shmkv.config import EngineConfig
 from shmkv.driver import SessionDriver, WorkloadDriver
-from shmkv.engine import EventSpec, RankSpec, read_seq_file, recv_message
+from shmkv.engine import EventSpec, RankSpec, read_seq_file
 from shmkv.errors import BrokenWorkerError, ConfigError, ProtocolError, WorkerTimeoutError
 from shmkv.events import StorageTier
 from shmkv.hashing import sequence_hashes
@@ -314,7 +314,7 @@ class Fleet:
         router_only = items[:1]
         while zmq.zmq_poll(router_only, 0):
             try:
-                frames = recv_message(router)
+                frames = tp.recv_message(router)
             except zmq.Again:
                 return handled
             identity, payload = frames[0], frames[1:]

@@ -343,6 +343,22 @@ def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
         send(frame, _SNDMORE if index < last else 0)
 
 
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+
+
+def recv_message(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """`sock.recv_multipart(zmq.NOBLOCK)`, about half the cost: a frame received without a copy
+    says whether more follow (`Frame.more`), where `recv_multipart` asks the socket each time
+    (`getsockopt(RCVMORE)` builds an enum per frame). Raises zmq.Again when nothing is there.
+    """
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames
+
+
 def decode(frames: Sequence[bytes | zmq.Frame]) -> Message:
     """Parse and validate one message; raises ProtocolError on anything malformed."""
     if not frames:

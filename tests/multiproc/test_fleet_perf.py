@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from array import array
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,13 +16,27 @@ import zmq
 
 from shmkv import transport as tp
 from shmkv.config import EngineConfig
-from shmkv.engine import IDLE_POLL_MS, RankEngine, RankSpec, _submitted, recv_message
+from shmkv.engine import IDLE_POLL_MS, RankEngine, RankSpec, _submitted
 from shmkv.errors import ProtocolError
 from shmkv.fleet import Fleet, FleetOptions, _unpacked_state
 from shmkv.scheduler import PassResult
 from shmkv.workload import synthetic_sessions
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[tuple[str, zmq.Socket[bytes]]]:
+    """A ROUTER where a rank's supervisor would be: (its endpoint, the socket)."""
+    endpoint = f"ipc://{tmp_path}/sup"
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    try:
+        yield endpoint, router
+    finally:
+        router.close(linger=0)
+        ctx.term()
 
 
 def _rank_spec(endpoint: str, engine: EngineConfig) -> RankSpec:
@@ -59,37 +74,30 @@ def test_a_never_sleeping_rank_blocks_until_a_future_pass(tmp_path: Path) -> Non
 
 
 def test_plain_decode_passes_travel_compactly_and_completions_go_at_once(
-    tmp_path: Path,
+    supervisor: tuple[str, zmq.Socket[bytes]],
 ) -> None:
-    endpoint = f"ipc://{tmp_path}/sup"
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(endpoint)
-    try:
-        engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
-        with RankEngine(_rank_spec(endpoint, engine)) as rank:
-            rank._after_pass(_pass(num_decode_tokens=7, prev_end_ms=12.0), 10.0)
-            rank._after_pass(_pass(first_tokens=[3]), 10.0)  # a record, no hurry
-            rank._after_pass(_pass(), 10.0)  # nothing to account: no record at all
-            assert rank._num_pending == 2
-            assert not _urgent(rank)
-            rank._maybe_flush_results(force=False)
-            assert rank._num_pending == 2, "not due yet: nothing sent"
-            rank._after_pass(_pass(completions=[[3, 4]]), 10.0)
-            assert _urgent(rank), "a completion releases the next request: report it now"
-            rank._maybe_flush_results(force=_urgent(rank))
-            assert rank._num_pending == 0
-            assert not _urgent(rank)
-            assert router.poll(5000)
-            frames = router.recv_multipart()
-            msg = tp.decode(frames[1:])
-            assert msg.type == tp.RESULTS
-            assert msg.body["decode"] == [0.5, 7]
-            assert [record[4] for record in msg.body["passes"]] == [[3], []]
-            assert msg.body["passes"][1][8] == [[3, 4]]
-    finally:
-        router.close(linger=0)
-        ctx.term()
+    endpoint, router = supervisor
+    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+    with RankEngine(_rank_spec(endpoint, engine)) as rank:
+        rank._after_pass(_pass(num_decode_tokens=7, prev_end_ms=12.0), 10.0)
+        rank._after_pass(_pass(first_tokens=[3]), 10.0)  # a record, no hurry
+        rank._after_pass(_pass(), 10.0)  # nothing to account: no record at all
+        assert rank._num_pending == 2
+        assert not _urgent(rank)
+        rank._maybe_flush_results(force=False)
+        assert rank._num_pending == 2, "not due yet: nothing sent"
+        rank._after_pass(_pass(completions=[[3, 4]]), 10.0)
+        assert _urgent(rank), "a completion releases the next request: report it now"
+        rank._maybe_flush_results(force=_urgent(rank))
+        assert rank._num_pending == 0
+        assert not _urgent(rank)
+        assert router.poll(5000)
+        frames = router.recv_multipart()
+        msg = tp.decode(frames[1:])
+        assert msg.type == tp.RESULTS
+        assert msg.body["decode"] == [0.5, 7]
+        assert [record[4] for record in msg.body["passes"]] == [[3], []]
+        assert msg.body["passes"][1][8] == [[3, 4]]
 
 
 def test_a_fleet_at_inf_accounts_every_token(fleet_id: str) -> None:
@@ -291,31 +299,26 @@ def test_without_a_coalescing_window_a_burst_ends_at_the_first_completion(
         assert rank.scheduler.has_work()
 
 
-def test_a_rank_s_state_lists_its_device_hashes_sorted(tmp_path: Path) -> None:
+def test_a_rank_s_state_lists_its_device_hashes_sorted(
+    supervisor: tuple[str, zmq.Socket[bytes]],
+) -> None:
     """STATE's device frame: every hash G1 holds, in ascending order (sorted as u64)."""
-    endpoint = f"ipc://{tmp_path}/sup"
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(endpoint)
-    try:
-        engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
-        with RankEngine(_rank_spec(endpoint, engine)) as rank:
-            for request_id in range(3):
-                tokens = array("I", range(request_id * 1000, request_id * 1000 + 80))
-                rank.scheduler.submit(request_id, tokens, 4, 0.0)
-            while rank.scheduler.has_work():
-                rank._run_burst(rank.clock.now_ms())
-            held = rank.scheduler.manager.registered_seq_hashes()
-            assert len(held) >= 15
-            rank._report_state()
-            assert router.poll(5000)
-            msg = tp.decode(router.recv_multipart()[1:])
-            assert msg.type == tp.STATE
-            assert msg.body["device_packed"] is True
-            assert _unpacked_state(msg)["device"] == sorted(held)
-    finally:
-        router.close(linger=0)
-        ctx.term()
+    endpoint, router = supervisor
+    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+    with RankEngine(_rank_spec(endpoint, engine)) as rank:
+        for request_id in range(3):
+            tokens = array("I", range(request_id * 1000, request_id * 1000 + 80))
+            rank.scheduler.submit(request_id, tokens, 4, 0.0)
+        while rank.scheduler.has_work():
+            rank._run_burst(rank.clock.now_ms())
+        held = rank.scheduler.manager.registered_seq_hashes()
+        assert len(held) >= 15
+        rank._report_state()
+        assert router.poll(5000)
+        msg = tp.decode(router.recv_multipart()[1:])
+        assert msg.type == tp.STATE
+        assert msg.body["device_packed"] is True
+        assert _unpacked_state(msg)["device"] == sorted(held)
 
 
 def test_recv_message_takes_one_whole_multipart_message(tmp_path: Path) -> None:
@@ -326,16 +329,16 @@ def test_recv_message_takes_one_whole_multipart_message(tmp_path: Path) -> None:
         receiver.bind(f"ipc://{tmp_path}/pair")
         sender.connect(f"ipc://{tmp_path}/pair")
         with pytest.raises(zmq.Again):
-            recv_message(receiver)  # nothing there yet
+            tp.recv_message(receiver)  # nothing there yet
         big = bytes(range(256)) * 1024  # over pyzmq's copy threshold
         sender.send_multipart([b"head", b"", big])
         sender.send_multipart([b"single"])
         assert receiver.poll(5000)
-        assert recv_message(receiver) == [b"head", b"", big]
+        assert tp.recv_message(receiver) == [b"head", b"", big]
         assert receiver.poll(5000)
-        assert recv_message(receiver) == [b"single"]
+        assert tp.recv_message(receiver) == [b"single"]
         with pytest.raises(zmq.Again):
-            recv_message(receiver)
+            tp.recv_message(receiver)
     finally:
         sender.close(linger=0)
         receiver.close(linger=0)
