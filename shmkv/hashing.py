@@ -69,6 +69,20 @@ def _accelerator() -> Any:
 _ACCEL: Final = _accelerator()
 _ACCEL_MODE0: Final[Any] = None if _ACCEL is None else _ACCEL.hash_mode0
 _ACCEL_ONE: Final[Any] = None if _ACCEL is None else _ACCEL.hash_one
+# The accelerator's other helpers, for the core modules that use them (None: the Python path).
+ACCEL_HASH_ONE_AT: Final[Any] = None if _ACCEL is None else _ACCEL.hash_one_at
+"""`hash_one_at(data, start, length, parent, position)`: `hash_block` of `length` bytes of
+the buffer `data` (a token array) from byte `start`, a position below 255 (no slice)."""
+ACCEL_MODE0_FRAGS: Final[Any] = None if _ACCEL is None else _ACCEL.mode0_frags
+"""`mode0_frags(hashes)`: `[h & (2**59 - 1) for h in hashes]`, the mode-0 fragments."""
+ACCEL_CROSSING_WORDS: Final[Any] = None if _ACCEL is None else _ACCEL.crossing_words
+"""`crossing_words(rng, num_tokens, positions, offset)`: the bytes and partial ids of
+`shmkv.sequence.extend_crossing_words`."""
+ACCEL_EXTEND_STRIDED: Final[Any] = None if _ACCEL is None else _ACCEL.extend_strided
+"""`extend_strided(dest, src, start, step)`: `dest.extend(src[start::step])` (`array('I')`s)."""
+ACCEL_POP_ALL: Final[Any] = None if _ACCEL is None else _ACCEL.pop_all
+"""`pop_all(d, keys)`: `[d.pop(k) if type(k) is int else None for k in keys]`, or None (and
+`d` as it was, but for its order) when an int key is missing or repeats."""
 
 
 class BlockHashes(NamedTuple):

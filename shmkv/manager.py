@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 
 from shmkv.errors import ConfigError, InvariantError, SignalError
 from shmkv.events import BlockRemoved, BlockStored, KvEvent, StorageTier
@@ -43,6 +43,7 @@ from shmkv.eviction.lineage import (
     LineageBackend,
     LineageEntry,
 )
+from shmkv.hashing import ACCEL_MODE0_FRAGS, ACCEL_POP_ALL
 from shmkv.ids import BlockId, LocalHash, PartialId, Plh, SeqHash
 from shmkv.offload import (
     BlockMeta,
@@ -64,6 +65,9 @@ _NO_PARENT: Final = -1
 """`_Block.parent` of a block without a parent (hashes are unsigned, so -1 is free)."""
 _NO_SLOT: Final = -1
 """`_Block.slot` while a bulk store has not assigned the slot yet."""
+# The C helpers of shmkv/_blockhash.c while the core runs compiled (else None: Python loops).
+_MODE0_FRAGS: Final[Any] = ACCEL_MODE0_FRAGS
+_POP_ALL: Final[Any] = ACCEL_POP_ALL
 
 
 class _Block(LineageEntry):
@@ -655,6 +659,11 @@ class KvManager:
         )
         mask: BoxedInt = FRAG_MASK
         parent_frag: BoxedInt = 0 if not fill or not position else prev & mask
+        mode0_frags: Any = _MODE0_FRAGS
+        # the fragments of the new blocks in one C call, when the accelerator is there
+        frags: list[BoxedInt] | None = (
+            mode0_frags(hashes) if fill and mode0_frags is not None else None
+        )
         # Optimistic: register as we go; a block held, registered or repeated undoes it all.
         new: list[_Block] = []
         parent = prev
@@ -663,7 +672,7 @@ class KvManager:
             plh = plhs[i]
             rec = self._new_rec(_NO_SLOT, plh, seq_hash, parent, local_hashes[i], 1)
             if fill:
-                frag: BoxedInt = seq_hash & mask
+                frag: BoxedInt = seq_hash & mask if frags is None else frags[i]
                 rec.set_lineage(position, frag, parent_frag)
                 parent_frag = frag
                 position += 1
@@ -701,9 +710,12 @@ class KvManager:
                 if lineage is None
                 else lineage.evict_many(num_victims)
             )
+            pop_all: Any = _POP_ALL
+            # every victim's record, unregistered in one C call when the accelerator is there
+            vrecs: list[_Block] | None = None if pop_all is None else pop_all(registered, victims)
             unregister = registered.pop
-            for victim in victims:
-                vrec = unregister(victim)
+            for v, victim in enumerate(victims):
+                vrec = unregister(victim) if vrecs is None else vrecs[v]
                 new[filled].slot = vrec.slot
                 filled += 1
                 if report:
@@ -916,6 +928,14 @@ class KvManager:
                 )
 
     def _deref(self, blocks: list[RawBlock]) -> None:
+        pop_all: Any = _POP_ALL
+        if pop_all is not None:
+            # Every full block's entry taken out of `active_full` in one C call, when each of
+            # their names is held (once in this Deref): `_deref_popped` goes on from there.
+            popped: list[_Block | None] | None = pop_all(self._active_full, blocks)
+            if popped is not None:
+                self._deref_popped(blocks, popped)
+                return
         active_full = self._active_full
         released: list[LineageEntry] = []  # blocks going inactive, in Deref order
         taken: list[_Block] = []  # the entry of each full block, in order (to undo)
@@ -944,19 +964,80 @@ class KvManager:
             if not refs:
                 released.append(rec)
             taken.append(entry)
-        active_partial = self._active_partial
-        if partials:
-            ids = {block.partial_id for block in partials}
-            if len(ids) != len(partials) or not ids <= active_partial.keys():
-                self._undo_deref(taken)
-                self._raise_deref_error(blocks)
-        self._num_full_refs -= len(taken)
+        if partials and not self._partials_held(partials):
+            self._undo_deref(taken)
+            self._raise_deref_error(blocks)
+        self._finish_deref(partials, len(taken), released)
+
+    def _deref_popped(self, blocks: list[RawBlock], popped: list[_Block | None]) -> None:
+        """`_deref` once `pop_all` took the entry of each full block of `blocks` out of
+        `_active_full` (`popped`: one per block, None for a partial one): the names still
+        held after this Deref go back in."""
+        active_full = self._active_full
+        released: list[LineageEntry] = []
+        partials: list[PartialBlock] = []
+        block: BoxedInt  # see `_deref`
+        i = 0
+        try:
+            for i in range(len(blocks)):
+                block = blocks[i]  # compiled: TypeError for a stray object (then undone)
+                if type(block) is PartialBlock:
+                    partials.append(block)
+                    continue
+                entry = popped[i]
+                if entry is None:  # neither an int nor a partial block
+                    raise SignalError(f"Deref: {block!r} is not a block")
+                handles = entry.handles - 1
+                entry.handles = handles
+                if handles:  # still held under this name
+                    active_full[block] = entry
+                rec = entry.target
+                if rec is None:
+                    rec = entry
+                refs = rec.refs - 1
+                rec.refs = refs
+                if not refs:
+                    released.append(rec)
+        except (SignalError, TypeError):
+            self._undo_popped(popped, i)  # the blocks before `i` were released
+            raise
+        if partials and not self._partials_held(partials):
+            self._undo_popped(popped, len(popped))
+            self._raise_deref_error(blocks)
+        self._finish_deref(partials, len(blocks) - len(partials), released)
+
+    def _undo_popped(self, popped: list[_Block | None], num_released: int) -> None:
+        """Undo a `_deref_popped` that released the handles of the entries before index
+        `num_released` of `popped`: every entry is back in `_active_full`, as it was."""
+        active_full = self._active_full
+        for i in range(len(popped)):
+            entry = popped[i]
+            if entry is None:
+                continue
+            if i < num_released:
+                entry.handles += 1
+                target = entry.target
+                (entry if target is None else target).refs += 1
+            active_full[entry.seq] = entry  # a full block's name is its entry's `seq`
+
+    def _partials_held(self, partials: list[PartialBlock]) -> bool:
+        """Whether a Deref may release its partial blocks: each held, none repeated."""
+        ids = {block.partial_id for block in partials}
+        return len(ids) == len(partials) and ids <= self._active_partial.keys()
+
+    def _finish_deref(
+        self, partials: list[PartialBlock], num_full: int, released: list[LineageEntry]
+    ) -> None:
+        """The end of a Deref (checked) whose `num_full` full blocks let go of their handles:
+        release its partial blocks and the blocks left without handles (`released`)."""
+        self._num_full_refs -= num_full
         if released:
             lineage = self._lineage
             if lineage is not None:
                 lineage.insert_entries(released)
             else:
                 self._backend.insert_many([rec.plh for rec in released])
+        active_partial = self._active_partial
         for block in partials:
             self._reset.append(active_partial.pop(block.partial_id))
 

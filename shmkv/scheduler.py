@@ -73,6 +73,7 @@ from shmkv.sequence import (
     append_tokens,
     extend_crossing_words,
     extend_random_words,
+    extend_strided,
 )
 from shmkv.signals import Deref, Promote, RawBlock, Use
 
@@ -279,7 +280,6 @@ class DecodeRun:
 
 
 _array_append: Final = array.append
-_array_extend: Final = array.extend
 # NOTE: Final: compiled, calling these skips the method lookup of `tokens.append(...)`.
 
 _MAX_PENDING_WORDS: Final = 1 << 20
@@ -772,7 +772,7 @@ class RankScheduler:
                     if offset < num_pending:
                         _array_append(tokens, pending[offset])
                 else:
-                    _array_extend(tokens, pending[offset::members])
+                    extend_strided(tokens, pending, offset, members)
         self._pending = array("I")
         self._pending_ragged = False
         self._lazy = False
@@ -1300,7 +1300,7 @@ class RankScheduler:
             if offset + members >= num_pending:
                 _array_append(tokens, pending[offset])
             else:
-                _array_extend(tokens, pending[offset::members])
+                extend_strided(tokens, pending, offset, members)
             promote = seq.open_block(partial_ids[index])
             if promote is not None:
                 manager.process(promote)

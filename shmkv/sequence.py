@@ -18,8 +18,9 @@ import sys
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
+from shmkv import hashing
 from shmkv.errors import ConfigError, InvariantError, SignalError
 from shmkv.hashing import (
     MAX_POSITION,
@@ -49,6 +50,15 @@ _array_frombytes: Final = array.frombytes
 _array_tobytes: Final = array.tobytes
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 _int_from_bytes: Final = int.from_bytes
+_TOKEN_BYTES: Final = 4
+_FAST_HASH_END: Final = 255
+"""Below this block position a block's hashes come from the accelerator's `hash_one_at`."""
+# The C helpers of shmkv/_blockhash.c while the core runs compiled (else None: Python).
+# NOTE: the accelerator reads the token array's memory, whose words are little-endian only on
+# a little-endian machine.
+_HASH_ONE_AT: Final[Any] = None if _BIG_ENDIAN else hashing.ACCEL_HASH_ONE_AT
+_CROSSING_WORDS: Final[Any] = hashing.ACCEL_CROSSING_WORDS
+_EXTEND_STRIDED: Final[Any] = hashing.ACCEL_EXTEND_STRIDED
 
 
 def _random_bytes(rng: random.Random, count: int) -> bytes:
@@ -321,24 +331,26 @@ class ActiveSequence:
             raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
         bs = self.block_size
         start = index * bs
-        block = self.tokens[start : start + bs]
         parent = seqs[index - 1] if index else None
-        local, current, plh = hash_block(
-            token_bytes(block) if _BIG_ENDIAN else _array_tobytes(block), parent, index
-        )
+        hash_one_at: Any = _HASH_ONE_AT
+        if hash_one_at is not None and index < _FAST_HASH_END and not self.emit_token_ids:
+            # the block hashed in place in the token array: no slice, no bytes copy
+            hashed: tuple[LocalHash, SeqHash, Plh] = hash_one_at(
+                self.tokens, start * _TOKEN_BYTES, bs * _TOKEN_BYTES, parent, index
+            )
+            local, current, plh = hashed
+            block_ids = None
+        else:
+            block = self.tokens[start : start + bs]
+            local, current, plh = hash_block(
+                token_bytes(block) if _BIG_ENDIAN else _array_tobytes(block), parent, index
+            )
+            block_ids = block.tolist() if self.emit_token_ids else None
         self.local_hashes.append(local)
         seqs.append(current)
         self.plhs.append(plh)
         self._partial = None
-        return Promote(
-            partial_id,
-            current,
-            parent,
-            local,
-            plh,
-            block.tolist() if self.emit_token_ids else None,
-            index,
-        )
+        return Promote(partial_id, current, parent, local, plh, block_ids, index)
 
     def _promote_partial(self, getrandbits: Callable[[int], int] | None) -> Promote:
         """The partial block just became full: give it its identity (`getrandbits`: the
@@ -395,9 +407,7 @@ def random_words(rng: random.Random, count: int) -> array[int]:
     """The next `count` 32-bit words of `rng`, as `count` calls of `getrandbits(32)` would
     return them, in one call."""
     words = array("I")
-    words.frombytes(_random_bytes(rng, 4 * count))
-    if _BIG_ENDIAN:  # pragma: no cover - randbytes packs the 32-bit words little-endian
-        words.byteswap()
+    extend_random_words(words, rng, count)
     return words
 
 
@@ -465,8 +475,23 @@ def append_crossing_tokens(
     return partial_ids
 
 
+def extend_strided(dest: array[int], src: array[int], start: int, step: int) -> None:
+    """`dest.extend(src[start::step])` (two `array('I')`s), without the strided slice when the
+    accelerator is there: a sequence takes its tokens out of a bulk draw."""
+    extend: Any = _EXTEND_STRIDED
+    if extend is not None:
+        extend(dest, src, start, step)
+        return
+    dest.extend(src[start::step])
+
+
 def extend_random_words(words: array[int], rng: random.Random, count: int) -> None:
     """Append to `words` the next `count` 32-bit words of `rng` (`random_words`, in place)."""
+    crossing_words: Any = _CROSSING_WORDS
+    if crossing_words is not None:  # the same draw in C
+        drawn: tuple[bytes, list[PartialId]] = crossing_words(rng, count, [], 0)
+        _extend_words(words, drawn[0])
+        return
     _extend_words(words, _random_bytes(rng, 4 * count))
 
 
@@ -482,7 +507,25 @@ def extend_crossing_words(
     would draw one by one in that order (a token word each; right after a crossing one's
     token, the four words of its new partial block's id), appends the `num_tokens` tokens to
     `words` in order and returns the ids in order. Prefix caching on (no random block hash is
-    drawn)."""
+    drawn).
+
+    Raises:
+        SignalError: the positions do not ascend within `0 <= offset + position <
+            num_tokens` (nothing is drawn).
+    """
+    previous = 0
+    for position in positions:
+        if position < previous or offset + position >= num_tokens or offset < 0:
+            raise SignalError(
+                f"extend_crossing_words: position {position} out of order or beyond "
+                f"{num_tokens - offset} tokens"
+            )
+        previous = position
+    crossing_words: Any = _CROSSING_WORDS
+    if crossing_words is not None:  # the same draw and cuts in C
+        drawn: tuple[bytes, list[PartialId]] = crossing_words(rng, num_tokens, positions, offset)
+        _extend_words(words, drawn[0])
+        return drawn[1]
     data = _random_bytes(rng, 4 * (num_tokens + 4 * len(positions)))
     partial_ids: list[PartialId] = []
     start = 0

@@ -871,3 +871,36 @@ def test_prefill_cost_is_a_value() -> None:
         "PrefillCost(new_blocks=3, new_tokens=40, cached_tokens=8, active_cached_tokens=0,"
         " cached_blocks=1)"
     )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [2, 1, "not a block"],  # a stray object after blocks already released
+        [1, 2, PartialBlock(8), PartialBlock(8)],  # a repeated partial block at the end
+        [2, 1, 1, 1],  # more handles than held
+        [1, 3],  # a name not held
+    ],
+)
+def test_a_failing_deref_restores_shared_names_exactly(raw: list[object]) -> None:
+    """Deref of names held twice (a shared prefix) failing anywhere: every name, handle and
+    refcount is as before, and later Derefs release them normally."""
+    mgr = make_mgr(8)
+    mgr.process(Use([FullBlock(1), FullBlock(2), PartialBlock(8)], [], [plh(1), make_plh(2, 1, 1)]))
+    mgr.process(Use([FullBlock(1), FullBlock(2)], [], [plh(1), make_plh(2, 1, 1)]))
+    mgr.process(Use([FullBlock(7)], [], [plh(1)]))  # another name for block 1: an alias
+    with pytest.raises((SignalError, AttributeError, TypeError)):  # TypeError: compiled
+        mgr.process(Deref.from_raw(raw))  # type: ignore[arg-type]
+    mgr.check_invariants()
+    assert [mgr.refcount(h) for h in (1, 2, 7)] == [2, 2, 1]
+    assert mgr.num_active_block_refs() == 6  # and the partial block
+    assert mgr.num_inactive_blocks() == 0
+    assert mgr.has_partial(8)
+    mgr.process(Deref.from_raw([2, 1, PartialBlock(8)]))
+    mgr.process(Deref.from_raw([7]))
+    assert [mgr.refcount(h) for h in (1, 2, 7)] == [1, 1, 0]
+    assert mgr.num_inactive_blocks() == 0
+    mgr.process(Deref.from_raw([2, 1]))
+    assert mgr.num_inactive_blocks() == 2
+    assert mgr.num_active_block_refs() == 0
+    mgr.check_invariants()

@@ -22,6 +22,7 @@ from shmkv.sequence import (
     append_crossing_tokens,
     extend_crossing_words,
     extend_random_words,
+    extend_strided,
     random_words,
 )
 from shmkv.signals import Deref, FullBlock, MoveBlock, PartialBlock, Promote, Use
@@ -519,3 +520,25 @@ def test_extend_crossing_words_appends_the_tokens_and_returns_the_ids(
     extend_random_words(words, bulk, 3)
     assert list(words) == expected_tokens + [single.getrandbits(32) for _ in range(3)]
     assert bulk.getrandbits(64) == single.getrandbits(64)
+
+
+@pytest.mark.parametrize(("start", "step"), [(0, 1), (2, 3), (5, 4), (9, 2), (40, 1)])
+def test_extend_strided_takes_every_step_th_word(start: int, step: int) -> None:
+    src = array("I", range(100, 110))
+    dest = array("I", [7])
+    extend_strided(dest, src, start, step)
+    assert dest == array("I", [7]) + src[start::step]
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "positions", "offset"), [(3, [1, 0], 0), (3, [3], 0), (3, [1], 2), (3, [-1], 0)]
+)
+def test_extend_crossing_words_rejects_bad_positions_and_draws_nothing(
+    num_tokens: int, positions: list[int], offset: int
+) -> None:
+    rng = random.Random(11)
+    words = array("I", [5])
+    with pytest.raises(SignalError, match="out of order or beyond"):
+        extend_crossing_words(words, num_tokens, positions, rng, offset)
+    assert words == array("I", [5])
+    assert rng.getrandbits(32) == random.Random(11).getrandbits(32)
