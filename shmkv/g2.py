@@ -49,8 +49,12 @@ fields, then READY, then the index; index inserts and removals are vectorized an
 exactly the cells the per-key operations leave.
 
 Eviction policy keys are PLHs (`shmkv.hashing.make_plh(seq_hash, parent, position)`), so the
-project's Lineage backend can be plugged in unchanged; the directory keeps `plh -> slot`. Two
-blocks with one PLH are duplicates (the second commit is rejected, as G2 rejects duplicates).
+project's Lineage backend can be plugged in unchanged; the directory keeps `plh -> slot`, except
+with `shmkv.g2_lineage.G2Lineage` (the coordinator's policy), whose nodes keep their block's slot:
+evictions give the slots back (`evict_slots`) and a screened batch of chains finds its PLH
+duplicates while it is inserted, with no map to update (tests/property/test_g2_lineage_slots.py
+compares the two). Two blocks with one PLH are duplicates (the second commit is rejected, as G2
+rejects duplicates).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shmkv.errors import ClosedError, ConfigError, InvariantError
-from shmkv.g2_lineage import index_cells_at, index_insert_run, index_remove_all
+from shmkv.g2_lineage import G2Lineage, index_cells_at, index_insert_run, index_remove_all
 from shmkv.hashing import MAX_POSITION, make_plh
 from shmkv.ids import U64_MASK, BlockId, DpRank, LocalHash, Plh, SeqHash
 from shmkv.shm import (
@@ -1061,7 +1065,11 @@ class G2Directory(_IndexReader):
         the changed cells are copied into the table."""
         self._num_free = self._capacity
         self._num_reserved = 0
+        self._lineage: G2Lineage | None = policy if isinstance(policy, G2Lineage) else None
+        """The policy, when it is a `G2Lineage`: its nodes then keep each block's slot (their
+        evictions give the slots back, `evict_slots`), and `_plh_to_slot` stays empty."""
         self._plh_to_slot: dict[Plh, BlockId] = {}
+        """PLH -> slot of the READY blocks, for any other policy."""
         self._ready_seqs: set[SeqHash] = set()
         """Sequence hashes of the READY slots, i.e. of the index's entries (a private mirror:
         `commit_many`'s duplicate test at dict speed instead of probing the index)."""
@@ -1090,7 +1098,7 @@ class G2Directory(_IndexReader):
 
     @property
     def num_ready(self) -> int:
-        return len(self._plh_to_slot)
+        return len(self._plh_to_slot) if self._lineage is None else len(self._lineage)
 
     @property
     def policy(self) -> G2EvictionPolicy:
@@ -1105,7 +1113,7 @@ class G2Directory(_IndexReader):
         return G2DirectoryStats(
             num_free=self._num_free,
             num_reserved=self._num_reserved,
-            num_ready=len(self._plh_to_slot),
+            num_ready=self.num_ready,
             num_commits=self._num_commits,
             num_duplicates=self._num_duplicates,
             num_aborts=self._num_aborts,
@@ -1195,28 +1203,44 @@ class G2Directory(_IndexReader):
 
     def _evict_for(self, wanted: int) -> list[int]:
         """The per-victim reference path of eviction (one fence per victim)."""
-        policy, plh_to_slot = self._policy, self._plh_to_slot
+        policy, plh_to_slot, lineage = self._policy, self._plh_to_slot, self._lineage
         freed: list[int] = []
-        backed_off: list[Plh] = []
+        backed_off: list[tuple[Plh, int]] = []
         try:
             while len(freed) < wanted:
-                plh = policy.evict()
-                if plh is None:
-                    break
-                slot = plh_to_slot.get(plh)
-                if slot is None:
+                if lineage is None:
+                    plh = policy.evict()
+                    if plh is None:
+                        break
+                    slot = plh_to_slot.get(plh, -1)
+                else:
+                    got: list[int] = []
+                    victims = lineage.evict_slots(1, got)
+                    if not victims:
+                        break
+                    plh, slot = victims[0], got[0]
+                if slot < 0:
                     raise InvariantError(f"eviction policy returned unknown PLH {plh:#x}")
                 seq_hash = self._seq_hash_mv[slot]
                 if self._try_evict(slot):
-                    del plh_to_slot[plh]
+                    if lineage is None:
+                        del plh_to_slot[plh]
                     self._evicted_one(seq_hash)
                     freed.append(slot)
                 else:
-                    backed_off.append(plh)
+                    backed_off.append((plh, slot))
         finally:
-            for plh in backed_off:
-                policy.insert(plh)
+            self._reinsert(backed_off)
         return freed
+
+    def _reinsert(self, backed_off: list[tuple[Plh, int]]) -> None:
+        """Put victims that were not evicted (pinned) back into the policy, in order."""
+        lineage = self._lineage
+        for plh, slot in backed_off:
+            if lineage is None:
+                self._policy.insert(plh)
+            else:
+                lineage.insert(plh, slot)
 
     def _evict_many_for(self, wanted: int) -> npt.NDArray[np.intp]:
         """Batched eviction: pop victims from the policy (in its order), check them in one
@@ -1225,34 +1249,39 @@ class G2Directory(_IndexReader):
         The policy pops exactly the PLHs the per-victim path would pop (pinned victims are put
         back only at the end in both), so evictions and their order are the same.
         """
-        policy, plh_to_slot = self._policy, self._plh_to_slot
+        policy, plh_to_slot, lineage = self._policy, self._plh_to_slot, self._lineage
         evict_many, pop = policy.evict_many, plh_to_slot.pop
         freed: list[npt.NDArray[np.intp]] = []
         num_freed = 0
-        backed_off: list[Plh] = []
+        backed_off: list[tuple[Plh, int]] = []
         try:
             while num_freed < wanted:
                 need = wanted - num_freed
-                victims = evict_many(need)
+                if lineage is None:
+                    victims = evict_many(need)
+                    slots = list(map(pop, victims, repeat(-1, len(victims))))
+                else:  # NOTE: the nodes keep the slots: no PLH -> slot map to look up
+                    slots = []
+                    victims = lineage.evict_slots(need, slots)
                 if not victims:
                     break
-                slots = list(map(pop, victims, repeat(-1, len(victims))))
                 unknown: Plh | None = None
                 if -1 in slots:  # a policy bug: free the known ones before it, then raise
                     cut = slots.index(-1)
                     unknown = victims[cut]
                     for plh, slot in zip(victims[cut + 1 :], slots[cut + 1 :], strict=True):
-                        if slot >= 0:
+                        if slot >= 0 and lineage is None:
                             plh_to_slot[plh] = slot
-                    backed_off.extend(victims[cut + 1 :])
+                        backed_off.append((plh, slot))
                     del victims[cut:], slots[cut:]
                 if slots:
                     pinned, idx, keys = self._try_evict_many(slots)
                     if pinned is not None:
                         for plh, slot, held in zip(victims, slots, pinned, strict=True):
                             if held:
-                                plh_to_slot[plh] = slot
-                                backed_off.append(plh)
+                                if lineage is None:
+                                    plh_to_slot[plh] = slot
+                                backed_off.append((plh, slot))
                     if idx.size:
                         self._evicted_parts.append(keys)
                         freed.append(idx)
@@ -1262,8 +1291,7 @@ class G2Directory(_IndexReader):
                 if len(victims) < need:
                     break  # the policy ran dry
         finally:
-            for plh in backed_off:
-                policy.insert(plh)
+            self._reinsert(backed_off)
         if len(freed) == 1:
             return freed[0]
         return np.concatenate(freed) if freed else np.zeros(0, dtype=np.intp)
@@ -1386,13 +1414,16 @@ class G2Directory(_IndexReader):
                 raise ConfigError(f"token ids must be unsigned 32-bit ints: {exc}") from exc
             if len(tokens) != block_size:
                 raise ConfigError(f"a G2 block holds {block_size} token ids, got {len(tokens)}")
-        if plh in self._plh_to_slot or self._probe(seq_hash, seq_hash % self._index_size) >= 0:
+        if self._holds_plh(plh) or self._probe(seq_hash, seq_hash % self._index_size) >= 0:
             self._num_duplicates += 1
             self.abort(slot)
             return False
         # NOTE: the policy first: if it refuses the key (raises), the slot is still RESERVED.
-        self._policy.insert(plh)
-        self._plh_to_slot[plh] = slot
+        if self._lineage is not None:
+            self._lineage.insert(plh, slot)
+        else:
+            self._policy.insert(plh)
+            self._plh_to_slot[plh] = slot
         self._seq_hash_mv[slot] = seq_hash
         if parent_hash is None:
             self._parent_hash_mv[slot] = 0
@@ -1534,24 +1565,46 @@ class G2Directory(_IndexReader):
         screened: bool,
         chain_starts: list[int] | None = None,
     ) -> list[bool]:
-        """The body of `commit_many` / `commit_screened` (checked columns)."""
+        """The body of `commit_many` / `commit_screened` (checked columns).
+
+        With a `G2Lineage` policy, a screened batch of chains (`chain_starts`) finds its
+        duplicates (PLHs held already, or earlier in the batch: all a screened batch can have)
+        while the Lineage inserts it, `insert_chains(..., duplicates=...)`: the same ones in
+        the same order, without a pass of its own."""
         count = len(seq_list)
-        duplicate = self._duplicates(seq_list, plh_list, screened, seq_arr)
-        keep = [i for i, dup in enumerate(duplicate) if not dup] if any(duplicate) else None
-        keep_plhs = plh_list if keep is None else [plh_list[i] for i in keep]
-        policy = self._policy
+        slot_list: list[int] = idx.tolist()
+        policy, lineage = self._policy, self._lineage
         held_before = len(policy)
-        done = len(keep_plhs)
         failure: BaseException | None = None
-        insert_chains = getattr(policy, "insert_chains", None)
-        try:
-            if keep is None and chain_starts is not None and insert_chains is not None:
-                insert_chains(keep_plhs, chain_starts)  # NOTE: no duplicate broke a run
-            else:
-                policy.insert_many(keep_plhs)
-        except BaseException as exc:  # NOTE: finish the blocks before the refused one
-            failure = exc
+        if lineage is not None and screened and chain_starts is not None:
+            found: list[int] = []
+            try:
+                first_mode = int(pos_arr.max()) < _FAST_PLH_END  # NOTE: screened: none < 0
+                lineage.insert_chains(plh_list, chain_starts, slot_list, found, first_mode)
+            except BaseException as exc:  # NOTE: finish the blocks before the refused one
+                failure = exc
+            duplicate = [False] * count
+            for i in found:
+                duplicate[i] = True
+            keep = [i for i, dup in enumerate(duplicate) if not dup] if found else None
             done = len(policy) - held_before
+        else:
+            duplicate = self._duplicates(seq_list, plh_list, screened, seq_arr)
+            keep = [i for i, dup in enumerate(duplicate) if not dup] if any(duplicate) else None
+            keep_plhs = plh_list if keep is None else [plh_list[i] for i in keep]
+            keep_slots = slot_list if keep is None else [slot_list[i] for i in keep]
+            done = len(keep_plhs)
+            try:
+                if lineage is not None:
+                    if keep is None and chain_starts is not None:
+                        lineage.insert_chains(keep_plhs, chain_starts, keep_slots)
+                    else:
+                        lineage.insert_many(keep_plhs, keep_slots)
+                else:
+                    policy.insert_many(keep_plhs)
+            except BaseException as exc:  # NOTE: finish the blocks before the refused one
+                failure = exc
+                done = len(policy) - held_before
         limit = count if failure is None else (done if keep is None else keep[done])
         committed = list(range(done)) if keep is None else keep[:done]
         if committed:
@@ -1567,6 +1620,7 @@ class G2Directory(_IndexReader):
                 pos_arr if rows is None else pos_arr[rows],
                 tokens if tokens is None or rows is None else tokens[rows],
                 [plh_list[i] for i in committed] if rows is not None else plh_list,
+                slot_list if rows is None else [slot_list[i] for i in committed],
                 seq_list if rows is None else None,
             )
         if keep is not None:
@@ -1678,10 +1732,14 @@ class G2Directory(_IndexReader):
         are checked at set speed; the per-block pass below still checks everything).
         `seq_arr`: `seq_list` as an array, if the caller has it."""
         count = len(seq_list)
-        ready_seqs, plh_to_slot = self._ready_seqs, self._plh_to_slot
+        ready_seqs, plh_to_slot, lineage = self._ready_seqs, self._plh_to_slot, self._lineage
         if (
             (_low_fragments_distinct(seq_arr) or len(set(plh_list)) == count)
-            and plh_to_slot.keys().isdisjoint(plh_list)
+            and (
+                plh_to_slot.keys().isdisjoint(plh_list)
+                if lineage is None
+                else not lineage.holds_any(plh_list)
+            )
             and (screened or (ready_seqs.isdisjoint(seq_list) and len(set(seq_list)) == count))
         ):
             return [False] * count
@@ -1689,7 +1747,7 @@ class G2Directory(_IndexReader):
         seen_plh: set[Plh] = set()
         seen_seq: set[int] = set()
         for seq, plh in zip(seq_list, plh_list, strict=True):
-            if seq in ready_seqs or plh in plh_to_slot or plh in seen_plh or seq in seen_seq:
+            if seq in ready_seqs or self._holds_plh(plh) or plh in seen_plh or seq in seen_seq:
                 duplicate.append(True)
             else:
                 duplicate.append(False)
@@ -1707,12 +1765,13 @@ class G2Directory(_IndexReader):
         pos_arr: npt.NDArray[np.int64],
         tokens: npt.NDArray[np.uint32] | None,
         plhs: list[Plh],
+        slot_list: list[int],
         seq_list: list[SeqHash] | None = None,
     ) -> None:
         """Write the fields of reserved slots already in the policy, turn them READY, index
-        (`seq_list`: `seq_arr` as ints, if the caller has it)."""
-        slot_list: list[int] = idx.tolist()
-        self._plh_to_slot.update(zip(plhs, slot_list, strict=True))
+        (`slot_list`: `idx` as ints; `seq_list`: `seq_arr` as ints, if the caller has it)."""
+        if self._lineage is None:
+            self._plh_to_slot.update(zip(plhs, slot_list, strict=True))
         seg = self._segment
         self._seq_hash_np[idx] = seq_arr
         seg.parent_hash[idx] = np.where(has_parent, parent_arr, np.uint64(0))
@@ -1726,6 +1785,10 @@ class G2Directory(_IndexReader):
         self._ready_seqs.update(seq_arr.tolist() if seq_list is None else seq_list)
         self._num_reserved -= int(idx.size)
         self._num_commits += int(idx.size)
+
+    def _holds_plh(self, plh: Plh) -> bool:
+        """Whether a READY block has PLH `plh`."""
+        return plh in self._plh_to_slot if self._lineage is None else plh in self._lineage
 
     def abort(self, slot: BlockId) -> None:
         """Return a RESERVED slot to FREE (gen+1).
@@ -1757,7 +1820,8 @@ class G2Directory(_IndexReader):
         if not self._try_evict(slot):
             return False
         self._policy.remove(plh)
-        del self._plh_to_slot[plh]
+        if self._lineage is None:
+            del self._plh_to_slot[plh]
         self._free_stack[self._num_free] = slot
         self._num_free += 1
         self._evicted_one(seq_hash)
@@ -2009,16 +2073,15 @@ class G2Directory(_IndexReader):
             problems.append(f"pins on non-READY slots: {pinned_not_ready[:8].tolist()}")
         problems.extend(self._index_problems(ready))
         ready_slots = set(np.flatnonzero(ready).tolist())
-        if set(self._plh_to_slot.values()) != ready_slots or len(self._plh_to_slot) != len(
-            ready_slots
-        ):
+        plh_to_slot = self._plh_to_slot if self._lineage is None else self._lineage.slot_map()
+        if set(plh_to_slot.values()) != ready_slots or len(plh_to_slot) != len(ready_slots):
             problems.append("plh -> slot map disagrees with the READY slots")
         if self._ready_seqs != set(self._seq_hash_np[ready].tolist()):
             problems.append("the READY hash set disagrees with the READY slots")
         if len(self._policy) != len(ready_slots):
             problems.append(f"policy holds {len(self._policy)} keys, {len(ready_slots)} READY")
         else:
-            for plh, slot in self._plh_to_slot.items():
+            for plh, slot in plh_to_slot.items():
                 if self._plh_of(slot) != plh:
                     problems.append(f"slot {slot} is filed under a PLH that is not its own")
                     break
