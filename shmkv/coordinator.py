@@ -148,7 +148,6 @@ _SEGMENT_NAME_RE: Final = re.compile(rf"{SEGMENT_PREFIX}([A-Za-z0-9-]+)_g2")
 _NO_PARENT: Final = -1
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
 _SNDMORE: Final = int(zmq.SNDMORE)
-_NOBLOCK: Final = int(zmq.NOBLOCK)
 _PACKED_BAD_BITS: Final = np.uint64(((1 << 64) - 1) & ~(tp.PACKED_HAS_PARENT | MAX_POSITION))
 _PACKED_HAS_PARENT: Final = np.uint64(tp.PACKED_HAS_PARENT)
 _MAX_POSITION_U64: Final = np.uint64(MAX_POSITION)
@@ -585,7 +584,7 @@ class Coordinator:
         """Plain packed OFFLOADs read but not screened yet (`_screen_pending`)."""
         while handled < limit:
             try:
-                frames = _recv_frames(router)
+                frames = tp.recv_message(router)
             except zmq.Again:
                 break
             handled += 1
@@ -2129,18 +2128,6 @@ def _send_frames(sock: zmq.Socket[bytes], frames: list[bytes] | list[zmq.Frame])
         send(part, _SNDMORE, copy=not isinstance(part, zmq.Frame))
     last = frames[-1]
     send(last, 0, copy=not isinstance(last, zmq.Frame))
-
-
-def _recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
-    """`sock.recv_multipart(zmq.NOBLOCK)` through `zmq.Frame.more` (pyzmq's own loop asks
-    the socket for RCVMORE, building an option enum per frame). Raises zmq.Again when
-    nothing is queued."""
-    frame = sock.recv(_NOBLOCK, copy=False)
-    parts = [frame.bytes]
-    while frame.more:
-        frame = sock.recv(_NOBLOCK, copy=False)
-        parts.append(frame.bytes)
-    return parts
 
 
 def _pidfd_signalled(pidfd: int) -> bool:
