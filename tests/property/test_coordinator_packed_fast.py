@@ -20,6 +20,7 @@ import zmq
 from hypothesis import given, settings, strategies as st
 
 from shmkv import transport as tp
+from shmkv.coordinator import Coordinator
 from shmkv.g2 import G2RankView
 from tests.property.test_coordinator_batches import BLOCK_SIZE, NUM_RANKS
 from tests.property.test_coordinator_groups import (
@@ -38,8 +39,14 @@ def _chain(rng: random.Random, stored: list[int], twins: list[list[int]], batch:
     parents: list[int | None] = [parent, *seqs[:-1]]
     positions = list(range(first, first + count))
     roll = rng.random()
+    is_twin = False
     if roll < 0.05 and stored:
-        seqs[rng.randrange(count)] = rng.choice(stored)  # stored already (or in flight)
+        index, reused = rng.randrange(count), rng.choice(stored)
+        first_parent, first_position = _first_place(twins, reused)
+        # stored already (or in flight); never at its first position under another parent,
+        # which would be a Lineage conflict (a 2^-59 event with real hashes)
+        if positions[index] != first_position or parents[index] == first_parent:
+            seqs[index] = reused
     elif roll < 0.1 and count > 2:
         positions[-1] += 1  # not a chain
     elif roll < 0.15 and count > 2:
@@ -50,13 +57,41 @@ def _chain(rng: random.Random, stored: list[int], twins: list[list[int]], batch:
         seq, twin_parent, position = rng.choice(twins)
         seqs, positions = [seq ^ (1 << 62)], [position]  # same PLH as a stored block
         parents = [None if twin_parent < 0 else twin_parent]
-    for seq, par, pos in zip(seqs, parents, positions, strict=True):
-        twins.append([seq, -1 if par is None else par, pos])
-    stored.extend(seqs)
+        is_twin = True
+    if not is_twin:  # a twin is never sent again elsewhere: see above
+        # `twins` keeps each hash's first (parent, position): a twin copies that
+        known = set(stored)
+        for seq, par, pos in zip(seqs, parents, positions, strict=True):
+            if seq not in known:
+                known.add(seq)
+                twins.append([seq, -1 if par is None else par, pos])
+        stored.extend(seqs)
     frame = tp.pack_offload_items(seqs, parents, [s ^ 0x33 for s in seqs], positions)
     tokens = bytes(rng.randrange(256) for _ in range(4 * BLOCK_SIZE * len(seqs)))
     body = {"batch": batch, "num_items": len(seqs), "packed": True}
     return tp.Message(tp.OFFLOAD, body, (frame, tokens))
+
+
+def _first_place(twins: list[list[int]], seq: int) -> tuple[int | None, int]:
+    """(parent, position) `seq` was first sent with."""
+    for first_seq, parent, position in twins:
+        if first_seq == seq:
+            return (None if parent < 0 else parent), position
+    raise AssertionError(f"{seq:#x} was never sent")
+
+
+def _count_fast_landings(coordinator: Coordinator) -> list[int]:
+    """Spy on `coordinator`'s packed fast path: the returned list gets each landed group's
+    size."""
+    landed: list[int] = []
+    land_packed = coordinator._land_packed
+
+    def spy(group: Any, packed: Any, slot_arr: Any) -> None:
+        landed.append(len(group))
+        land_packed(group, packed, slot_arr)
+
+    coordinator._land_packed = spy  # type: ignore[method-assign]
+    return landed
 
 
 @settings(max_examples=60, deadline=None)
@@ -66,14 +101,6 @@ def test_the_packed_fast_path_matches_the_general_path(seed: int) -> None:
     capacity = rng.choice([16, 40, 4096])
     with _coordinators(capacity, capacity) as [(fast, f_sent), (general, g_sent)]:
         general.packed_fast_path = False
-        landed: list[int] = []
-        land_packed = fast._land_packed
-
-        def spy(group: Any, packed: Any, slot_arr: Any) -> None:
-            landed.append(len(group))
-            land_packed(group, packed, slot_arr)
-
-        fast._land_packed = spy  # type: ignore[method-assign]
         views = [G2RankView(c.directory.segment, 1) for c in (fast, general)]
         try:
             stored: list[int] = []
@@ -112,14 +139,7 @@ def test_a_group_of_fresh_chains_takes_the_packed_fast_path() -> None:
     rng = random.Random(7)
     with _coordinators(4096, 4096) as [(fast, f_sent), (general, g_sent)]:
         general.packed_fast_path = False
-        calls: list[int] = []
-        land_packed = fast._land_packed
-
-        def spy(group: Any, packed: Any, slot_arr: Any) -> None:
-            calls.append(len(group))
-            land_packed(group, packed, slot_arr)
-
-        fast._land_packed = spy  # type: ignore[method-assign]
+        calls = _count_fast_landings(fast)
         stored: list[int] = []
         msgs = []
         for k in range(8):
