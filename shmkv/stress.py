@@ -147,6 +147,13 @@ def _random_tokens(rng: random.Random, count: int) -> array[int]:
     return tokens
 
 
+REPLAY_TIMEOUT_S = 5.0
+"""How long the checking consumer waits on a rank's replay socket before it counts the batches
+it asked for as lost: the consumer's default. At 2 s a busy rank on a loaded machine (the
+test suite on more workers than cores) missed it now and then, and the run reported lost
+batches that a later reply would have delivered."""
+
+
 @dataclass(slots=True)
 class FaultInjector:
     options: StressOptions
@@ -279,7 +286,10 @@ def run_stress(options: StressOptions, *, quiet: bool = True) -> dict[str, Any]:
             for r, info in enumerate(fleet.rank_endpoints())
         ]
         with EventConsumer(
-            endpoints, codec="json", block_size=options.block_size, replay_timeout_s=2.0
+            endpoints,
+            codec="json",
+            block_size=options.block_size,
+            replay_timeout_s=REPLAY_TIMEOUT_S,
         ) as consumer:
             injector.start(now0)
             progress = _Progress(quiet, options.duration_s)
