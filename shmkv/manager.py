@@ -111,6 +111,29 @@ def _alias(name: SeqHash, rec: _Block) -> _Block:
     return alias
 
 
+def _drop_handle(entry: _Block, released: list[LineageEntry]) -> int:
+    """A Deref lets go of one handle under `entry`'s name: its registration joins `released`
+    when that was its last reference. Returns the handles left under the name (0: the name
+    leaves `_active_full`)."""
+    handles = entry.handles - 1
+    entry.handles = handles
+    rec = entry.target
+    if rec is None:
+        rec = entry
+    refs = rec.refs - 1
+    rec.refs = refs
+    if not refs:
+        released.append(rec)
+    return handles
+
+
+def _restore_handle(entry: _Block) -> None:
+    """Undo `_drop_handle` (the caller puts the name back into `_active_full`)."""
+    entry.handles += 1
+    target = entry.target
+    (entry if target is None else target).refs += 1
+
+
 def _set_lineage(rec: _Block, position: int, parent: BoxedInt) -> None:
     """Fill in the Lineage fields of the new block `rec` at `position` (below
     `FAST_LINEAGE_END`) whose PLH the sender vouches is `make_plh(rec.seq, parent, position)`
@@ -952,17 +975,8 @@ class KvManager:
             if entry is None:
                 self._undo_deref(taken)
                 self._raise_deref_error(blocks)
-            handles = entry.handles - 1
-            entry.handles = handles
-            if not handles:
+            if not _drop_handle(entry, released):
                 del active_full[block]
-            rec = entry.target
-            if rec is None:
-                rec = entry
-            refs = rec.refs - 1
-            rec.refs = refs
-            if not refs:
-                released.append(rec)
             taken.append(entry)
         if partials and not self._partials_held(partials):
             self._undo_deref(taken)
@@ -987,17 +1001,8 @@ class KvManager:
                 entry = popped[i]
                 if entry is None:  # neither an int nor a partial block
                     raise SignalError(f"Deref: {block!r} is not a block")
-                handles = entry.handles - 1
-                entry.handles = handles
-                if handles:  # still held under this name
+                if _drop_handle(entry, released):  # still held under this name
                     active_full[block] = entry
-                rec = entry.target
-                if rec is None:
-                    rec = entry
-                refs = rec.refs - 1
-                rec.refs = refs
-                if not refs:
-                    released.append(rec)
         except (SignalError, TypeError):
             self._undo_popped(popped, i)  # the blocks before `i` were released
             raise
@@ -1015,9 +1020,7 @@ class KvManager:
             if entry is None:
                 continue
             if i < num_released:
-                entry.handles += 1
-                target = entry.target
-                (entry if target is None else target).refs += 1
+                _restore_handle(entry)
             active_full[entry.seq] = entry  # a full block's name is its entry's `seq`
 
     def _partials_held(self, partials: list[PartialBlock]) -> bool:
@@ -1045,10 +1048,8 @@ class KvManager:
         """Give back the handles a failing Deref released (`taken`, in Deref order)."""
         active_full = self._active_full
         for entry in reversed(taken):
-            entry.handles += 1
+            _restore_handle(entry)
             active_full[entry.seq] = entry  # back in, if its last handle had removed it
-            target = entry.target
-            (entry if target is None else target).refs += 1
 
     def _raise_deref_error(self, blocks: list[RawBlock]) -> NoReturn:
         """Raise the SignalError of a Deref that cannot apply (nothing has changed)."""

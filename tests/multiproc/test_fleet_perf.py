@@ -49,6 +49,14 @@ def _rank_spec(endpoint: str, engine: EngineConfig) -> RankSpec:
     )
 
 
+def _inf_rank(endpoint: str) -> RankEngine:
+    """A rank with a 64-block G1 whose clock never waits (speedup inf), reporting to
+    `endpoint`."""
+    return RankEngine(
+        _rank_spec(endpoint, EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf))
+    )
+
+
 def _urgent(rank: RankEngine) -> bool:
     """Read through a call, so that mypy does not narrow the flag between steps."""
     return rank._urgent
@@ -63,8 +71,7 @@ def _pass(**fields: object) -> PassResult:
 def test_a_never_sleeping_rank_blocks_until_a_future_pass(tmp_path: Path) -> None:
     """At speedup inf simulated time is wall time: a pass due in 500 ms is waited for in
     poll (it used to be polled for with a zero timeout, spinning a core)."""
-    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
-    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
         assert rank._poll_timeout_ms() == IDLE_POLL_MS  # no work: wait for a message
         rank.scheduler.submit(1, array("I", range(32)), 4, 0.0)
         rank._next_pass_ms = rank.clock.now_ms() + 500.0
@@ -77,8 +84,7 @@ def test_plain_decode_passes_travel_compactly_and_completions_go_at_once(
     supervisor: tuple[str, zmq.Socket[bytes]],
 ) -> None:
     endpoint, router = supervisor
-    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
-    with RankEngine(_rank_spec(endpoint, engine)) as rank:
+    with _inf_rank(endpoint) as rank:
         rank._after_pass(_pass(num_decode_tokens=7, prev_end_ms=12.0), 10.0)
         rank._after_pass(_pass(first_tokens=[3]), 10.0)  # a record, no hurry
         rank._after_pass(_pass(), 10.0)  # nothing to account: no record at all
@@ -195,8 +201,7 @@ def test_a_malformed_submit_is_rejected_whole(
 
 def test_a_malformed_submit_submits_nothing(tmp_path: Path) -> None:
     """Validated as a whole: a bad second request leaves the first one out too."""
-    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
-    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
         msg = _submit_message([[1, 0.0, 4, 2], [2, 0.0, 4, 5]], (array("I", [1, 2]).tobytes(),))
         with pytest.raises(ProtocolError):
             rank._handle(msg)
@@ -275,8 +280,7 @@ def test_a_burst_reports_the_completions_of_the_next_passes_together(tmp_path: P
     """A completion no longer ends the burst at once: the rank runs on (for up to
     RESULTS_COALESCE_S) while it has work, so completions of consecutive passes travel in
     one RESULTS and come back as one SUBMIT."""
-    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
-    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
         rank._burst_s = rank._coalesce_s = 3600.0  # no clock decides in this test
         _submit_staggered(rank)
         rank._run_burst(rank.clock.now_ms())
@@ -288,8 +292,7 @@ def test_a_burst_reports_the_completions_of_the_next_passes_together(tmp_path: P
 def test_without_a_coalescing_window_a_burst_ends_at_the_first_completion(
     tmp_path: Path,
 ) -> None:
-    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
-    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
         rank._burst_s = 3600.0
         rank._coalesce_s = 0.0
         _submit_staggered(rank)
@@ -304,8 +307,7 @@ def test_a_rank_s_state_lists_its_device_hashes_sorted(
 ) -> None:
     """STATE's device frame: every hash G1 holds, in ascending order (sorted as u64)."""
     endpoint, router = supervisor
-    engine = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
-    with RankEngine(_rank_spec(endpoint, engine)) as rank:
+    with _inf_rank(endpoint) as rank:
         for request_id in range(3):
             tokens = array("I", range(request_id * 1000, request_id * 1000 + 80))
             rank.scheduler.submit(request_id, tokens, 4, 0.0)
