@@ -244,6 +244,62 @@ class G2EvictionPolicy(Protocol):
         """PLHs held; one more per successful insert (how a refused `insert_many` is told)."""
 
 
+class _MappedPolicy:
+    """Any other policy, with the PLH -> slot map of its READY blocks kept beside it: the
+    slot-keeping interface that `G2Lineage` offers itself (`insert(plh, slot)`, `evict_slots`,
+    membership), so that the directory speaks to every policy one way."""
+
+    __slots__ = ("_slots", "policy")
+
+    def __init__(self, policy: G2EvictionPolicy) -> None:
+        self.policy = policy
+        self._slots: dict[Plh, BlockId] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, plh: Plh) -> bool:
+        return plh in self._slots
+
+    def insert(self, plh: Plh, slot: int) -> None:
+        """Insert `plh`, filed under `slot` (not filed when `slot < 0`: an unknown victim)."""
+        self.policy.insert(plh)
+        if slot >= 0:
+            self._slots[plh] = slot
+
+    def insert_many(self, plhs: list[Plh], slots: list[int]) -> None:
+        """`policy.insert_many(plhs)`, the inserted ones filed under their slots (on a refusal
+        the PLHs before it stay inserted and filed)."""
+        held = len(self.policy)
+        try:
+            self.policy.insert_many(plhs)
+        finally:
+            done = len(self.policy) - held
+            self._slots.update(zip(plhs[:done], slots[:done], strict=True))
+
+    def insert_chains(self, plhs: list[Plh], starts: list[int], slots: list[int]) -> None:
+        """`insert_many` (only `G2Lineage` makes use of the chains)."""
+        self.insert_many(plhs, slots)
+
+    def remove(self, plh: Plh) -> bool:
+        removed = self.policy.remove(plh)
+        self._slots.pop(plh, None)
+        return removed
+
+    def evict_slots(self, count: int, slots: list[int]) -> list[Plh]:
+        """`policy.evict_many(count)`, appending each victim's slot to `slots` (-1 for one
+        not filed: a policy bug) and unfiling it."""
+        victims = self.policy.evict_many(count)
+        slots.extend(map(self._slots.pop, victims, repeat(-1, len(victims))))
+        return victims
+
+    def holds_any(self, plhs: list[Plh]) -> bool:
+        return not self._slots.keys().isdisjoint(plhs)
+
+    def slot_map(self) -> dict[Plh, int]:
+        return dict(self._slots)
+
+
 @dataclass(frozen=True, slots=True)
 class PinnedRun:
     """A contiguous prefix of G2 blocks pinned by one rank; hand it back to `unpin` once."""
@@ -1066,10 +1122,13 @@ class G2Directory(_IndexReader):
         self._num_free = self._capacity
         self._num_reserved = 0
         self._lineage: G2Lineage | None = policy if isinstance(policy, G2Lineage) else None
-        """The policy, when it is a `G2Lineage`: its nodes then keep each block's slot (their
-        evictions give the slots back, `evict_slots`), and `_plh_to_slot` stays empty."""
-        self._plh_to_slot: dict[Plh, BlockId] = {}
-        """PLH -> slot of the READY blocks, for any other policy."""
+        """The policy, when it is a `G2Lineage` (a screened batch of chains finds its
+        duplicates while it inserts: see `_commit_body`)."""
+        self._slotted: G2Lineage | _MappedPolicy = (
+            self._lineage if self._lineage is not None else _MappedPolicy(policy)
+        )
+        """The policy with each READY block's slot: a `G2Lineage`'s nodes keep them (their
+        evictions give them back), any other policy gets a PLH -> slot map beside it."""
         self._ready_seqs: set[SeqHash] = set()
         """Sequence hashes of the READY slots, i.e. of the index's entries (a private mirror:
         `commit_many`'s duplicate test at dict speed instead of probing the index)."""
@@ -1098,7 +1157,7 @@ class G2Directory(_IndexReader):
 
     @property
     def num_ready(self) -> int:
-        return len(self._plh_to_slot) if self._lineage is None else len(self._lineage)
+        return len(self._slotted)
 
     @property
     def policy(self) -> G2EvictionPolicy:
@@ -1203,28 +1262,20 @@ class G2Directory(_IndexReader):
 
     def _evict_for(self, wanted: int) -> list[int]:
         """The per-victim reference path of eviction (one fence per victim)."""
-        policy, plh_to_slot, lineage = self._policy, self._plh_to_slot, self._lineage
+        slotted = self._slotted
         freed: list[int] = []
         backed_off: list[tuple[Plh, int]] = []
         try:
             while len(freed) < wanted:
-                if lineage is None:
-                    plh = policy.evict()
-                    if plh is None:
-                        break
-                    slot = plh_to_slot.get(plh, -1)
-                else:
-                    got: list[int] = []
-                    victims = lineage.evict_slots(1, got)
-                    if not victims:
-                        break
-                    plh, slot = victims[0], got[0]
+                got: list[int] = []
+                victims = slotted.evict_slots(1, got)
+                if not victims:
+                    break
+                plh, slot = victims[0], got[0]
                 if slot < 0:
                     raise InvariantError(f"eviction policy returned unknown PLH {plh:#x}")
                 seq_hash = self._seq_hash_mv[slot]
                 if self._try_evict(slot):
-                    if lineage is None:
-                        del plh_to_slot[plh]
                     self._evicted_one(seq_hash)
                     freed.append(slot)
                 else:
@@ -1235,12 +1286,9 @@ class G2Directory(_IndexReader):
 
     def _reinsert(self, backed_off: list[tuple[Plh, int]]) -> None:
         """Put victims that were not evicted (pinned) back into the policy, in order."""
-        lineage = self._lineage
+        insert = self._slotted.insert
         for plh, slot in backed_off:
-            if lineage is None:
-                self._policy.insert(plh)
-            else:
-                lineage.insert(plh, slot)
+            insert(plh, slot)
 
     def _evict_many_for(self, wanted: int) -> npt.NDArray[np.intp]:
         """Batched eviction: pop victims from the policy (in its order), check them in one
@@ -1249,38 +1297,28 @@ class G2Directory(_IndexReader):
         The policy pops exactly the PLHs the per-victim path would pop (pinned victims are put
         back only at the end in both), so evictions and their order are the same.
         """
-        policy, plh_to_slot, lineage = self._policy, self._plh_to_slot, self._lineage
-        evict_many, pop = policy.evict_many, plh_to_slot.pop
+        slotted = self._slotted
         freed: list[npt.NDArray[np.intp]] = []
         num_freed = 0
         backed_off: list[tuple[Plh, int]] = []
         try:
             while num_freed < wanted:
                 need = wanted - num_freed
-                if lineage is None:
-                    victims = evict_many(need)
-                    slots = list(map(pop, victims, repeat(-1, len(victims))))
-                else:  # NOTE: the nodes keep the slots: no PLH -> slot map to look up
-                    slots = []
-                    victims = lineage.evict_slots(need, slots)
+                slots: list[int] = []
+                victims = slotted.evict_slots(need, slots)
                 if not victims:
                     break
                 unknown: Plh | None = None
                 if -1 in slots:  # a policy bug: free the known ones before it, then raise
                     cut = slots.index(-1)
                     unknown = victims[cut]
-                    for plh, slot in zip(victims[cut + 1 :], slots[cut + 1 :], strict=True):
-                        if slot >= 0 and lineage is None:
-                            plh_to_slot[plh] = slot
-                        backed_off.append((plh, slot))
+                    backed_off.extend(zip(victims[cut + 1 :], slots[cut + 1 :], strict=True))
                     del victims[cut:], slots[cut:]
                 if slots:
                     pinned, idx, keys = self._try_evict_many(slots)
                     if pinned is not None:
                         for plh, slot, held in zip(victims, slots, pinned, strict=True):
                             if held:
-                                if lineage is None:
-                                    plh_to_slot[plh] = slot
                                 backed_off.append((plh, slot))
                     if idx.size:
                         self._evicted_parts.append(keys)
@@ -1419,11 +1457,7 @@ class G2Directory(_IndexReader):
             self.abort(slot)
             return False
         # NOTE: the policy first: if it refuses the key (raises), the slot is still RESERVED.
-        if self._lineage is not None:
-            self._lineage.insert(plh, slot)
-        else:
-            self._policy.insert(plh)
-            self._plh_to_slot[plh] = slot
+        self._slotted.insert(plh, slot)
         self._seq_hash_mv[slot] = seq_hash
         if parent_hash is None:
             self._parent_hash_mv[slot] = 0
@@ -1595,13 +1629,10 @@ class G2Directory(_IndexReader):
             keep_slots = slot_list if keep is None else [slot_list[i] for i in keep]
             done = len(keep_plhs)
             try:
-                if lineage is not None:
-                    if keep is None and chain_starts is not None:
-                        lineage.insert_chains(keep_plhs, chain_starts, keep_slots)
-                    else:
-                        lineage.insert_many(keep_plhs, keep_slots)
+                if keep is None and chain_starts is not None:
+                    self._slotted.insert_chains(keep_plhs, chain_starts, keep_slots)
                 else:
-                    policy.insert_many(keep_plhs)
+                    self._slotted.insert_many(keep_plhs, keep_slots)
             except BaseException as exc:  # NOTE: finish the blocks before the refused one
                 failure = exc
                 done = len(policy) - held_before
@@ -1619,7 +1650,6 @@ class G2Directory(_IndexReader):
                 local_arr if rows is None else local_arr[rows],
                 pos_arr if rows is None else pos_arr[rows],
                 tokens if tokens is None or rows is None else tokens[rows],
-                [plh_list[i] for i in committed] if rows is not None else plh_list,
                 slot_list if rows is None else [slot_list[i] for i in committed],
                 seq_list if rows is None else None,
             )
@@ -1732,14 +1762,10 @@ class G2Directory(_IndexReader):
         are checked at set speed; the per-block pass below still checks everything).
         `seq_arr`: `seq_list` as an array, if the caller has it."""
         count = len(seq_list)
-        ready_seqs, plh_to_slot, lineage = self._ready_seqs, self._plh_to_slot, self._lineage
+        ready_seqs = self._ready_seqs
         if (
             (_low_fragments_distinct(seq_arr) or len(set(plh_list)) == count)
-            and (
-                plh_to_slot.keys().isdisjoint(plh_list)
-                if lineage is None
-                else not lineage.holds_any(plh_list)
-            )
+            and not self._slotted.holds_any(plh_list)
             and (screened or (ready_seqs.isdisjoint(seq_list) and len(set(seq_list)) == count))
         ):
             return [False] * count
@@ -1764,14 +1790,12 @@ class G2Directory(_IndexReader):
         local_arr: npt.NDArray[np.uint64],
         pos_arr: npt.NDArray[np.int64],
         tokens: npt.NDArray[np.uint32] | None,
-        plhs: list[Plh],
         slot_list: list[int],
         seq_list: list[SeqHash] | None = None,
     ) -> None:
-        """Write the fields of reserved slots already in the policy, turn them READY, index
+        """Write the fields of reserved slots already in the policy (and filed under their
+        slots there), turn them READY, index
         (`slot_list`: `idx` as ints; `seq_list`: `seq_arr` as ints, if the caller has it)."""
-        if self._lineage is None:
-            self._plh_to_slot.update(zip(plhs, slot_list, strict=True))
         seg = self._segment
         self._seq_hash_np[idx] = seq_arr
         seg.parent_hash[idx] = np.where(has_parent, parent_arr, np.uint64(0))
@@ -1788,7 +1812,7 @@ class G2Directory(_IndexReader):
 
     def _holds_plh(self, plh: Plh) -> bool:
         """Whether a READY block has PLH `plh`."""
-        return plh in self._plh_to_slot if self._lineage is None else plh in self._lineage
+        return plh in self._slotted
 
     def abort(self, slot: BlockId) -> None:
         """Return a RESERVED slot to FREE (gen+1).
@@ -1819,9 +1843,7 @@ class G2Directory(_IndexReader):
         plh = self._plh_of(slot)
         if not self._try_evict(slot):
             return False
-        self._policy.remove(plh)
-        if self._lineage is None:
-            del self._plh_to_slot[plh]
+        self._slotted.remove(plh)
         self._free_stack[self._num_free] = slot
         self._num_free += 1
         self._evicted_one(seq_hash)
@@ -2073,7 +2095,7 @@ class G2Directory(_IndexReader):
             problems.append(f"pins on non-READY slots: {pinned_not_ready[:8].tolist()}")
         problems.extend(self._index_problems(ready))
         ready_slots = set(np.flatnonzero(ready).tolist())
-        plh_to_slot = self._plh_to_slot if self._lineage is None else self._lineage.slot_map()
+        plh_to_slot = self._slotted.slot_map()
         if set(plh_to_slot.values()) != ready_slots or len(plh_to_slot) != len(ready_slots):
             problems.append("plh -> slot map disagrees with the READY slots")
         if self._ready_seqs != set(self._seq_hash_np[ready].tolist()):
