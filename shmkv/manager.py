@@ -147,6 +147,9 @@ def _parent_of(rec: _Block) -> SeqHash | None:
     return None if parent == _NO_PARENT else parent
 
 
+_NO_BLOCK: Final = _Block(_NO_SLOT, _NO_PARENT, _NO_PARENT, _NO_PARENT, 0, 0)
+"""A placeholder where a `_Block` list item must always hold one (never registered)."""
+
 _Evicted: TypeAlias = tuple[_Block, Sequence[int] | None]
 """An evicted registration and its token ids, on its way to the offload engine."""
 
@@ -277,8 +280,8 @@ class KvManager:
         """Active names: each name's registration, or an alias entry (see `_Block`)."""
         self._active_partial: dict[PartialId, BlockId] = {}
         self._spare_recs: list[_Block] = []
-        """Records of blocks a bulk store evicted (none still refers to them), recycled by the
-        next bulk stores and Promotes."""
+        """Records of blocks a bulk store or a lone partial block's allocation evicted (none
+        still refers to them), recycled by the next bulk stores and Promotes."""
         self._num_full_refs = 0
         self._num_quarantined = 0
         self._num_reserved = 0
@@ -657,15 +660,18 @@ class KvManager:
             return None
         # Lists of BoxedInt: compiled, the hashes pass through as the boxed ints they are.
         hashes: list[BoxedInt] = blocks[start : start + count]
+        # The signal's own lists when the rest is all of them (read only here): no copies.
         all_plhs = signal.plhs
         plhs: list[BoxedInt] = (
-            all_plhs[full_idx:] if type(all_plhs) is list else list(all_plhs[full_idx:])
+            (all_plhs if not full_idx else all_plhs[full_idx:])
+            if type(all_plhs) is list
+            else list(all_plhs[full_idx:])
         )
         all_locals = signal.local_hashes
         local_hashes: list[BoxedInt] = (
             [0] * count
             if not all_locals
-            else all_locals[full_idx:]
+            else (all_locals if not full_idx else all_locals[full_idx:])
             if type(all_locals) is list
             else list(all_locals[full_idx:])
         )
@@ -688,25 +694,40 @@ class KvManager:
             mode0_frags(hashes) if fill and mode0_frags is not None else None
         )
         # Optimistic: register as we go; a block held, registered or repeated undoes it all.
-        new: list[_Block] = []
+        new = [_NO_BLOCK] * count  # filled by index: a store costs less than an append
         parent = prev
         for i in range(count):
             seq_hash = hashes[i]
             plh = plhs[i]
-            rec = self._new_rec(_NO_SLOT, plh, seq_hash, parent, local_hashes[i], 1)
-            if fill:
+            if spare:  # `_new_rec`, inlined (the hot loop of a request's prompt)
+                rec = spare.pop()
+                rec.slot = _NO_SLOT
+                rec.seq = seq_hash
+                rec.parent = parent
+                rec.local = local_hashes[i]
+                rec.handles = 1
+                rec.refs = 1
+                if fill:  # `set_lineage` below: no `set_plh` needed
+                    rec.plh = plh
+                else:
+                    rec.set_plh(plh)
+            else:
+                rec = _Block(_NO_SLOT, plh, seq_hash, parent, local_hashes[i], 1)
+            if fill:  # `set_lineage`, inlined
                 frag: BoxedInt = seq_hash & mask if frags is None else frags[i]
-                rec.set_lineage(position, frag, parent_frag)
+                rec.lineage_position = position
+                rec.lineage_frag = frag
+                rec.lineage_parent_frag = parent_frag
                 parent_frag = frag
                 position += 1
             if active_full.setdefault(seq_hash, rec) is not rec:
-                self._unstore(new)
+                self._unstore(new[:i])
                 return None
             if registered.setdefault(plh, rec) is not rec:
                 del active_full[seq_hash]
-                self._unstore(new)
+                self._unstore(new[:i])
                 return None
-            new.append(rec)
+            new[i] = rec
             parent = seq_hash
         # Slots go straight into the new records, free ones first, in order.
         num_reset = min(count, len(reset))
@@ -735,16 +756,20 @@ class KvManager:
             )
             pop_all: Any = _POP_ALL
             # every victim's record, unregistered in one C call when the accelerator is there
-            vrecs: list[_Block] | None = None if pop_all is None else pop_all(registered, victims)
-            unregister = registered.pop
-            for v, victim in enumerate(victims):
-                vrec = unregister(victim) if vrecs is None else vrecs[v]
+            vrecs: list[_Block] = (
+                [registered.pop(victim) for victim in victims]
+                if pop_all is None
+                else pop_all(registered, victims)
+            )
+            for v in range(len(vrecs)):
+                vrec = vrecs[v]
                 new[filled].slot = vrec.slot
                 filled += 1
                 if report:
                     evicted.append(vrec.seq)
-                spare.append(vrec)
-                if has_tokens:
+            spare.extend(vrecs)  # recycled, in eviction order
+            if has_tokens:
+                for victim in victims:
                     token_map.pop(victim, None)
         if filled != count:
             raise InvariantError(f"bulk store: {filled} slots for {count} blocks")
@@ -803,6 +828,7 @@ class KvManager:
         active_partial[partial_id] = vrec.slot
         if self._events_enabled:
             self._emit_removed(_DEVICE, [vrec.seq])
+        self._spare_recs.append(vrec)  # nothing refers to it any more: recycled
         return 1
 
     def _emit_use_events(
@@ -1001,7 +1027,17 @@ class KvManager:
                 entry = popped[i]
                 if entry is None:  # neither an int nor a partial block
                     raise SignalError(f"Deref: {block!r} is not a block")
-                if _drop_handle(entry, released):  # still held under this name
+                # `_drop_handle`, inlined (the hot loop of every request's Deref)
+                handles = entry.handles - 1
+                entry.handles = handles
+                rec = entry.target
+                if rec is None:
+                    rec = entry
+                refs = rec.refs - 1
+                rec.refs = refs
+                if not refs:
+                    released.append(rec)
+                if handles:  # still held under this name
                     active_full[block] = entry
         except (SignalError, TypeError):
             self._undo_popped(popped, i)  # the blocks before `i` were released
@@ -1025,6 +1061,8 @@ class KvManager:
 
     def _partials_held(self, partials: list[PartialBlock]) -> bool:
         """Whether a Deref may release its partial blocks: each held, none repeated."""
+        if len(partials) == 1:  # a request's Deref: no set to build
+            return partials[0].partial_id in self._active_partial
         ids = {block.partial_id for block in partials}
         return len(ids) == len(partials) and ids <= self._active_partial.keys()
 
@@ -1069,16 +1107,7 @@ class KvManager:
             )
         del self._active_partial[signal.partial_id]
         seq_hash: BoxedInt = signal.seq_hash  # boxed once (see `BoxedInt`)
-        entry = self._active_full.get(seq_hash)
-        if entry is not None:
-            self._reset.append(slot)
-            entry.handles += 1
-            target = entry.target
-            (entry if target is None else target).refs += 1
-            self._num_full_refs += 1
-            return
         plh: BoxedInt = signal.plh
-        tracker = self._tracker
         parent_hash = signal.parent_hash
         rec = self._new_rec(
             slot,
@@ -1088,6 +1117,17 @@ class KvManager:
             signal.local_hash,
             1,
         )
+        # One lookup for the check and the store: `rec` is the name's entry if it is new.
+        entry = self._active_full.setdefault(seq_hash, rec)
+        if entry is not rec:  # the name is held already: one more handle, the slot goes back
+            self._spare_recs.append(rec)
+            self._reset.append(slot)
+            entry.handles += 1
+            target = entry.target
+            (entry if target is None else target).refs += 1
+            self._num_full_refs += 1
+            return
+        tracker = self._tracker
         found = self._registered.setdefault(plh, rec)  # one lookup for the check and the store
         if found is rec:  # a new block
             position = signal.lineage_position
@@ -1105,7 +1145,6 @@ class KvManager:
                     [signal.local_hash],
                     None if token_ids is None else [token_ids],
                 )
-            self._active_full[seq_hash] = rec
         else:  # registered already (under this name or another): the slot goes back
             self._spare_recs.append(rec)
             self._reset.append(slot)

@@ -403,8 +403,12 @@ class RankScheduler:
         """
         if request_id in self._requests:
             raise ConfigError(f"request {request_id} is already active on rank {self.dp_rank}")
+        data: bytes | None = None
+        own_hashes = False
         if block_hashes is None and self._caching:
-            block_hashes = self._prefix_hashes.hash_blocks(token_bytes(tokens))
+            data = token_bytes(tokens)
+            block_hashes = self._prefix_hashes.hash_blocks(data)
+            own_hashes = True  # fresh lists: the sequence keeps them
         if self._undrawn:  # the sequence may draw from the rng: owed words come first
             self._settle_draws()
         seq = ActiveSequence(
@@ -416,6 +420,8 @@ class RankScheduler:
             output_token_ids,
             self._rng,
             block_hashes=block_hashes,
+            token_data=data,
+            own_hashes=own_hashes,
         )
         request = _Request(request_id, seq, arrival_ms)
         self._requests[request_id] = request

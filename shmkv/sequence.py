@@ -117,7 +117,12 @@ class ActiveSequence:
         rng: random.Random | None = None,
         *,
         block_hashes: BlockHashes | None = None,
+        token_data: bytes | None = None,
+        own_hashes: bool = False,
     ) -> None:
+        """`token_data`: `token_bytes(tokens)` if the caller has it already (it vouches for it);
+        `own_hashes`: `block_hashes`' lists are the caller's to give away (fresh from
+        `PrefixHashCache.hash_blocks`): the sequence keeps them instead of copies."""
         bs = SEQUENCE_DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if not _is_int(bs) or bs < 2:
             raise ConfigError(f"block_size must be an int >= 2, got {bs!r}")
@@ -125,7 +130,7 @@ class ActiveSequence:
             raise ConfigError(f"max_output_tokens must be >= 1, got {max_output_tokens}")
         if output_token_ids is not None and len(output_token_ids) < max_output_tokens:
             raise ConfigError("output_token_ids must hold at least max_output_tokens tokens")
-        data = token_bytes(tokens)
+        data = token_bytes(tokens) if token_data is None else token_data
         if not data:
             raise ConfigError("a request needs at least one prompt token")
         self.block_size = bs
@@ -161,9 +166,14 @@ class ActiveSequence:
                 == num_full
             ):
                 raise ConfigError(f"block_hashes must describe the prompt's {num_full} full blocks")
-            self.local_hashes = list(block_hashes.local_hashes)
-            self.seq_hashes = list(block_hashes.seq_hashes)
-            self.plhs = list(block_hashes.plhs)
+            if own_hashes:  # the caller's fresh lists: kept, not copied
+                self.local_hashes = block_hashes.local_hashes
+                self.seq_hashes = block_hashes.seq_hashes
+                self.plhs = block_hashes.plhs
+            else:
+                self.local_hashes = list(block_hashes.local_hashes)
+                self.seq_hashes = list(block_hashes.seq_hashes)
+                self.plhs = list(block_hashes.plhs)
         self._partial: PartialBlock | None = None
         if num_tokens % bs:
             self._partial = PartialBlock(self._rng.getrandbits(128))

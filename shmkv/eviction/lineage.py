@@ -406,8 +406,18 @@ class LineageBackend:
                         tick += 1
                         parent_level = low[position - 1]
                         parent_frag = entry.lineage_parent_frag
-                        # the parent's placeholder (a pruned node reused, if any)
-                        placeholder = self._new_node(parent_level, parent_frag, _NONE, _NONE, 1)
+                        # the parent's placeholder (a pruned node reused, if any: `_new_node`,
+                        # inlined)
+                        if spare:
+                            placeholder = spare.pop()
+                            placeholder.level = parent_level
+                            placeholder.frag = parent_frag
+                            placeholder.plh = _NONE
+                            placeholder.tick = _NONE
+                            placeholder.parent = None
+                            placeholder.children = 1
+                        else:
+                            placeholder = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
                         parent = parent_level.setdefault(parent_frag, placeholder)
                         fresh.parent = parent
                         if parent is placeholder:
@@ -496,7 +506,8 @@ class LineageBackend:
         heap: list[BoxedInt] = self._heap  # compiled: the ticks popped stay boxed
         leaves = self._leaves
         spare = self._spare
-        victims: list[Plh] = []
+        victims: list[Plh] = [0] * count  # filled by index (a store costs less than an append)
+        num_victims = 0
         front = self._front
         if front is not None:  # back into the heap: this loop only looks there
             self._front = None
@@ -513,7 +524,8 @@ class LineageBackend:
             else:
                 break
             while True:  # evict `node`, then maybe its parent, and so on up
-                victims.append(node.plh)
+                victims[num_victims] = node.plh
+                num_victims += 1
                 remaining -= 1
                 del node.level[node.frag]
                 spare.append(node)
@@ -539,6 +551,8 @@ class LineageBackend:
                 leaves[tick] = parent
                 break
         self._departed += count - remaining
+        if remaining > 0:  # the forest ran out of leaves
+            del victims[num_victims:]
         return victims
 
     def _prune_from(self, node: _Node) -> None:

@@ -860,6 +860,38 @@ def test_bulk_stores_recycle_evicted_records_exactly(backend: str) -> None:
     mgr.check_invariants()
 
 
+def _vouched_chain_use(hashes: list[int], vouched: bool) -> Use:
+    """`_chain_use(hashes)` whose positions the sender vouches for (`lineage_start` 0) or not."""
+    plhs = [make_plh(h, hashes[i - 1] if i else None, i) for i, h in enumerate(hashes)]
+    raw: list[int | PartialBlock] = list(hashes)
+    return Use.from_raw(raw, [], plhs, None, None, len(hashes), 0 if vouched else -1)
+
+
+def test_bulk_stores_fill_recycled_records_like_the_lineage_decoding() -> None:
+    """A bulk store of vouched positions fills the Lineage fields of its records (recycled
+    ones too) from their hashes; the same run with the PLHs decoded instead leaves the same
+    forest, leaf queue and registrations at every step, including a bulk attempt that gives
+    up midway (the third block repeats the first) and is redone by the per-block loop."""
+    runs = [
+        [0x101, 0x102, 0x103, 0x104, 0x105],
+        [0x201, 0x202, 0x203, 0x204],
+        [0x301, 0x302, 0x303],
+        [0x401, 0x402, 0x401],  # the bulk gives up at the repeat, the loop goes on
+        [0x101, 0x102, 0x103, 0x104, 0x105],
+    ]
+    managers = {vouched: make_mgr(6) for vouched in (True, False)}
+    for hashes in runs:
+        for vouched, mgr in managers.items():
+            assert mgr.process(_vouched_chain_use(hashes, vouched)) == len(hashes)
+            mgr.check_invariants()
+            mgr.process(Deref([FullBlock(h) for h in reversed(hashes)]))
+            mgr.check_invariants()
+        fast, decoded = (managers[v] for v in (True, False))
+        assert fast._backend.forest() == decoded._backend.forest()  # type: ignore[attr-defined]
+        assert fast._backend.leaf_queue() == decoded._backend.leaf_queue()  # type: ignore[attr-defined]
+        assert sorted(fast.registered_seq_hashes()) == sorted(decoded.registered_seq_hashes())
+
+
 def test_prefill_cost_is_a_value() -> None:
     from shmkv.manager import PrefillCost
 

@@ -542,3 +542,34 @@ def test_extend_crossing_words_rejects_bad_positions_and_draws_nothing(
         extend_crossing_words(words, num_tokens, positions, rng, offset)
     assert words == array("I", [5])
     assert rng.getrandbits(32) == random.Random(11).getrandbits(32)
+
+
+def test_a_sequence_keeps_the_fresh_hash_lists_it_is_given() -> None:
+    """`own_hashes`: the sequence adopts the caller's fresh lists (no copies) and `token_data`
+    stands for `token_bytes(tokens)`; it behaves exactly like one that copies and encodes."""
+    from shmkv.hashing import PrefixHashCache, token_bytes
+
+    tokens = list(range(1, 11))  # two full blocks of 4 and a partial one
+    data = token_bytes(tokens)
+    given = PrefixHashCache(4).hash_blocks(data)
+    adopted = ActiveSequence(
+        tokens,
+        3,
+        4,
+        rng=random.Random(5),
+        block_hashes=given,
+        token_data=data,
+        own_hashes=True,
+    )
+    copied = ActiveSequence(tokens, 3, 4, rng=random.Random(5), block_hashes=given)
+    assert adopted.seq_hashes is given.seq_hashes
+    assert adopted.plhs is given.plhs
+    assert adopted.local_hashes is given.local_hashes
+    assert copied.seq_hashes is not given.seq_hashes
+    assert copied.seq_hashes == adopted.seq_hashes == sequence_hashes(tokens, 4)
+    assert list(copied.tokens) == list(adopted.tokens) == tokens
+    assert copied.plhs == expected_plhs(tokens, 4)
+    for _ in range(3):
+        assert adopted.generate_token() == copied.generate_token()
+    assert adopted.seq_hashes == copied.seq_hashes
+    assert list(adopted.tokens) == list(copied.tokens)
