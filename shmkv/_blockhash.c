@@ -33,6 +33,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_pyint.h"
+
 typedef uint64_t (*xxh3_seeded_fn)(const void *input, size_t length, uint64_t seed);
 
 static xxh3_seeded_fn xxh3_seeded = NULL;
@@ -63,71 +65,10 @@ static uint64_t chain_hash(uint64_t parent, uint64_t local) {
     return xxh3_seeded(pair, sizeof pair, XXH3_SEED);
 }
 
-/* The int `high * 2^64 + low`, high > 0. */
-static PyObject *u128_to_int(uint64_t high, uint64_t low) {
-#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
-    /* NOTE: CPython 3.11's int layout (30-bit digits, the digit count in ob_size), filled
-       directly: `_PyLong_FromByteArray` reads the 16 bytes one at a time, 3x the work */
-    const uint32_t mask = (UINT32_C(1) << 30) - 1;
-    uint32_t digits[5] = {
-        (uint32_t)low & mask,
-        (uint32_t)(low >> 30) & mask,
-        (uint32_t)((low >> 60) | (high << 4)) & mask,
-        (uint32_t)(high >> 26) & mask,
-        (uint32_t)(high >> 56),
-    };
-    Py_ssize_t size = 5;
-    while (size > 1 && digits[size - 1] == 0) {
-        size--;
-    }
-    PyLongObject *value = _PyLong_New(size);
-    if (value == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < size; i++) {
-        value->ob_digit[i] = (digit)digits[i];
-    }
-    return (PyObject *)value;
-#else
-    unsigned char bytes[16];
-    store_u64_le(bytes, low);
-    store_u64_le(bytes + 8, high);
-    return _PyLong_FromByteArray(bytes, sizeof bytes, 1, 0);
-#endif
-}
-
-/* The int `value`. */
-static PyObject *u64_to_int(uint64_t value) {
-#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
-    /* NOTE: CPython 3.11's int layout, filled directly (see u128_to_int): a third fewer
-       instructions than PyLong_FromUnsignedLongLong's digit-counting loop */
-    if (value < (UINT64_C(1) << 30)) {
-        return PyLong_FromLong((long)value); /* small ints come from CPython's cache */
-    }
-    const uint32_t mask = (UINT32_C(1) << 30) - 1;
-    Py_ssize_t size = value >> 60 ? 3 : 2;
-    PyLongObject *out = _PyLong_New(size);
-    if (out == NULL) {
-        return NULL;
-    }
-    out->ob_digit[0] = (digit)((uint32_t)value & mask);
-    out->ob_digit[1] = (digit)((uint32_t)(value >> 30) & mask);
-    if (size == 3) {
-        out->ob_digit[2] = (digit)(value >> 60);
-    }
-    return (PyObject *)out;
-#else
-    return PyLong_FromUnsignedLongLong(value);
-#endif
-}
-
 /* position << 118 | parent_frag << 59 | frag, as a Python int (both fragments < 2^59). */
 static PyObject *mode0_plh(uint64_t position, uint64_t parent_frag, uint64_t frag) {
     uint64_t low = frag | (parent_frag << FRAG_BITS);
     uint64_t high = (parent_frag >> (64 - FRAG_BITS)) | (position << (POSITION_SHIFT - 64));
-    if (high == 0) {
-        return u64_to_int(low);
-    }
     return u128_to_int(high, low);
 }
 
@@ -340,7 +281,7 @@ static PyObject *hash_one_at(PyObject *module, PyObject *const *args, Py_ssize_t
 /* The mode-0 fragment `value & (2^59 - 1)` of the int `value` in 0..2^64-1, a new int. */
 static PyObject *fragment_of(PyObject *value) {
 #if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
-    /* NOTE: CPython 3.11's int layout (see u128_to_int): the fragment is the low 30 bits of
+    /* NOTE: CPython 3.11's int layout (see _pyint.h): the fragment is the low 30 bits of
        the first digit and 29 of the second, copied into a new int of at most two digits */
     Py_ssize_t size = Py_SIZE(value);
     const digit *digits = ((PyLongObject *)value)->ob_digit;
@@ -643,7 +584,7 @@ static PyObject *crossing_words(PyObject *module, PyObject *const *args, Py_ssiz
             low = (low << 8) | id[b];
             high = (high << 8) | id[8 + b];
         }
-        PyObject *id_obj = high ? u128_to_int(high, low) : u64_to_int(low);
+        PyObject *id_obj = u128_to_int(high, low);
         if (id_obj == NULL) {
             goto done;
         }

@@ -55,7 +55,7 @@ CORE_MODULES: Final = (
 )
 """The modules `scripts/build_core.py` compiles: the hot, pure-Python part of the simulator."""
 
-C_EXTENSIONS: Final = ("shmkv._blockhash",)
+C_EXTENSIONS: Final = ("shmkv._blockhash", "shmkv._g2index")
 """C accelerators of the core that `scripts/build_core.py` builds with it, each from a `.c`
 beside the `.py`s. A core module uses one only while the core runs compiled (so `SHMKV_PURE=1`
 runs every line of Python), and the stamp covers their sources too."""
@@ -72,9 +72,16 @@ def source_path(module: str) -> Path:
     return PACKAGE_DIR.joinpath(*module.split(".")[1:]).with_suffix(suffix)
 
 
+C_HEADERS: Final = ("_pyint.h",)
+"""Headers the C accelerators include (files beside them): the stamp covers them too."""
+
+
 def source_digests(modules: Sequence[str] = (*CORE_MODULES, *C_EXTENSIONS)) -> dict[str, str]:
-    """sha256 of each module's source, as the stamp records it."""
-    return {m: hashlib.sha256(source_path(m).read_bytes()).hexdigest() for m in modules}
+    """sha256 of each module's source, and of each of `C_HEADERS`, as the stamp records it."""
+    digests = {m: hashlib.sha256(source_path(m).read_bytes()).hexdigest() for m in modules}
+    for header in C_HEADERS:
+        digests[header] = hashlib.sha256((PACKAGE_DIR / header).read_bytes()).hexdigest()
+    return digests
 
 
 def build_problem() -> str | None:

@@ -86,10 +86,12 @@ flight and the pool covers it, `_land_packed` commits it straight from the group
 `packed_fast_path = False` stages them one by one (tests compare the two).
 
 Cost (scripts/bench_fleet.py, scripts/callgrind_coordinator.py): per group a fixed number of
-numpy calls (screening, one `G2Directory.reserve_many_array`, the PLHs of the whole group as
-two 64-bit words: `g2.plhs_of_columns`, one `commit_screened` whose batches the Lineage links
-as chains: `G2Lineage.insert_chains`); per block the Lineage policy (`shmkv.g2_lineage`,
-compiled: one insert, one evict), joining its PLH, dict/set bookkeeping. The loop runs
+numpy calls (screening, whose READY test is one `G2Directory.any_ready` probe pass over the
+shared index, one `G2Directory.reserve_many_array`, the PLHs of the whole group:
+`g2.plhs_of_columns`, one `commit_screened` whose batches the Lineage links as chains:
+`G2Lineage.insert_chains`, one index insert and one index removal call: C in
+`shmkv._g2index` when the core runs compiled); per block the Lineage policy
+(`shmkv.g2_lineage`, compiled: one insert, one evict) and its PLH. The loop runs
 without automatic garbage collection (`_periodic_gc`: one `gc.collect()` per stats interval).
 `Coordinator.batched = False` keeps the per-item reference path (tests compare them).
 """
@@ -692,46 +694,40 @@ class Coordinator:
         if not has_parent.all() and parents_arr[~has_parent].any():
             return None
         positions_arr = (meta & _MAX_POSITION_U64).astype(np.int64)
-        columns = _Columns(words[:, 0], parents_arr, has_parent, words[:, 2], positions_arr)
-        seq_list: list[SeqHash] = columns.seqs.tolist()
-        ordered = np.sort(columns.seqs)
+        seqs = np.ascontiguousarray(words[:, 0])
+        columns = _Columns(seqs, parents_arr, has_parent, words[:, 2], positions_arr)
+        ordered = np.sort(seqs)
         inflight = self._inflight
         _settle(claimed)
-        if (
-            (total > 1 and bool((ordered[1:] == ordered[:-1]).any()))
-            or not self.directory.ready_seqs.isdisjoint(seq_list)
-            or (inflight and not inflight.keys().isdisjoint(seq_list))
-            or (claimed and not claimed.isdisjoint(seq_list))
+        if (total > 1 and bool((ordered[1:] == ordered[:-1]).any())) or self.directory.any_ready(
+            seqs
         ):
             return None
+        if inflight or claimed:
+            seq_list: list[SeqHash] = seqs.tolist()
+            if (inflight and not inflight.keys().isdisjoint(seq_list)) or (
+                claimed and not claimed.isdisjoint(seq_list)
+            ):
+                return None
         token_bytes = b"".join([msg.frames[1] for _identity, _conn, msg in pending])
         tokens = np.frombuffer(token_bytes, dtype="<u4").reshape(total, self._block_size)
         if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
             tokens = tokens.astype(np.uint32)
         starts = list(itertools.accumulate(counts[:-1], initial=0))
         packed = _PackedGroup(
-            columns, seq_list, tokens, token_bytes, starts, counts,
+            columns, total, tokens, token_bytes, starts, counts,
             _chains_parent_first(columns, starts, ordered),
         )  # fmt: skip
         screened: list[_Offload] = []
         for (_identity, conn, msg), start, count in zip(pending, starts, counts, strict=True):
-            stop = start + count
-            part = _Columns(
-                columns.seqs[start:stop],
-                parents_arr[start:stop],
-                has_parent[start:stop],
-                columns.locals[start:stop],
-                positions_arr[start:stop],
-            )
-            cand = _Candidates([], [], [], [], [])  # NOTE: filled by `_materialized` if needed
-            offload = _Offload(
-                conn, msg.body["batch"], cand, [], tokens[start:stop], part, packed, count
-            )
+            # NOTE: candidates, columns and token rows are filled by `_materialized` if needed
+            cand = _Candidates([], [], [], [], [])
+            offload = _Offload(conn, msg.body["batch"], cand, [], None, None, packed, count, start)
             screened.append(offload)
         stats = self.stats
         stats.offload_messages += len(pending)
         stats.offload_items += total
-        _claim(claimed, seq_list)
+        _claim(claimed, seqs)
         return screened
 
     def _bad_message(self, identity: bytes, reason: str) -> None:
@@ -961,7 +957,7 @@ class Coordinator:
             and len(group) == len(packed.starts)
             and not self._inflight
             and not self._deferred
-            and self._batching(len(packed.seq_list))
+            and self._batching(packed.total)
         ):
             return False
         keys = set()
@@ -972,13 +968,30 @@ class Coordinator:
         return len(keys) == len(group)
 
     def _materialized(self, entry: _Offload) -> _Offload:
-        """`entry` with its candidates as lists (what `_screen_offload` gives)."""
-        if entry.packed is None:
+        """`entry` with its candidates as lists, its columns and token rows (what
+        `_screen_offload` gives)."""
+        packed = entry.packed
+        if packed is None:
             return entry
-        assert entry.columns is not None
-        seqs, parents, locals_, positions = _column_lists(entry.columns)
+        start, stop = entry.packed_start, entry.packed_start + entry.num_packed
+        cols = packed.columns
+        columns = _Columns(
+            cols.seqs[start:stop],
+            cols.parents[start:stop],
+            cols.has_parent[start:stop],
+            cols.locals[start:stop],
+            cols.positions[start:stop],
+        )
+        seqs, parents, locals_, positions = _column_lists(columns)
         cand = _Candidates(list(range(entry.num_packed)), seqs, parents, locals_, positions)
-        return entry._replace(cand=cand, packed=None, num_packed=0)
+        return entry._replace(
+            cand=cand,
+            token_rows=packed.tokens[start:stop],
+            columns=columns,
+            packed=None,
+            num_packed=0,
+            packed_start=0,
+        )
 
     def _land_packed(
         self, group: list[_Offload], packed: _PackedGroup, slot_arr: npt.NDArray[np.intp]
@@ -987,7 +1000,7 @@ class Coordinator:
         one `commit_screened` of the whole group's columns (the same call, with the same
         arguments, that staging every OFFLOAD with `_stage_batch` builds), the stores queued,
         then each OFFLOAD's ACK (done) for the next flush."""
-        total = len(packed.seq_list)
+        total = packed.total
         self.stats.accepted += total
         now = self.clock.now_ms()
         cols = packed.columns
@@ -998,7 +1011,7 @@ class Coordinator:
             owners = np.repeat(np.array(ranks, dtype=np.int64), packed.counts)
         committed = self.directory.commit_screened(
             slot_arr, cols.seqs, cols.parents, cols.has_parent, cols.locals, cols.positions,
-            packed.tokens, owners, plhs, packed.seq_list, chain_starts=packed.starts,
+            packed.tokens, owners, plhs, chain_starts=packed.starts,
         )  # fmt: skip
         if committed.count(True) == total:
             self.stats.offloaded += total
@@ -1793,9 +1806,12 @@ class _Offload(NamedTuple):
     """The candidates as arrays, when they are every item of a packed OFFLOAD, in order."""
     packed: _PackedGroup | None = None
     """Set when screened with other plain packed OFFLOADs (`_screen_packed_group`): every
-    item is a candidate, and `cand` stays empty until `_materialized` fills it."""
+    item is a candidate, and `cand`, `token_rows` and `columns` stay empty until
+    `_materialized` fills them from the group's arrays."""
     num_packed: int = 0
     """The number of items (candidates) when `packed` is set."""
+    packed_start: int = 0
+    """Where its items start among the group's when `packed` is set."""
 
 
 class _PackedGroup(NamedTuple):
@@ -1803,7 +1819,8 @@ class _PackedGroup(NamedTuple):
     order: every item valid and new, all of them candidates."""
 
     columns: _Columns
-    seq_list: list[SeqHash]
+    total: int
+    """The number of blocks."""
     tokens: npt.NDArray[np.uint32]
     token_bytes: bytes
     """`tokens` as the wire bytes (the token frames, joined)."""
@@ -1847,21 +1864,21 @@ class _Claims(set[SeqHash]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lazy: list[list[SeqHash]] = []
+        self.lazy: list[npt.NDArray[np.uint64]] = []
 
 
-def _claim(claimed: set[SeqHash], seqs: list[SeqHash]) -> None:
+def _claim(claimed: set[SeqHash], seqs: npt.NDArray[np.uint64]) -> None:
     if isinstance(claimed, _Claims):
         claimed.lazy.append(seqs)
     else:
-        claimed.update(seqs)
+        claimed.update(seqs.tolist())
 
 
 def _settle(claimed: set[SeqHash] | None) -> None:
     """Add the lazily claimed hashes to `claimed` (before anything reads it)."""
     if isinstance(claimed, _Claims) and claimed.lazy:
         for seqs in claimed.lazy:
-            claimed.update(seqs)
+            claimed.update(seqs.tolist())
         claimed.lazy.clear()
 
 

@@ -45,8 +45,14 @@ fence; gather state, then gen; undo with `np.subtract.at`); `G2Directory.reserve
 `reserve_many`, one slot per entry for the rank it names) evicts in rounds (the policy's
 `evict_many`, EVICTING stores for all victims, one fence, one pin-row check), `commit_many`
 (blocks of one rank or of several) inserts into the policy with one `insert_many`, writes all
-fields, then READY, then the index; index inserts and removals are vectorized and leave
-exactly the cells the per-key operations leave.
+fields, then READY, then the index; index inserts and removals of a batch are one call each
+(`_index_insert` / `_index_remove`: C in `shmkv._g2index` while the core runs compiled, else
+their Python twins), writing the shared table in place, and leave exactly the cells the
+per-key operations leave.
+
+The directory keeps no private copy of the table and no set of READY hashes: `ready_seqs` is
+a view that probes the index (`_index_find`), and `any_ready` screens an array of hashes in
+one call (`_index_find_any`), which is what the coordinator's dedup needs.
 
 Eviction policy keys are PLHs (`shmkv.hashing.make_plh(seq_hash, parent, position)`), so the
 project's Lineage backend can be plugged in unchanged; the directory keeps `plh -> slot`, except
@@ -62,18 +68,18 @@ from __future__ import annotations
 import struct
 import threading
 from array import array
-from collections.abc import Iterable, Sequence, Set as AbstractSet
+from collections.abc import Iterable, Iterator, Sequence, Set as AbstractSet
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import itemgetter
 from types import TracebackType
-from typing import Final, Protocol, Self
+from typing import Any, Final, Protocol, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from shmkv.errors import ClosedError, ConfigError, InvariantError
-from shmkv.g2_lineage import G2Lineage, index_cells_at, index_insert_run, index_remove_all
+from shmkv.g2_lineage import G2Lineage
 from shmkv.hashing import MAX_POSITION, make_plh
 from shmkv.ids import U64_MASK, BlockId, DpRank, LocalHash, Plh, SeqHash
 from shmkv.shm import (
@@ -112,8 +118,6 @@ _WINDOW: Final = 8
 _MAX_VECTOR_ROWS: Final = 1024
 _SCALAR_UNPIN_MAX: Final = 24
 """`unpin_many` releases fewer pins than this one by one (cheaper than numpy's call cost)."""
-_SCALAR_CELL_COPIES: Final = 16
-"""Fewer changed index cells than this are copied into the shared table one by one."""
 _REBUILD_EMPTY_FRACTION: Final = 4
 """Rebuild the index when fewer than T / 4 cells are empty."""
 
@@ -131,6 +135,186 @@ def full_fence() -> None:
     """
     _FENCE_LOCK.acquire()
     _FENCE_LOCK.release()
+
+
+# -- the coordinator's index probing: C (shmkv/_g2index.c) while the core runs compiled ---------
+#
+# Each function below is the Python twin of the C function of the same name without `_py`
+# (tests/property/test_g2_index_probing.py pins them bit for bit). Arguments: the shared
+# table (int32, written in place), keys / seq_hash (u64) and slots (int64), as C-contiguous
+# arrays (numpy arrays or `array.array`s).
+
+
+def _index_insert_py(table: Any, keys: Any, slots: Any, start: int, room: int) -> tuple[int, int]:
+    """Insert `slots[k]` under `keys[k]` (home cell `keys[k] % len(table)`) for k = start,
+    ... in order: each goes to the first tombstone before the first empty cell of its linear
+    probe path, else to that empty cell. Stops after the insert that fills the `room + 1`-th
+    empty cell (the caller's rebuild point), or at the end.
+
+    Returns (inserts done, empty cells filled); the rest filled tombstones.
+    """
+    cells: memoryview[int] = memoryview(table)
+    key_mv: memoryview[int] = memoryview(keys)
+    slot_mv: memoryview[int] = memoryview(slots)
+    size, count = len(cells), len(key_mv)
+    if len(slot_mv) != count:
+        raise ValueError("index_insert: keys and slots differ in length")
+    if size <= 0 or not 0 <= start <= count:
+        raise ValueError("index_insert: empty table or start out of range")
+    k = start
+    filled = 0
+    while k < count:
+        slot = slot_mv[k]
+        if not 0 <= slot <= 0x7FFFFFFF:
+            raise ValueError(f"index_insert: slot {slot} out of range")
+        pos = key_mv[k] % size
+        tombstone = -1
+        left = size
+        while True:
+            cell = cells[pos]
+            if cell == INDEX_EMPTY:
+                break
+            if cell == INDEX_TOMBSTONE and tombstone < 0:
+                tombstone = pos
+            pos += 1
+            if pos == size:
+                pos = 0
+            left -= 1
+            if not left:
+                raise ValueError("index_insert: the table has no empty cell")
+        if tombstone >= 0:
+            pos = tombstone
+        else:
+            filled += 1
+        cells[pos] = slot
+        k += 1
+        if filled > room:
+            break
+    return k - start, filled
+
+
+def _index_remove_py(table: Any, keys: Any, slots: Any) -> tuple[int, int, int]:
+    """Unindex `slots[k]` (under `keys[k]`) for every k in order: its cell becomes a
+    tombstone, or, when the next cell is empty, empty together with the tombstones just before
+    it. Stops at the first slot missing from its probe path.
+
+    Returns (removals done: `len(slots)` unless one is missing, the change in the number of
+    tombstones, the number of cells turned empty).
+    """
+    cells: memoryview[int] = memoryview(table)
+    key_mv: memoryview[int] = memoryview(keys)
+    slot_mv: memoryview[int] = memoryview(slots)
+    size, count = len(cells), len(key_mv)
+    if len(slot_mv) != count:
+        raise ValueError("index_remove: keys and slots differ in length")
+    if size <= 0:
+        raise ValueError("index_remove: empty table")
+    net_tombstones = 0
+    emptied = 0
+    k = 0
+    while k < count:
+        slot = slot_mv[k]
+        if slot < 0:
+            break
+        pos = key_mv[k] % size
+        found = False
+        for _ in range(size):
+            cell = cells[pos]
+            if cell == slot:
+                found = True
+                break
+            if cell == INDEX_EMPTY:
+                break
+            pos += 1
+            if pos == size:
+                pos = 0
+        if not found:
+            break
+        k += 1
+        if cells[pos + 1 if pos + 1 < size else 0] != INDEX_EMPTY:
+            cells[pos] = INDEX_TOMBSTONE
+            net_tombstones += 1
+            continue
+        cells[pos] = INDEX_EMPTY
+        emptied += 1
+        pos = pos - 1 if pos else size - 1
+        while cells[pos] == INDEX_TOMBSTONE:
+            cells[pos] = INDEX_EMPTY
+            emptied += 1
+            net_tombstones -= 1
+            pos = pos - 1 if pos else size - 1
+    return k, net_tombstones, emptied
+
+
+def _find_py(cells: memoryview[int], seq_hash: memoryview[int], key: int) -> int:
+    size = len(cells)
+    capacity = len(seq_hash)
+    pos = key % size
+    for _ in range(size):
+        cell = cells[pos]
+        if cell == INDEX_EMPTY:
+            return -1
+        if 0 <= cell < capacity and seq_hash[cell] == key:
+            return cell
+        pos += 1
+        if pos == size:
+            pos = 0
+    return -1
+
+
+def _index_find_py(table: Any, seq_hash: Any, key: int) -> int:
+    """The slot of the first cell of `key`'s probe path (before an empty cell) whose slot
+    holds `key` (`seq_hash[slot] == key`), or -1."""
+    cells: memoryview[int] = memoryview(table)
+    if not len(cells):
+        raise ValueError("index_find: empty table")
+    if not 0 <= key <= U64_MASK:
+        raise OverflowError(f"index_find: key {key} is not a u64")
+    return _find_py(cells, memoryview(seq_hash), key)
+
+
+def _index_find_any_py(table: Any, seq_hash: Any, keys: Any) -> int:
+    """The first k for which `_index_find_py(table, seq_hash, keys[k])` finds a slot, or -1."""
+    cells: memoryview[int] = memoryview(table)
+    if not len(cells):
+        raise ValueError("index_find_any: empty table")
+    hashes: memoryview[int] = memoryview(seq_hash)
+    for k, key in enumerate(memoryview(keys).tolist()):
+        if _find_py(cells, hashes, key) >= 0:
+            return k
+    return -1
+
+
+def _index_accelerator() -> Any:
+    """The module `shmkv._g2index` while the core runs compiled and it loads, else None."""
+    from shmkv import _native
+
+    if not _native.is_compiled():
+        return None
+    try:
+        from shmkv import _g2index
+    except ImportError:  # not built: the Python twins
+        return None
+    return _g2index
+
+
+_INDEX_ACCEL: Final[Any] = _index_accelerator()
+_index_insert: Final = _index_insert_py if _INDEX_ACCEL is None else _INDEX_ACCEL.index_insert
+_index_remove: Final = _index_remove_py if _INDEX_ACCEL is None else _INDEX_ACCEL.index_remove
+_index_find: Final = _index_find_py if _INDEX_ACCEL is None else _INDEX_ACCEL.index_find
+_index_find_any: Final = _index_find_any_py if _INDEX_ACCEL is None else _INDEX_ACCEL.index_find_any
+
+
+def _u64_column(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """`values` as a C-contiguous u64 array (no copy when it is one already)."""
+    out: npt.NDArray[np.uint64] = np.ascontiguousarray(values, dtype=np.uint64)
+    return out
+
+
+def _i64_column(values: npt.NDArray[np.intp]) -> npt.NDArray[np.int64]:
+    """`values` (slot numbers) as a C-contiguous int64 array."""
+    out: npt.NDArray[np.int64] = np.ascontiguousarray(values, dtype=np.int64)
+    return out
 
 
 def _distinct_prefix(values: npt.NDArray[np.intp], scratch: npt.NDArray[np.intp]) -> int:
@@ -161,14 +345,6 @@ def _intp_array(values: list[int]) -> npt.NDArray[np.intp]:
     """
     raw = struct.pack(f"={len(values)}q", *values)
     out: npt.NDArray[np.intp] = np.frombuffer(raw, dtype=np.int64).astype(np.intp, copy=False)
-    return out
-
-
-def _int32_array(values: list[int]) -> npt.NDArray[np.int32]:
-    """`values` (index cells) as an int32 array (see `_intp_array`)."""
-    out: npt.NDArray[np.int32] = np.frombuffer(
-        struct.pack(f"={len(values)}i", *values), dtype=np.int32
-    )
     return out
 
 
@@ -211,12 +387,30 @@ def plhs_of_columns(
     First-mode PLHs are built by numpy as two 64-bit words (`hi`: position and the parent
     fragment's top bits; `lo`: the rest of the parent fragment and the current fragment),
     then joined per block with one shift and one or: about a third of the per-block big-int
-    work of `plhs_of`.
+    work of `plhs_of`. While the core runs compiled, C builds each PLH straight from the
+    columns (`shmkv._g2index.plhs_mode0`, whose twin is `_plhs_of_columns_py`).
     """
     if positions.size == 0:
         return []
     if int(positions.min()) < 0 or int(positions.max()) >= _FAST_PLH_END:
         return plhs_of(seq_hashes.tolist(), parent_hashes.tolist(), positions.tolist())
+    if (
+        _INDEX_ACCEL is not None
+        and seq_hashes.dtype == np.uint64
+        and parent_hashes.dtype == np.uint64
+        and positions.dtype == np.int64
+    ):
+        plhs: list[Plh] = _INDEX_ACCEL.plhs_mode0(seq_hashes, parent_hashes, positions)
+        return plhs
+    return _plhs_of_columns_py(seq_hashes, parent_hashes, positions)
+
+
+def _plhs_of_columns_py(
+    seq_hashes: npt.NDArray[np.uint64],
+    parent_hashes: npt.NDArray[np.uint64],
+    positions: npt.NDArray[np.integer],
+) -> list[Plh]:
+    """`plhs_of_columns` of positions 0..254 with numpy (the twin of `plhs_mode0`)."""
     parent_frag = parent_hashes & _M0_FRAG_MASK_U64
     lo = (parent_frag << _M0_FRAG_BITS_U64) | (seq_hashes & _M0_FRAG_MASK_U64)
     hi = (positions.astype(np.uint64) << _M0_HI_POSITION_SHIFT_U64) | (
@@ -1075,6 +1269,38 @@ class G2RankView(_IndexReader):
 # Coordinator side.
 
 
+class _ReadySeqs(AbstractSet[SeqHash]):
+    """The sequence hashes of a directory's READY slots, i.e. the keys of the shared index's
+    live entries: a read-only set view that probes the index (`G2Directory.ready_seqs`)."""
+
+    __slots__ = ("_directory",)
+
+    def __init__(self, directory: G2Directory) -> None:
+        self._directory = directory
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, int | np.integer):
+            return False
+        value = int(key)
+        return 0 <= value <= U64_MASK and self._directory.is_ready(value)
+
+    def __len__(self) -> int:
+        return self._directory._num_indexed()
+
+    def __iter__(self) -> Iterator[SeqHash]:
+        directory = self._directory
+        cells = directory._index_np
+        hashes: list[SeqHash] = directory._seq_hash_np[cells[cells >= 0]].tolist()
+        return iter(hashes)
+
+    def isdisjoint(self, other: Iterable[object]) -> bool:
+        """Whether no hash of `other` is READY (a u64 array: one probe pass, in C when the
+        core runs compiled)."""
+        if isinstance(other, np.ndarray) and other.dtype == np.uint64 and other.ndim == 1:
+            return not self._directory.any_ready(other)
+        return not any(key in self for key in other)
+
+
 class G2Directory(_IndexReader):
     """The coordinator's single-writer control of a G2 segment it created.
 
@@ -1115,10 +1341,6 @@ class G2Directory(_IndexReader):
         self._free_stack = np.arange(self._capacity - 1, -1, -1, dtype=np.int32)
         self._slot_scratch = np.zeros(self._capacity, dtype=np.intp)
         """Work array of `_distinct_prefix` (slot numbers)."""
-        self._index_cells: list[int] = [INDEX_EMPTY] * self._index_size
-        """A private copy of the shared index table (only this directory writes the table):
-        the probing of inserts and removals runs on it, compiled (`shmkv.g2_lineage`), and
-        the changed cells are copied into the table."""
         self._num_free = self._capacity
         self._num_reserved = 0
         self._lineage: G2Lineage | None = policy if isinstance(policy, G2Lineage) else None
@@ -1129,9 +1351,9 @@ class G2Directory(_IndexReader):
         )
         """The policy with each READY block's slot: a `G2Lineage`'s nodes keep them (their
         evictions give them back), any other policy gets a PLH -> slot map beside it."""
-        self._ready_seqs: set[SeqHash] = set()
-        """Sequence hashes of the READY slots, i.e. of the index's entries (a private mirror:
-        `commit_many`'s duplicate test at dict speed instead of probing the index)."""
+        self._ready_seqs = _ReadySeqs(self)
+        """Sequence hashes of the READY slots, i.e. of the index's entries: a view that
+        probes the index (in C while the core runs compiled)."""
         self._evicted_parts: list[list[SeqHash] | npt.NDArray[np.uint64]] = []
         """Sequence hashes evicted since the last `take_evicted`, in order, in parts."""
         self._index_used = 0
@@ -1165,8 +1387,24 @@ class G2Directory(_IndexReader):
 
     @property
     def ready_seqs(self) -> AbstractSet[SeqHash]:
-        """The sequence hashes of the READY slots (a live, read-only view: do not modify)."""
+        """The sequence hashes of the READY slots (a live, read-only view)."""
         return self._ready_seqs
+
+    def is_ready(self, seq_hash: SeqHash) -> bool:
+        """Whether a READY slot holds `seq_hash` (`seq_hash in ready_seqs`)."""
+        return _index_find(self._index_np, self._seq_hash_np, seq_hash) >= 0
+
+    def any_ready(self, seq_hashes: npt.NDArray[np.uint64]) -> bool:
+        """Whether a READY slot holds any of `seq_hashes` (one probe each, in C when
+        compiled): `not ready_seqs.isdisjoint(seq_hashes)`."""
+        if not len(seq_hashes):
+            return False
+        keys = _u64_column(seq_hashes)
+        return bool(_index_find_any(self._index_np, self._seq_hash_np, keys) >= 0)
+
+    def _num_indexed(self) -> int:
+        """Live index entries (= READY slots, between operations)."""
+        return self._index_used - self._num_tombstones
 
     def stats(self) -> G2DirectoryStats:
         return G2DirectoryStats(
@@ -1357,9 +1595,7 @@ class G2Directory(_IndexReader):
             self._num_evict_backoffs += num_pinned
             free = ~pinned
             idx, keys = idx[free], keys[free]
-        key_list: list[SeqHash] = keys.tolist()
-        self._ready_seqs.difference_update(key_list)
-        self._index_remove_many(keys, idx, key_list, None if num_pinned else slots)
+        self._index_remove_arrays(keys, _i64_column(idx))
         self._gen_np[idx] += 1  # INVARIANT: gen before state (module docstring)
         self._owner_np[idx] = NO_OWNER
         state[idx] = FREE
@@ -1381,8 +1617,7 @@ class G2Directory(_IndexReader):
             self._num_evict_backoffs += 1
             return False
         seq_hash = self._seq_hash_mv[slot]
-        self._index_remove(seq_hash, slot)
-        self._ready_seqs.discard(seq_hash)
+        self._index_remove_one(seq_hash, slot)
         self._gen_mv[slot] += 1
         self._owner_mv[slot] = NO_OWNER
         state[slot] = FREE
@@ -1471,8 +1706,7 @@ class G2Directory(_IndexReader):
         self._tokens_mv[start : start + block_size] = tokens
         # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
         self._state_mv[slot] = READY
-        self._index_insert(seq_hash, slot)
-        self._ready_seqs.add(seq_hash)
+        self._index_insert_one(seq_hash, slot)
         self._num_reserved -= 1
         self._num_commits += 1
         return True
@@ -1549,13 +1783,14 @@ class G2Directory(_IndexReader):
         token_ids: npt.NDArray[np.uint32] | None,
         owner_ranks: DpRank | npt.NDArray[np.int64],
         plhs: list[Plh],
-        seq_list: list[SeqHash],
+        seq_list: list[SeqHash] | None = None,
         *,
         chain_starts: list[int] | None = None,
     ) -> list[bool]:
         """`commit_many` of columns the caller built and screened already: arrays of one
         length (`parent_hashes` 0 where `has_parent` is False, positions in range), `plhs`
-        and `seq_list` (the sequence hashes as ints) matching them, and no sequence hash READY
+        and `seq_list` (optional: the sequence hashes as ints) matching them, and no sequence
+        hash READY
         or repeated in the batch (the coordinator's dedup guarantees it). Only PLH duplicates
         are looked for; slots, owners and token shapes are checked as by `commit_many`.
 
@@ -1573,7 +1808,7 @@ class G2Directory(_IndexReader):
             return []
         lengths = {
             len(seq_hashes), len(parent_hashes), len(has_parent), len(local_hashes),
-            len(positions), len(plhs), len(seq_list),
+            len(positions), len(plhs), count if seq_list is None else len(seq_list),
         }  # fmt: skip
         if lengths != {count}:
             raise ConfigError(f"commit_screened: columns of different lengths ({count}, {lengths})")
@@ -1594,7 +1829,7 @@ class G2Directory(_IndexReader):
         pos_arr: npt.NDArray[np.int64],
         tokens: npt.NDArray[np.uint32] | None,
         plh_list: list[Plh],
-        seq_list: list[SeqHash],
+        seq_list: list[SeqHash] | None,
         *,
         screened: bool,
         chain_starts: list[int] | None = None,
@@ -1604,8 +1839,9 @@ class G2Directory(_IndexReader):
         With a `G2Lineage` policy, a screened batch of chains (`chain_starts`) finds its
         duplicates (PLHs held already, or earlier in the batch: all a screened batch can have)
         while the Lineage inserts it, `insert_chains(..., duplicates=...)`: the same ones in
-        the same order, without a pass of its own."""
-        count = len(seq_list)
+        the same order, without a pass of its own. `seq_list`: `seq_arr` as ints, if the caller
+        has it."""
+        count = len(seq_arr)
         slot_list: list[int] = idx.tolist()
         policy, lineage = self._policy, self._lineage
         held_before = len(policy)
@@ -1623,6 +1859,8 @@ class G2Directory(_IndexReader):
             keep = [i for i, dup in enumerate(duplicate) if not dup] if found else None
             done = len(policy) - held_before
         else:
+            if seq_list is None:
+                seq_list = seq_arr.tolist()
             duplicate = self._duplicates(seq_list, plh_list, screened, seq_arr)
             keep = [i for i, dup in enumerate(duplicate) if not dup] if any(duplicate) else None
             keep_plhs = plh_list if keep is None else [plh_list[i] for i in keep]
@@ -1650,8 +1888,6 @@ class G2Directory(_IndexReader):
                 local_arr if rows is None else local_arr[rows],
                 pos_arr if rows is None else pos_arr[rows],
                 tokens if tokens is None or rows is None else tokens[rows],
-                slot_list if rows is None else [slot_list[i] for i in committed],
-                seq_list if rows is None else None,
             )
         if keep is not None:
             for i in range(limit):
@@ -1660,6 +1896,8 @@ class G2Directory(_IndexReader):
                     self.abort(int(idx[i]))
         if failure is not None:
             raise failure
+        if keep is None:  # NOTE: no duplicate (either branch): no per-block pass
+            return [True] * count
         return [not dup for dup in duplicate]
 
     def _checked_reserved(
@@ -1766,7 +2004,17 @@ class G2Directory(_IndexReader):
         if (
             (_low_fragments_distinct(seq_arr) or len(set(plh_list)) == count)
             and not self._slotted.holds_any(plh_list)
-            and (screened or (ready_seqs.isdisjoint(seq_list) and len(set(seq_list)) == count))
+            and (
+                screened
+                or (
+                    (
+                        not self.any_ready(seq_arr)
+                        if seq_arr is not None
+                        else ready_seqs.isdisjoint(seq_list)
+                    )
+                    and len(set(seq_list)) == count
+                )
+            )
         ):
             return [False] * count
         duplicate: list[bool] = []
@@ -1790,12 +2038,9 @@ class G2Directory(_IndexReader):
         local_arr: npt.NDArray[np.uint64],
         pos_arr: npt.NDArray[np.int64],
         tokens: npt.NDArray[np.uint32] | None,
-        slot_list: list[int],
-        seq_list: list[SeqHash] | None = None,
     ) -> None:
         """Write the fields of reserved slots already in the policy (and filed under their
-        slots there), turn them READY, index
-        (`slot_list`: `idx` as ints; `seq_list`: `seq_arr` as ints, if the caller has it)."""
+        slots there), turn them READY, index."""
         seg = self._segment
         self._seq_hash_np[idx] = seq_arr
         seg.parent_hash[idx] = np.where(has_parent, parent_arr, np.uint64(0))
@@ -1805,8 +2050,7 @@ class G2Directory(_IndexReader):
         seg.tokens[idx] = 0 if tokens is None else tokens
         # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
         self._state_np[idx] = _READY_I8
-        self._index_insert_many(seq_arr, idx, slot_list)
-        self._ready_seqs.update(seq_arr.tolist() if seq_list is None else seq_list)
+        self._index_insert_arrays(_u64_column(seq_arr), _i64_column(idx))
         self._num_reserved -= int(idx.size)
         self._num_commits += int(idx.size)
 
@@ -1915,102 +2159,57 @@ class G2Directory(_IndexReader):
 
     # -- index maintenance (single writer) -----------------------------------------------------
 
-    def _index_insert(self, key: SeqHash, slot: BlockId) -> None:
+    def _index_insert_one(self, key: SeqHash, slot: BlockId) -> None:
         """Index `slot` under `key`: at the first tombstone before the first empty cell of
         the linear probe path from `key mod T`, else at that empty cell; the table is rebuilt
         when fewer than T / 4 cells stay empty."""
-        self._index_insert_all([key % self._index_size], [slot], None)
+        self._index_insert_arrays(array("Q", (key,)), array("q", (slot,)))
 
-    def _index_remove(self, key: SeqHash, slot: BlockId) -> None:
+    def _index_remove_one(self, key: SeqHash, slot: BlockId) -> None:
         """Unindex `slot` (under `key`): its cell becomes a tombstone, or empty together with
         the tombstones just before it when the next cell is empty (no probe path crosses it).
 
         Raises:
             InvariantError: the slot is not in the index.
         """
-        self._index_remove_all([key % self._index_size], [slot], [key])
+        self._index_remove_arrays(array("Q", (key,)), array("q", (slot,)))
 
-    def _copy_cells(self, touched: list[int], values: list[int] | npt.NDArray[np.intp]) -> None:
-        """Copy changed cells of the private table into the shared one (`values`: the new
-        contents of the `touched` cells, in order; a cell touched twice holds its last)."""
-        count = len(touched)
-        if count < _SCALAR_CELL_COPIES:
-            index = self._index_mv
-            for pos, value in zip(touched, values, strict=True):
-                index[pos] = int(value)
-            return
-        cells = _intp_array(touched)
-        if isinstance(values, list):
-            self._index_np[cells] = _int32_array(values)
-        else:
-            self._index_np[cells] = values
-
-    def _index_insert_many(
-        self,
-        keys: npt.NDArray[np.uint64],
-        slots: npt.NDArray[np.intp],
-        slot_list: list[int] | None = None,
+    def _index_insert_arrays(
+        self, keys: npt.NDArray[np.uint64] | array[int], slots: npt.NDArray[np.int64] | array[int]
     ) -> None:
-        """`_index_insert` of every (key, slot) in order (`slot_list`: `slots` as ints, if
-        the caller has them); the table ends up exactly as the per-key inserts would leave it
-        (same cells, counters and rebuild point)."""
-        if slots.size:
-            homes: list[int] = (keys % self._index_size_u64).tolist()
-            self._index_insert_all(homes, slots.tolist() if slot_list is None else slot_list, slots)
-
-    def _index_insert_all(
-        self, homes: list[int], slots: list[int], slot_arr: npt.NDArray[np.intp] | None
-    ) -> None:
-        """`_index_insert` of every slot (home cell `homes[k]`) in order, probing the
-        private table compiled (`g2_lineage.index_insert_run`). A rebuild happens right after
-        the insert that crosses the threshold, leaving out the slots not inserted yet (they
-        are inserted into the new table after). `slot_arr`: `slots` as an array, if any."""
+        """`_index_insert_one` of every (key, slot) in order (C-contiguous u64 and int64
+        arrays), writing the shared table in place (`_index_insert`). A rebuild happens right
+        after the insert that crosses the threshold, leaving out the slots not inserted yet
+        (they are inserted into the new table after)."""
         count = len(slots)
         start = 0
         while start < count:
             room = self._rebuild_at - self._index_used
-            touched: list[int] = []
-            done, filled = index_insert_run(self._index_cells, homes, slots, start, room, touched)
-            self._copy_cells(
-                touched,
-                slots[start : start + done] if slot_arr is None else slot_arr[start : start + done],
-            )
+            done, filled = _index_insert(self._index_np, keys, slots, start, room)
             self._index_used += filled
             self._num_tombstones -= done - filled
             start += done
             if filled > room:
-                rest = slots[start:] if slot_arr is None else slot_arr[start:]
-                self._rebuild_index(skip=np.asarray(rest, dtype=np.intp))
+                self._rebuild_index(skip=np.asarray(slots[start:], dtype=np.intp))
 
-    def _index_remove_many(
-        self,
-        keys: npt.NDArray[np.uint64],
-        slots: npt.NDArray[np.intp],
-        key_list: list[SeqHash] | None = None,
-        slot_list: list[int] | None = None,
+    def _index_remove_arrays(
+        self, keys: npt.NDArray[np.uint64] | array[int], slots: npt.NDArray[np.int64] | array[int]
     ) -> None:
-        """`_index_remove` of every (key, slot) in order (`key_list`, `slot_list`: `keys` and
-        `slots` as ints, if the caller has them): the same final table."""
-        if slots.size:
-            homes: list[int] = (keys % self._index_size_u64).tolist()
-            self._index_remove_all(
-                homes,
-                slots.tolist() if slot_list is None else slot_list,
-                keys.tolist() if key_list is None else key_list,
-            )
+        """`_index_remove_one` of every (key, slot) in order (C-contiguous u64 and int64
+        arrays), writing the shared table in place (`_index_remove`).
 
-    def _index_remove_all(self, homes: list[int], slots: list[int], keys: list[int]) -> None:
-        """`_index_remove` of every (key, slot) in order (home cell `homes[k]`), probing the
-        private table compiled (`g2_lineage.index_remove_all`)."""
-        touched: list[int] = []
-        try:
-            net_tombstones, emptied = index_remove_all(
-                self._index_cells, homes, slots, keys, touched
-            )
-        finally:  # NOTE: on a missing slot the ones before it are removed: copy them
-            self._copy_cells(touched, index_cells_at(self._index_cells, touched))
+        Raises:
+            InvariantError: a slot is not in the index (the ones before it are removed).
+        """
+        if not len(slots):
+            return
+        done, net_tombstones, emptied = _index_remove(self._index_np, keys, slots)
         self._num_tombstones += net_tombstones
         self._index_used -= emptied
+        if done < len(slots):
+            raise InvariantError(
+                f"slot {int(slots[done])} (hash {int(keys[done]):#x}) is missing from the index"
+            )
 
     def _rebuild_index(self, skip: npt.NDArray[np.intp] | None = None) -> None:
         """Re-place every READY slot without tombstones (vectorized), then copy the table in.
@@ -2044,7 +2243,6 @@ class G2Directory(_IndexReader):
             moved[moved == size] = 0
             pos[pending] = moved
         self._index_np[:] = table
-        self._index_cells = table.tolist()
         self._index_used = int(ready.size)
         self._num_tombstones = 0
         self._num_index_rebuilds += 1
@@ -2098,8 +2296,8 @@ class G2Directory(_IndexReader):
         plh_to_slot = self._slotted.slot_map()
         if set(plh_to_slot.values()) != ready_slots or len(plh_to_slot) != len(ready_slots):
             problems.append("plh -> slot map disagrees with the READY slots")
-        if self._ready_seqs != set(self._seq_hash_np[ready].tolist()):
-            problems.append("the READY hash set disagrees with the READY slots")
+        if len(self._ready_seqs) != int(ready.sum()):
+            problems.append("the index's live entries disagree with the READY slots")
         if len(self._policy) != len(ready_slots):
             problems.append(f"policy holds {len(self._policy)} keys, {len(ready_slots)} READY")
         else:
@@ -2112,8 +2310,6 @@ class G2Directory(_IndexReader):
     def _index_problems(self, ready: npt.NDArray[np.bool_]) -> list[str]:
         problems: list[str] = []
         cells = self._index_np.copy()
-        if cells.tolist() != self._index_cells:
-            problems.append("the private copy of the index differs from the shared table")
         if np.any((cells < INDEX_TOMBSTONE) | (cells >= self._capacity)):
             problems.append("index cell out of range")
             return problems

@@ -12,6 +12,7 @@ LAYER_OF_MODULE: dict[str, int] = {
     "ids": 0,
     "_native": 0,
     "_blockhash": 0,
+    "_g2index": 0,
     "errors": 0,
     "config": 0,
     "clock": 0,

@@ -120,6 +120,18 @@ def test_a_build_is_stale_once_a_c_accelerator_changes(
     )
 
 
+def test_a_build_is_stale_once_a_c_header_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digests = _native.source_digests()
+    assert set(_native.C_HEADERS) <= digests.keys()
+    digests["_pyint.h"] = hashlib.sha256(b"an older header").hexdigest()
+    _stamp(tmp_path, monkeypatch, python=sys.implementation.cache_tag, sources=digests)
+    assert _native.build_problem() == (
+        "sources changed since the build (rerun scripts/build_core.py)"
+    )
+
+
 def test_a_build_for_another_python_is_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
