@@ -20,6 +20,17 @@ cost, which weighs more the faster the run); `messages` counts the control messa
 supervisor received and sent per run (mostly RESULTS and SUBMIT: each one costs both ends a
 wake-up).
 
+`rqwait_s` (Linux) is the median time each process's threads were ready to run but waited for
+a CPU (/proc/<pid>/task/*/schedstat, second field): other processes on the machine, or the
+fleet's own (3 processes on 2 cores). A busiest rank whose CPU plus wait falls well short of
+the wall time sat idle, waiting for requests. On a shared 2-core VM the ratio moves by tens of
+percent with the neighbours' load: compare runs with similar `rqwait_s`.
+
+`idle_s` is the median time the ranks held no request and waited for the supervisor's next
+ones (each rank measures it between its first SUBMIT and DRAIN, and reports it in STATE):
+summed over the ranks, and for the least idle rank, whose idle time adds to the wall time
+one for one (round robin in a closed loop: the busiest rank sets the pace).
+
     .venv/bin/python scripts/bench_fleet_scaling.py [--ranks 1 2 4] [--repeats 3]
 """
 
@@ -50,6 +61,20 @@ def _cpu_s(pid: int | None) -> float:
     return float(times.user + times.system)
 
 
+def _rqwait_s(pid: int | None) -> float:
+    """Seconds the threads of `pid` spent runnable but waiting for a CPU (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    total_ns = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                total_ns += int(handle.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return total_ns / 1e9
+
+
 def _process_pids(fleet: Fleet, num_ranks: int) -> dict[str, int | None]:
     pids: dict[str, int | None] = {
         "supervisor": os.getpid(),
@@ -76,13 +101,16 @@ def run_once(num_ranks: int, request_count: int, num_g2_blocks: int) -> dict[str
         fleet.start()  # process start-up is not part of the figure
         pids = _process_pids(fleet, num_ranks)
         cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        wait_before = {name: _rqwait_s(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         outcome = fleet.run(sessions)
         wall_s = time.perf_counter() - started
         cpu = {name: _cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
+        wait = {name: _rqwait_s(pid) - wait_before[name] for name, pid in pids.items()}
     report = outcome.collector.build_report(wall_time_ms=wall_s * 1000)
     tokens = float(report["total_output_tokens"])
     ranks_cpu = [v for k, v in cpu.items() if k.startswith("rank")]
+    ranks_wait = [v for k, v in wait.items() if k.startswith("rank")]
     return {
         "wall_s": wall_s,
         "output_tokens": tokens,
@@ -91,6 +119,10 @@ def run_once(num_ranks: int, request_count: int, num_g2_blocks: int) -> dict[str
         "coordinator_cpu_s": cpu["coordinator"],
         "ranks_cpu_s": sum(ranks_cpu),
         "max_rank_cpu_s": max(ranks_cpu),
+        "ranks_idle_s": sum(s.idle_s for s in outcome.rank_status),
+        "least_rank_idle_s": min(s.idle_s for s in outcome.rank_status),
+        "supervisor_rqwait_s": wait["supervisor"],
+        "ranks_rqwait_s": sum(ranks_wait),
         "drain_ms": outcome.drain_wall_ms,
         "messages_received": outcome.num_messages_received,
         "messages_sent": outcome.num_messages_sent,
@@ -145,6 +177,14 @@ def main() -> None:
                         "coordinator": med("coordinator_cpu_s"),
                         "ranks": med("ranks_cpu_s"),
                         "max_rank": med("max_rank_cpu_s"),
+                    },
+                    "idle_s": {
+                        "ranks": med("ranks_idle_s"),
+                        "least_idle_rank": med("least_rank_idle_s"),
+                    },
+                    "rqwait_s": {
+                        "supervisor": med("supervisor_rqwait_s"),
+                        "ranks": med("ranks_rqwait_s"),
                     },
                     "drain_ms": round(med("drain_ms"), 1),
                     "messages": {

@@ -62,7 +62,13 @@ travel in the same RESULTS (and come back as one SUBMIT per rank). A rank with n
 to run reports at once. Each message costs both ends a wake-up and its handling: at speedup
 inf W1's completions come in groups on consecutive passes, and one RESULTS per group (plus
 the SUBMITs it releases) was most of the supervisor's CPU (W1, 2 ranks: ~210 RESULTS and
-~250 SUBMITs per run before, ~110 and ~170 with this)."""
+~250 SUBMITs per run before, ~110 and ~170 with this).
+
+The deadline outlives the burst (`RankEngine._report_by_s`): a burst cut short by a message
+(in a fleet, mostly the SUBMITs the other ranks' completions release) used to send what it
+had at once; the completions now wait for the deadline while the rank has work, and the
+bursts in between add theirs (W1, 2 ranks: ~120 RESULTS and ~180 SUBMITs per run before,
+~100 and ~160 with this; 1 rank: ~60 of each before, ~45 with this)."""
 IDLE_POLL_MS = 200
 BURST_S = 0.002
 """A clock that never waits runs passes in bursts of up to this long between socket polls."""
@@ -287,6 +293,10 @@ class RankEngine:
         self._urgent = False
         """A completion or rejection waits in `_pending`: the supervisor releases the next
         request on it, so it is reported at once (within a burst: after `_coalesce_s`)."""
+        self._report_by_s = 0.0
+        """Bursts: when the urgent records must go (`_coalesce_s` after the first; 0: not
+        set). A burst that ends earlier (a message came) leaves them waiting until then
+        while the rank has work: the next burst may add completions to the same RESULTS."""
         self._burst_s = BURST_S
         self._coalesce_s = RESULTS_COALESCE_S
         self._next_pass_ms = 0.0
@@ -296,6 +306,11 @@ class RankEngine:
         self._drained_sent = False
         self._num_passes = 0
         self._num_bad_messages = 0
+        self._serving = False
+        """Between the first SUBMIT and DRAIN: the span `idle_s` is measured over."""
+        self.idle_s = 0.0
+        """While serving, the time the rank held no request and waited in poll (for the
+        supervisor's next requests): what a rank of a fleet loses to starvation. In STATE."""
         self._check_every = int(spec.extra.get("check_invariants_every", 0) or 0)
         self._inject_bug = str(spec.extra.get("inject_bug") or "")
         self.violations: list[str] = []
@@ -440,10 +455,18 @@ class RankEngine:
         if g2_socket is not None:
             poll_items.append((g2_socket, _ZMQ_POLLIN))
         zmq_poll = zmq.zmq_poll
+        monotonic = time.monotonic
         scheduler = self.scheduler
         while not self._stopping:
             sup_ready = g2_ready = False
-            for sock, _events in zmq_poll(poll_items, self._poll_timeout_ms()):
+            timeout_ms = self._poll_timeout_ms()
+            if self._serving and not scheduler.num_requests and timeout_ms:
+                waited_from_s = monotonic()
+                ready = zmq_poll(poll_items, timeout_ms)
+                self.idle_s += monotonic() - waited_from_s
+            else:
+                ready = zmq_poll(poll_items, timeout_ms)
+            for sock, _events in ready:
                 if sock is sup:
                     sup_ready = True
                 else:
@@ -462,7 +485,7 @@ class RankEngine:
                     self._run_burst(now)
                 else:
                     self._after_pass(scheduler.step(now), now)
-            self._maybe_flush_results(force=self._urgent)
+            self._maybe_flush_results(force=self._urgent and self._report_due(scheduler))
             if self._draining and not scheduler.has_work() and not self._drained_sent:
                 self._maybe_flush_results(force=True)
                 self._send(tp.DRAIN, {"rank": self.spec.rank, "drained": True})
@@ -501,7 +524,8 @@ class RankEngine:
         wall_s = monotonic()
         burst_end_s = wall_s + self._burst_s
         next_check_s = wall_s + SUPERVISOR_CHECK_S
-        report_by_s = math.inf  # set at the first completion: see RESULTS_COALESCE_S
+        # set at the first completion (see RESULTS_COALESCE_S), kept across bursts
+        report_by_s = self._report_by_s or math.inf
         while True:
             run = run_passes(now, math.inf, now, zero_time_ok=True) if inline and steady() else None
             if run is not None:
@@ -511,7 +535,7 @@ class RankEngine:
             wall_s = monotonic()
             if self._urgent:
                 if report_by_s == math.inf:
-                    report_by_s = wall_s + self._coalesce_s
+                    report_by_s = self._report_by_s = wall_s + self._coalesce_s
                 if wall_s >= report_by_s:
                     return
             now = (wall_s - start_s) * 1000.0
@@ -538,6 +562,12 @@ class RankEngine:
         self._after_pass(result, now)
         return not result.did_work or not self.scheduler.has_work()
 
+    def _report_due(self, scheduler: RankScheduler) -> bool:
+        """Whether the urgent records must go now: no burst set a later time for them, it
+        has come, or the rank has nothing left to run (see `_report_by_s`)."""
+        report_by_s = self._report_by_s
+        return not report_by_s or time.monotonic() >= report_by_s or not scheduler.has_work()
+
     def stop_requested(self) -> bool:
         return self._stopping
 
@@ -550,6 +580,10 @@ class RankEngine:
             if left_s <= 0:
                 return 0
             limit_ms = min(limit_ms, math.ceil(left_s * 1000.0))
+        if self._urgent and self._report_by_s:  # kept after a burst: due then at the latest
+            limit_ms = min(
+                limit_ms, max(0, math.ceil((self._report_by_s - time.monotonic()) * 1e3))
+            )
         if not self.scheduler.has_work() or math.isinf(self._next_pass_ms):
             return limit_ms
         wait_ms = self.clock.wall_ms_until(self._next_pass_ms)
@@ -660,6 +694,7 @@ class RankEngine:
         self._pending_decode = []
         self._num_pending = 0
         self._urgent = False
+        self._report_by_s = 0.0
 
     def debug_state(self) -> dict[str, Any]:
         """What a stalled rank is waiting for (answer to PING)."""
@@ -721,10 +756,12 @@ class RankEngine:
 
     def _handle(self, msg: tp.Message) -> None:
         if msg.type == tp.SUBMIT:
+            self._serving = not self._draining
             for request_id, arrival_ms, max_output, tokens in _submitted(msg):
                 self.scheduler.submit(request_id, tokens, max_output, arrival_ms)
             self._next_pass_ms = min(self._next_pass_ms, self.clock.now_ms())
         elif msg.type == tp.DRAIN:
+            self._serving = False
             self._draining = True
             self._drained_sent = False
             self._next_pass_ms = min(self._next_pass_ms, self.clock.now_ms())
@@ -773,6 +810,7 @@ class RankEngine:
                 "next_event_seq": self.publisher.next_seq if self.publisher else 0,
                 "passes": self._num_passes,
                 "bad_messages": self._num_bad_messages,
+                "idle_s": self.idle_s,
                 "violations": self.total_violations(),
                 "violation_examples": self.violations,
             },

@@ -117,6 +117,9 @@ class RankStatus:
     g2_onboard_blocks: int = 0
     """Blocks this rank swapped in from G2 (summed over its restarts)."""
     g2_onboard_base: int = 0
+    idle_s: float = 0.0
+    """From the rank's last STATE: the time it held no request and waited for the supervisor,
+    between its first SUBMIT and DRAIN (its latest process only)."""
     outstanding: dict[int, RequestSpec] = field(default_factory=dict)
 
 
@@ -794,6 +797,8 @@ class Fleet:
             status.violations = status.violations_base + int(
                 proc.info["state"].get("violations", 0)
             )
+            idle_s = proc.info["state"].get("idle_s", 0.0)
+            status.idle_s = float(idle_s) if isinstance(idle_s, int | float) else 0.0
         dump: dict[str, Any] = {"block_size": self.engine.block_size, "ranks": {}}
         pool = set(host)
         for proc in sorted(ranks, key=lambda p: p.rank):

@@ -126,6 +126,26 @@ def test_a_fleet_at_inf_accounts_every_token(fleet_id: str) -> None:
     assert outcome.num_messages_sent >= 2 * 3
     assert outcome.num_messages_received >= 2 * 3
     assert 0.0 < outcome.drain_wall_ms < outcome.wall_time_ms
+    # each rank's wait for requests, measured between its first SUBMIT and DRAIN
+    for status in outcome.rank_status:
+        assert 0.0 <= status.idle_s < outcome.wall_time_ms / 1000.0
+
+
+def _serving(rank: RankEngine) -> bool:
+    """Read through a call, so that mypy does not narrow the flag between messages."""
+    return rank._serving
+
+
+def test_a_rank_counts_its_idle_time_only_while_serving(tmp_path: Path) -> None:
+    """`idle_s` (in STATE) covers the span from the first SUBMIT to DRAIN: the wait for
+    requests before the run and after it is not starvation."""
+    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
+        assert not _serving(rank), "before the first SUBMIT: not serving yet"
+        rank._handle(_submit_message([[1, 0.0, 2, 3]], (array("I", [1, 2, 3]).tobytes(),)))
+        assert _serving(rank)
+        rank._handle(tp.decode(tp.encode(tp.DRAIN)))
+        assert not _serving(rank)
+        assert rank.idle_s == 0.0
 
 
 def test_the_supervisor_and_an_idle_rank_block_while_the_next_arrival_is_due(
@@ -163,6 +183,8 @@ def test_the_supervisor_and_an_idle_rank_block_while_the_next_arrival_is_due(
         rank_cpu_s = sum(rank.cpu_times()[:2]) - rank_before
     assert outcome.collector.num_completed == 2
     assert wall_s >= 0.75, "the second request waited for its arrival time"
+    # between the two requests the rank held none: idle, as its STATE says
+    assert 0.5 <= outcome.rank_status[0].idle_s < wall_s
     assert supervisor_cpu_s < 0.3 * wall_s, f"supervisor busy {supervisor_cpu_s:.2f} s"
     assert rank_cpu_s < 0.3 * wall_s, f"rank busy {rank_cpu_s:.2f} s"
 
@@ -345,3 +367,37 @@ def test_recv_message_takes_one_whole_multipart_message(tmp_path: Path) -> None:
         sender.close(linger=0)
         receiver.close(linger=0)
         ctx.term()
+
+
+def test_a_burst_cut_short_keeps_the_coalescing_deadline(
+    supervisor: tuple[str, zmq.Socket[bytes]],
+) -> None:
+    """A burst that ends before RESULTS_COALESCE_S is up (a SUBMIT came: the other rank's
+    completions release requests to this one) no longer sends the completions at once: they
+    wait for the deadline the burst set while the rank has work, and the next burst may add
+    more to the same RESULTS. A rank with nothing left to run reports at once."""
+    endpoint, router = supervisor
+    with _inf_rank(endpoint) as rank:
+        rank._burst_s = 3600.0
+        rank._coalesce_s = 0.0  # the first completion ends the burst and sets the deadline
+        _submit_staggered(rank)
+        rank._run_burst(rank.clock.now_ms())
+        assert _urgent(rank)
+        assert rank._report_by_s > 0.0
+        rank._report_by_s = time.monotonic() + 3600.0  # as if the burst had been cut short
+        assert not rank._report_due(rank.scheduler), "work left: wait for the deadline"
+        assert rank._poll_timeout_ms() == 0, "the next pass is due now"
+        rank._report_by_s = time.monotonic() - 1.0
+        assert rank._report_due(rank.scheduler), "the deadline has come"
+        rank._maybe_flush_results(force=True)
+        assert rank._report_by_s == 0.0
+        assert rank._report_due(rank.scheduler), "no deadline set: as before"
+        assert router.poll(5000)
+
+
+def test_a_rank_with_nothing_left_reports_its_completions_at_once(tmp_path: Path) -> None:
+    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
+        rank._urgent = True
+        rank._report_by_s = time.monotonic() + 3600.0
+        assert not rank.scheduler.has_work()
+        assert rank._report_due(rank.scheduler)
