@@ -28,9 +28,11 @@ dropped, never fatal; a peer that sent `BAD_MESSAGE_LIMIT` malformed messages is
   rejected and an ``error``, then the message counts as bad). The reply
   ``OFFLOAD_ACK {batch, accepted: [i], rejected: [i], deadline_ms}`` goes out at once
   (``deadline_ms``: the simulated time the first accepted chunk should land; ``"inf"`` when
-  unknown). With speedup 0 or inf every copy lands at once: the ACK then carries
-  ``"done": true`` (no OFFLOAD_DONE follows) and goes out at the next flush, after the
-  G2_EVENTS of its blocks, where the OFFLOAD_DONE would have gone. Accepted items move in chunks of ``offload_batch_size`` blocks, each one
+  unknown). With speedup 0 or inf every copy lands at once: the ACK body then carries
+  ``"done": true`` (no OFFLOAD_DONE follows) and is not sent on its own: it rides in the
+  ``"acks"`` list of the rank's next G2_EVENTS header, after the events of its blocks (below),
+  where the OFFLOAD_DONE would have gone. Accepted items move in chunks of
+  ``offload_batch_size`` blocks, each one
   processor-sharing transfer of ``blocks x block_size_bytes`` on that rank's own G1->G2 link
   (at most ``offload_batch_size`` chunks in flight per rank; with speedup 0 or inf every
   transfer is instant). When a chunk lands its blocks are committed parent-first (sorted by
@@ -50,7 +52,8 @@ G2_EVENTS (coordinator -> every live rank, in one global order; packed: the fram
 form ``{"events": [["S", seq, parent | -1, local, position, has_tokens 0/1] | ["R", seq]]}``)::
 
     frame 0  {"v", "t": "g2_events", "num_events": n, "num_stores": m,
-              "fence": k}                   # optional; present (k >= 1) only on a drain fence
+              "fence": k,                   # optional; present (k >= 1) only on a drain fence
+              "acks": [{OFFLOAD_ACK body with "done": true}, ...]}   # optional, per rank
     frame 1  (n > 0) little-endian u64 seq[n]; per store, in event order, parent[m] (0: none),
              local[m], meta[m] (position | G2_HAS_PARENT | G2_HAS_TOKENS); then kind[n] bytes
              (1 = stored "S", 0 = removed "R")
@@ -60,6 +63,14 @@ form ``{"events": [["S", seq, parent | -1, local, position, has_tokens 0/1] | ["
 Packed, an event costs 9 bytes (a removal) or 33 + 4 x block_size bytes (a store), built and
 read column by column (no per-event JSON on either side). This is the coordinator's private
 channel to its ranks; the public KV event stream (`shmkv events`, routers) is unchanged.
+
+``"acks"`` (protocol version 2): the OFFLOAD_ACKs of this rank that say "done", in the order
+they were queued, each exactly the body its own OFFLOAD_ACK would have carried; the receiver
+applies them after every event of the message, i.e. as if the message were followed by those
+OFFLOAD_ACKs. Only the last G2_EVENTS of a flush carries them (its own header: the payload
+frames stay shared by every rank); a flush with ACKs but no events sends a G2_EVENTS of no
+events. So at speedup 0 or inf a rank gets one message per flush, not one plus one per
+OFFLOAD.
 
 A "R" (host-tier Removed) of a block displaced by an offload always precedes the "S" (Stored)
 of the block that displaced it; stores are parent-first. Events are batched: one broadcast per
@@ -110,7 +121,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from operator import attrgetter
@@ -1573,17 +1584,13 @@ class Coordinator:
     # -- outgoing --------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Broadcast queued G2 events to every live rank, then send the ACKs that say "done"
-        and the OFFLOAD_DONEs."""
+        """Broadcast queued G2 events to every live rank, each rank's ACKs that say "done"
+        folded into (the last of) its G2_EVENTS (a G2_EVENTS of no events when nothing else
+        is queued: one message per rank and flush), then send the OFFLOAD_DONEs."""
         self._queue_evictions()
-        if len(self._out):
-            events, self._out = self._out, _EventQueue(self._token_bytes)
-            self._broadcast_events(events)
+        events, self._out = self._out, _EventQueue(self._token_bytes)
+        self._broadcast_events(events)
         for conn in self._ranks.values():
-            if conn.acks:
-                acks, conn.acks = conn.acks, []
-                for body in acks:
-                    self._send_rank(conn, tp.OFFLOAD_ACK, body)
             if conn.done:
                 done, conn.done = conn.done, {}
                 for batch, indexes in done.items():
@@ -1591,21 +1598,34 @@ class Coordinator:
 
     def _broadcast_events(self, events: _EventQueue) -> None:
         """Send events (packed G2_EVENTS, with the token ids of their stores) to every live
-        rank, in messages of at most `MAX_EVENTS_PER_MESSAGE` events."""
+        rank, in messages of at most `MAX_EVENTS_PER_MESSAGE` events; a rank's queued ACKs
+        ride in the header of the last one (`"acks"`), so they follow every event."""
         targets = list(self._ranks.values())
         count = len(events)
+        if not count:
+            for conn in targets:
+                if conn.acks:
+                    body = {"num_events": 0, "num_stores": 0, "acks": conn.acks}
+                    conn.acks = []
+                    self._send_rank(conn, tp.G2_EVENTS, body)
+            return
         for start in range(0, count, MAX_EVENTS_PER_MESSAGE):
-            message: list[bytes] | list[zmq.Frame] = events.message(
-                start, min(count, start + MAX_EVENTS_PER_MESSAGE)
-            )
-            if len(targets) > 1 and sum(map(len, message)) >= _SHARED_FRAME_BYTES:
+            stop = min(count, start + MAX_EVENTS_PER_MESSAGE)
+            body, payload = events.parts(start, stop)
+            message: list[bytes | zmq.Frame] = [*tp.encode(tp.G2_EVENTS, body), *payload]
+            if len(targets) > 1 and sum(map(len, payload)) >= _SHARED_FRAME_BYTES:
                 # NOTE: one copy into libzmq (copy=True: no zero-copy tracking thread),
                 # shared (refcounted) by every rank's send
                 message = [zmq.Frame(part, copy=True) for part in message]
+            last = stop == count
             for conn in targets:
-                self._send_raw(conn, message)
+                if last and conn.acks:
+                    body["acks"], conn.acks = conn.acks, []
+                    self._send_raw(conn, [*tp.encode(tp.G2_EVENTS, body), *message[1:]])
+                else:
+                    self._send_raw(conn, message)
             self.stats.event_messages += 1
-            self.stats.events_sent += min(count, start + MAX_EVENTS_PER_MESSAGE) - start
+            self.stats.events_sent += stop - start
 
     def _send_rank(
         self,
@@ -1616,7 +1636,7 @@ class Coordinator:
     ) -> None:
         self._send_raw(conn, tp.encode(msg_type, body, frames))
 
-    def _send_raw(self, conn: _Rank, frames: list[bytes] | list[zmq.Frame]) -> None:
+    def _send_raw(self, conn: _Rank, frames: Sequence[bytes | zmq.Frame]) -> None:
         """Send one message; `zmq.Frame` parts are sent without a copy (shared)."""
         router = self._router
         assert router is not None
@@ -2029,15 +2049,16 @@ class _EventQueue:
         self._metas += meta.to_bytes(8, "little")
         self._tokens.append(bytes(self._row_bytes) if token_bytes is None else token_bytes)
 
-    def message(self, start: int, stop: int) -> list[bytes]:
-        """The frames of a G2_EVENTS holding events `start` to `stop` (and their tokens)."""
+    def parts(self, start: int, stop: int) -> tuple[dict[str, Any], list[bytes]]:
+        """The body and payload frames of a G2_EVENTS holding events `start` to `stop` (and
+        their tokens)."""
         kinds = self._kinds
         first = kinds.count(tp.G2_EVENT_STORED, 0, start)
         last = first + kinds.count(tp.G2_EVENT_STORED, start, stop)
         count, stores = stop - start, last - first
-        header = tp.encode(tp.G2_EVENTS, {"num_events": count, "num_stores": stores})
+        body: dict[str, Any] = {"num_events": count, "num_stores": stores}
         if not count:
-            return header
+            return body, []
         # NOTE: memoryview slices: the frame is the only copy
         frame = tp.pack_g2_events(
             memoryview(kinds)[start:stop],
@@ -2047,8 +2068,13 @@ class _EventQueue:
             memoryview(self._metas)[8 * first : 8 * last],
         )
         if not stores:
-            return [*header, frame]
-        return [*header, frame, self._token_frame(first, last)]
+            return body, [frame]
+        return body, [frame, self._token_frame(first, last)]
+
+    def message(self, start: int, stop: int) -> list[bytes]:
+        """The frames of a G2_EVENTS holding events `start` to `stop` (and their tokens)."""
+        body, payload = self.parts(start, stop)
+        return [*tp.encode(tp.G2_EVENTS, body), *payload]
 
     def _token_frame(self, first: int, last: int) -> bytes:
         """The token bytes of stores `first` to `last` (no copy when they are all of them,
@@ -2136,7 +2162,7 @@ def _periodic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _send_frames(sock: zmq.Socket[bytes], frames: list[bytes] | list[zmq.Frame]) -> None:
+def _send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes | zmq.Frame]) -> None:
     """`sock.send_multipart(frames)` (`zmq.Frame` parts without a copy: shared) with plain
     int flags: pyzmq's own loop builds a flag enum per frame, which costs more than the
     send of a small frame."""

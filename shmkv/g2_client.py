@@ -1,7 +1,7 @@
 """Layer 2: one rank's client of the shared G2 pool (implements `shmkv.offload.OffloadEngine`).
 
     enqueue_evictions(items, slots) --OFFLOAD (one per call, batched)--> coordinator
-    tick(now) <--OFFLOAD_ACK (rejected slots) / OFFLOAD_DONE (copied slots) / G2_EVENTS--
+    tick(now) <--OFFLOAD_ACK (rejected slots) / OFFLOAD_DONE (copied slots) / G2_EVENTS (+acks)--
     prepare_onboard(plhs)  replica plh -> seq hash, then G2RankView.pin_prefix (no RPC)
     start_onboard(plan)    copy timed on this rank's own G2->G1 link; tick() unpins at the end
 
@@ -25,8 +25,10 @@ host tier (its state dump). A restarted rank gets the snapshot and re-announces 
 Source slots: `enqueue_evictions` returns only the slots beyond the items (the batch's extras);
 every other slot stays quarantined until `tick` returns it: a rejected item (deduped or dropped
 for capacity) as soon as the ACK arrives, an accepted one once OFFLOAD_DONE says its copy
-landed (or the ACK itself, with "done": true, when every copy landed at once). `earliest_deadline_ms` reports the batches still outstanding (an un-ACKed batch counts
-as due at once), so the rank keeps ticking, and its poller wakes on `socket` meanwhile.
+landed (or the ACK itself, with "done": true, when every copy landed at once: such ACKs come
+in the ``"acks"`` of a G2_EVENTS, applied after its events). `earliest_deadline_ms` reports
+the batches still outstanding (an un-ACKed batch counts as due at once), so the rank keeps
+ticking, and its poller wakes on `socket` meanwhile.
 
 Time: the fleet's shared simulated clock (`now_ms` arguments). With a clock that never sleeps
 (speedup 0 or inf) onboard copies are instant, as offload copies are at the coordinator.
@@ -348,11 +350,22 @@ class SharedG2Client:
     def handle(self, msg: tp.Message) -> None:
         """Apply one decoded message from the coordinator (public for tests).
 
+        A G2_EVENTS with ``"acks"`` is applied as the G2_EVENTS alone followed by one
+        OFFLOAD_ACK per entry, in order.
+
         Raises:
-            ProtocolError: the message is malformed or unexpected; nothing was applied.
+            ProtocolError: the message is malformed or unexpected; nothing was applied. Of a
+                G2_EVENTS's ``"acks"`` (checked to be a list of objects first), each bad ACK is
+                skipped and the rest applied, as separate OFFLOAD_ACKs would be; the error
+                then names the first, and every bad ACK but one is counted in
+                ``bad_messages`` here (the caller counts the error).
         """
         if msg.type == tp.G2_EVENTS:
-            self._on_events(msg)
+            acks = msg.body.get("acks")
+            if acks is None:
+                self._on_events(msg)
+            else:
+                self._on_events_and_acks(msg, acks)
         elif msg.type == tp.OFFLOAD_ACK:
             self._on_ack(msg.body)
         elif msg.type == tp.OFFLOAD_DONE:
@@ -426,6 +439,22 @@ class SharedG2Client:
         self._counts["done"] += len(done)
         if not batch.outstanding:
             del self._batches[batch_id]
+
+    def _on_events_and_acks(self, msg: tp.Message, acks: object) -> None:
+        """A G2_EVENTS, then the OFFLOAD_ACKs in its ``"acks"`` (their slots are released only
+        after the events of their blocks are applied)."""
+        if not isinstance(acks, list) or not all(type(ack) is dict for ack in acks):
+            raise ProtocolError("G2_EVENTS: acks must be a list of OFFLOAD_ACK bodies")
+        self._on_events(msg)
+        errors: list[ProtocolError] = []
+        for ack in acks:
+            try:
+                self._on_ack(ack)
+            except ProtocolError as exc:
+                errors.append(exc)
+        if errors:
+            self._counts["bad_messages"] += len(errors) - 1
+            raise errors[0]
 
     def _on_events(self, msg: tp.Message) -> None:
         body = msg.body

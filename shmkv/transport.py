@@ -38,7 +38,8 @@ from shmkv.hashing import MAX_POSITION
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+"""2: G2_EVENTS may carry the rank's "done" ACKs (``"acks"``, see `shmkv.coordinator`)."""
 MAX_HEADER_BYTES: Final = 4 * 1024 * 1024
 MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
 MAX_FRAMES: Final = 4096
@@ -54,7 +55,9 @@ OFFLOAD: Final = "offload"
 OFFLOAD_ACK: Final = "offload_ack"
 OFFLOAD_DONE: Final = "offload_done"  # coord -> rank {batch, items: [i]} copies finished/dropped
 # coord -> every rank {num_events, num_stores} + events frame (`pack_g2_events`) + tokens, or
-# the JSON form {events: [[kind, seq, parent, local, position, has_tokens] | ["R", seq]]}
+# the JSON form {events: [[kind, seq, parent, local, position, has_tokens] | ["R", seq]]};
+# optional "acks": [OFFLOAD_ACK bodies with "done": true] for this rank, applied after the
+# events (version 2: speedup 0 / inf sends them so, not as OFFLOAD_ACKs)
 G2_EVENTS: Final = "g2_events"
 # Supervisor <-> any process:
 READY: Final = "ready"  # {role, rank, pid, version, ...endpoints}

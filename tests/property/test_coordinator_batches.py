@@ -16,7 +16,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,10 +65,18 @@ class _Recorder:
         self.sent: list[tuple[int, list[bytes]]] = []
         coord._send_raw = self._record  # type: ignore[method-assign]
 
-    def _record(self, conn: Any, frames: list[bytes] | list[zmq.Frame]) -> None:
+    def _record(self, conn: Any, frames: Sequence[bytes | zmq.Frame]) -> None:
+        """Record a message; a G2_EVENTS's "acks" as the G2_EVENTS (none when it has no
+        events: it carried only them) followed by one OFFLOAD_ACK per ack, the messages the
+        receiver applies it as."""
         msg = tp.decode(frames)
         msg.body.pop("deadline_ms", None)  # "now" on the wall clock: differs between the two
-        self.sent.append((conn.rank, [orjson.dumps({"t": msg.type, **msg.body}), *msg.frames]))
+        acks = msg.body.pop("acks", None) if msg.type == tp.G2_EVENTS else None
+        if acks is None or msg.body["num_events"] or "fence" in msg.body:
+            self.sent.append((conn.rank, [orjson.dumps({"t": msg.type, **msg.body}), *msg.frames]))
+        for ack in acks or ():
+            ack.pop("deadline_ms", None)
+            self.sent.append((conn.rank, [orjson.dumps({"t": tp.OFFLOAD_ACK, **ack})]))
 
 
 @contextmanager

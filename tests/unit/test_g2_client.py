@@ -197,6 +197,72 @@ def test_an_ack_that_says_done_releases_every_slot_at_once(harness: Harness) -> 
         harness.deliver(tp.OFFLOAD_DONE, {"batch": batch, "items": [0]})
 
 
+@pytest.mark.parametrize("folded", [False, True])
+def test_acks_in_a_g2_events_act_as_the_events_then_those_acks(
+    harness: Harness, folded: bool
+) -> None:
+    """Protocol 2: a G2_EVENTS with "acks" is applied exactly as the G2_EVENTS followed by
+    one OFFLOAD_ACK per entry (the form speedup 0 / inf used before)."""
+    client = harness.client
+    first, second = _chain(8, 3), _chain(9, 2)
+    client.enqueue_evictions(first, [20, 21, 22])
+    client.enqueue_evictions(second, [30, 31])
+    batches = [harness.recv_offload().body["batch"] for _ in range(2)]
+    stored = harness.store([*first, second[0]])
+    body, frames = _packed_events(stored["events"])
+    acks = [
+        {"batch": batches[0], "accepted": [0, 1, 2], "rejected": [], "deadline_ms": 1.5,
+         "done": True},
+        {"batch": batches[1], "accepted": [0], "rejected": [1], "deadline_ms": 1.5, "done": True},
+    ]  # fmt: skip
+    assert client.earliest_deadline_ms() == 0.0
+    if folded:
+        harness.deliver(tp.G2_EVENTS, {**body, "acks": acks}, (*frames, stored["tokens"]))
+    else:
+        harness.deliver(tp.G2_EVENTS, body, (*frames, stored["tokens"]))
+        for ack in acks:
+            harness.deliver(tp.OFFLOAD_ACK, ack)
+    assert _stream(client.take_events()) == [("S", i.meta.seq_hash) for i in [*first, second[0]]]
+    assert client.tick(1.0) == [20, 21, 22, 31, 30]
+    assert client.num_outstanding_batches == 0
+    assert client.num_quarantined == 0
+    assert client.earliest_deadline_ms() is None
+    stats = client.stats()
+    assert (stats.accepted, stats.rejected, stats.done) == (4, 1, 4)
+    assert (stats.stores_received, stats.removals_received, stats.bad_messages) == (4, 0, 0)
+
+
+def test_a_bad_ack_in_a_g2_events_is_dropped_alone(harness: Harness) -> None:
+    """Each bad entry of "acks" counts as one bad message (as its own OFFLOAD_ACK would);
+    the events and the good entries still apply."""
+    client = harness.client
+    items = _chain(10, 2)
+    client.enqueue_evictions(items[:1], [40])
+    client.enqueue_evictions(items[1:], [41])
+    batches = [harness.recv_offload().body["batch"] for _ in range(2)]
+    stored = harness.store(items)
+    body, frames = _packed_events(stored["events"])
+    acks = [
+        {"batch": 999, "accepted": [0], "rejected": []},
+        {"batch": batches[1], "accepted": [0], "rejected": [], "done": True},
+        {"batch": batches[1], "accepted": [0], "rejected": [], "done": True},  # twice
+        {"batch": batches[0], "accepted": [0], "rejected": [], "done": True},
+    ]
+    message = tp.encode(tp.G2_EVENTS, {**body, "acks": acks}, (*frames, stored["tokens"]))
+    with pytest.raises(ProtocolError, match="unknown offload batch 999"):
+        client.handle(tp.decode(message))
+    assert client.stats().bad_messages == 1, "the second bad ACK; the caller counts the first"
+    assert sorted(client.replica_seq_hashes()) == sorted(i.meta.seq_hash for i in items)
+    assert client.tick(0.0) == [41, 40]
+    harness.router.send_multipart([harness.identity, *message])
+    deadline = time.monotonic() + 2.0
+    while not client.receive():
+        assert time.monotonic() < deadline
+        client.socket.poll(50)
+    assert client.stats().bad_messages == 1 + 4, "all four ACKs are stale now"
+    assert client.stats().stores_received == 4
+
+
 def _packed_events(events: list[list[Any]]) -> tuple[dict[str, Any], tuple[bytes, ...]]:
     """The packed G2_EVENTS body and events frame of JSON-form events."""
 
@@ -272,6 +338,9 @@ def test_an_ack_with_an_infinite_deadline_still_keeps_the_rank_ticking(harness: 
         (tp.G2_EVENTS, {"num_events": 0, "num_stores": 0, "fence": 0}),
         (tp.G2_EVENTS, {"num_events": -1, "num_stores": 0}),
         (tp.G2_EVENTS, {"num_stores": 0}),
+        (tp.G2_EVENTS, {"num_events": 0, "num_stores": 0, "acks": {"batch": 1}}),
+        (tp.G2_EVENTS, {"num_events": 0, "num_stores": 0, "acks": [[1, [0, 1], []]]}),
+        (tp.G2_EVENTS, {"num_events": 1, "num_stores": 0, "acks": []}),  # no events frame
         (tp.OFFLOAD_ACK, {"batch": 1, "accepted": [0, 1], "rejected": [], "done": 1}),
         (tp.WELCOME, {"segment": "other", "epoch": 3}),
         (tp.SUBMIT, {}),
