@@ -811,15 +811,17 @@ class KvManager:
         """`_use` of a lone partial block without an offload engine: the same outcome,
         without the general loop. A failure changes nothing."""
         self.last_use_blocked = False
-        partial_id = block.partial_id
-        active_partial = self._active_partial
+        # Typed Any: compiled, the id (a u128) and the slot stay boxed (no int conversions).
+        partial_id: BoxedInt = block.partial_id
+        active_partial: dict[Any, Any] = self._active_partial
         if partial_id in active_partial:
             return 1
-        if self._reset:
-            active_partial[partial_id] = self._reset.popleft()
+        reset: deque[Any] = self._reset
+        if reset:
+            active_partial[partial_id] = reset.popleft()
             return 1
         lineage = self._lineage
-        victim = self._backend.evict() if lineage is None else lineage.evict()
+        victim: BoxedInt = self._backend.evict() if lineage is None else lineage.evict()
         if victim is None:
             return 0
         vrec = self._registered.pop(victim)
@@ -1097,30 +1099,50 @@ class KvManager:
         raise InvariantError("Deref failed, yet every block is held")
 
     def _promote(self, signal: Promote) -> None:
-        slot = self._active_partial.get(signal.partial_id)
-        if slot is None:
-            raise SignalError(f"Promote: partial block {signal.partial_id:#x} not found")
-        token_ids = signal.token_ids
-        if token_ids is not None and len(token_ids) != self.block_size:
-            raise SignalError(
-                f"Promote: token_ids must hold {self.block_size} tokens, got {len(token_ids)}"
-            )
-        del self._active_partial[signal.partial_id]
-        seq_hash: BoxedInt = signal.seq_hash  # boxed once (see `BoxedInt`)
-        plh: BoxedInt = signal.plh
-        parent_hash = signal.parent_hash
-        rec = self._new_rec(
-            slot,
-            plh,
-            seq_hash,
-            _NO_PARENT if parent_hash is None else parent_hash,
+        self.promote_block(
+            signal.partial_id,
+            signal.seq_hash,
+            signal.parent_hash,
             signal.local_hash,
-            1,
+            signal.plh,
+            signal.token_ids,
+            signal.lineage_position,
         )
+
+    def promote_block(
+        self,
+        partial_id: BoxedInt,
+        seq_hash: BoxedInt,
+        parent_hash: SeqHash | None,
+        local_hash: BoxedInt,
+        plh: BoxedInt,
+        token_ids: Sequence[int] | None = None,
+        lineage_position: int = -1,
+    ) -> None:
+        """`process(Promote(partial_id, seq_hash, parent_hash, local_hash, plh, token_ids,
+        lineage_position))` without building the signal (a decode crossing's path). A failure
+        changes nothing."""
+        active_partial = self._active_partial
+        if token_ids is None:  # one lookup takes the slot out (nothing else can fail)
+            slot = active_partial.pop(partial_id, None)
+            if slot is None:
+                raise SignalError(f"Promote: partial block {partial_id:#x} not found")
+        else:
+            slot = active_partial.get(partial_id)
+            if slot is None:
+                raise SignalError(f"Promote: partial block {partial_id:#x} not found")
+            if len(token_ids) != self.block_size:
+                raise SignalError(
+                    f"Promote: token_ids must hold {self.block_size} tokens, got {len(token_ids)}"
+                )
+            del active_partial[partial_id]
+        parent: BoxedInt = _NO_PARENT if parent_hash is None else parent_hash
+        spare = self._spare_recs
+        rec = self._new_rec(slot, plh, seq_hash, parent, local_hash, 1)
         # One lookup for the check and the store: `rec` is the name's entry if it is new.
         entry = self._active_full.setdefault(seq_hash, rec)
         if entry is not rec:  # the name is held already: one more handle, the slot goes back
-            self._spare_recs.append(rec)
+            spare.append(rec)
             self._reset.append(slot)
             entry.handles += 1
             target = entry.target
@@ -1130,9 +1152,8 @@ class KvManager:
         tracker = self._tracker
         found = self._registered.setdefault(plh, rec)  # one lookup for the check and the store
         if found is rec:  # a new block
-            position = signal.lineage_position
-            if self._lineage is not None and 0 <= position < FAST_LINEAGE_END:
-                _set_lineage(rec, position, rec.parent)
+            if self._lineage is not None and 0 <= lineage_position < FAST_LINEAGE_END:
+                _set_lineage(rec, lineage_position, parent)
             if token_ids is not None:
                 self._token_ids[plh] = token_ids
             if tracker is not None:
@@ -1142,11 +1163,11 @@ class KvManager:
                     _DEVICE,
                     parent_hash,
                     [seq_hash],
-                    [signal.local_hash],
+                    [local_hash],
                     None if token_ids is None else [token_ids],
                 )
         else:  # registered already (under this name or another): the slot goes back
-            self._spare_recs.append(rec)
+            spare.append(rec)
             self._reset.append(slot)
             if not found.refs:
                 self._reactivate(found)

@@ -51,7 +51,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from enum import IntEnum
-from typing import Final
+from typing import Any, Final
 
 from shmkv.config import EngineConfig
 from shmkv.errors import ConfigError, InvariantError
@@ -1307,9 +1307,28 @@ class RankScheduler:
                 _array_append(tokens, pending[offset])
             else:
                 extend_strided(tokens, pending, offset, members)
-            promote = seq.open_block(partial_ids[index])
-            if promote is not None:
-                manager.process(promote)
+            if seq.emit_token_ids:
+                promote = seq.open_block(partial_ids[index])
+                if promote is not None:
+                    manager.process(promote)
+                continue
+            # `open_block` and `process(promote)` without the signal in between
+            promoted: Any = seq.cross_block(partial_ids[index])  # Any: passed on boxed
+            if promoted is not None:
+                # lists of Any: compiled, the hashes pass through boxed (no int conversions)
+                seqs: list[Any] = seq.seq_hashes
+                local_hashes: list[Any] = seq.local_hashes
+                plhs: list[Any] = seq.plhs
+                position = len(seqs) - 1
+                manager.promote_block(
+                    promoted,
+                    seqs[position],
+                    seqs[position - 1] if position else None,
+                    local_hashes[position],
+                    plhs[position],
+                    None,
+                    position,
+                )
         self._pending_ragged = True
 
     def _draw_plain_tokens(self) -> None:

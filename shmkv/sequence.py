@@ -331,21 +331,64 @@ class ActiveSequence:
             words += 4
         return words
 
+    def cross_block(self, partial_id: PartialId) -> PartialId | None:
+        """`open_block` without building the Promote (the decode crossing's path): returns
+        the id of the partial block it promoted (None: there was none). That Promote's other
+        fields are then the last entries of `seq_hashes`, `local_hashes` and `plhs`, the
+        parent the entry before (None at position 0), the lineage position
+        `len(seq_hashes) - 1` and no token ids: a sequence emitting token ids must use
+        `open_block`."""
+        if (
+            len(self.tokens) % self.block_size != 1
+            or not self.enable_prefix_caching
+            or self.emit_token_ids
+        ):
+            raise SignalError(
+                "cross_block() needs a caching sequence without token ids whose last token "
+                "opens a block"
+            )
+        partial = self._partial
+        if partial is None:
+            self._partial = PartialBlock(partial_id)
+            return None
+        self._hash_full_block()
+        self._partial = PartialBlock(partial_id)
+        return partial.partial_id
+
     def _promote_hashed(self, partial_id: PartialId) -> Promote:
         """`_promote_partial` of the partial block `partial_id` with prefix caching on (its
         identity hashes its tokens), without the caching-off branches: the decode crossing's
         path (`open_block`)."""
+        block_ids = self._hash_full_block()
         seqs = self.seq_hashes
+        index = len(seqs) - 1
+        return Promote(
+            partial_id,
+            seqs[index],
+            seqs[index - 1] if index else None,
+            self.local_hashes[index],
+            self.plhs[index],
+            block_ids,
+            index,
+        )
+
+    def _hash_full_block(self) -> list[int] | None:
+        """Hash the partial block that just filled (prefix caching on) and append its hashes;
+        the partial block is gone. Returns its token ids when the sequence emits them."""
+        # Lists and tuple of Any: compiled, the hashes pass through boxed (no int conversions).
+        seqs: list[Any] = self.seq_hashes
         index = len(seqs)
         if index > MAX_POSITION:
             raise ConfigError(f"sequence longer than {MAX_POSITION + 1} blocks")
         bs = self.block_size
         start = index * bs
-        parent = seqs[index - 1] if index else None
+        parent: Any = seqs[index - 1] if index else None
         hash_one_at: Any = _HASH_ONE_AT
         if hash_one_at is not None and index < _FAST_HASH_END and not self.emit_token_ids:
             # the block hashed in place in the token array: no slice, no bytes copy
-            hashed: tuple[LocalHash, SeqHash, Plh] = hash_one_at(
+            # NOTE: declared and unpacked here: compiled, a tuple variable shared by both
+            # branches is rebuilt as a tuple to be unpacked or indexed
+            hashed: tuple[Any, Any, Any] = hash_one_at(
                 self.tokens, start * _TOKEN_BYTES, bs * _TOKEN_BYTES, parent, index
             )
             local, current, plh = hashed
@@ -356,11 +399,13 @@ class ActiveSequence:
                 token_bytes(block) if _BIG_ENDIAN else _array_tobytes(block), parent, index
             )
             block_ids = block.tolist() if self.emit_token_ids else None
-        self.local_hashes.append(local)
+        local_hashes: list[Any] = self.local_hashes
+        plhs: list[Any] = self.plhs
+        local_hashes.append(local)
         seqs.append(current)
-        self.plhs.append(plh)
+        plhs.append(plh)
         self._partial = None
-        return Promote(partial_id, current, parent, local, plh, block_ids, index)
+        return block_ids
 
     def _promote_partial(self, getrandbits: Callable[[int], int] | None) -> Promote:
         """The partial block just became full: give it its identity (`getrandbits`: the

@@ -184,6 +184,38 @@ def test_promote_nonexistent_panics() -> None:
     assert mgr.take_events() == []
 
 
+@pytest.mark.parametrize("held", [False, True])
+def test_promote_block_equals_process_promote(held: bool) -> None:
+    """`promote_block(fields)` = `process(Promote(fields))`: the same blocks, events and
+    free slots, a new block or a name held already (`held`: its slot goes back)."""
+    managers = [make_mgr(10), make_mgr(10)]
+    for mgr in managers:
+        if held:
+            assert use_full(mgr, 42, plh(500)) == 1
+        use_partial(mgr, 7)
+    fields = (7, 42, None, 5, plh(500), None, 0)
+    managers[0].process(Promote(*fields))
+    managers[1].promote_block(*fields)
+    for mgr in managers:
+        mgr.check_invariants()
+    assert managers[0].take_events() == managers[1].take_events()
+    assert [mgr.refcount(42) for mgr in managers] == [2 if held else 1] * 2
+    assert managers[0].num_free_blocks() == managers[1].num_free_blocks()
+    assert not managers[1].has_partial(7)
+
+
+def test_promote_block_of_a_missing_partial_changes_nothing() -> None:
+    mgr = make_mgr(10)
+    use_partial(mgr, 7)
+    with pytest.raises(SignalError, match=r"Promote: partial block .* not found"):
+        mgr.promote_block(8, 42, None, 0, plh(500))
+    with pytest.raises(SignalError, match="token_ids must hold"):
+        mgr.promote_block(7, 42, None, 0, plh(500), [1, 2])
+    assert mgr.has_partial(7)
+    assert not mgr.is_active(42)
+    mgr.check_invariants()
+
+
 def test_deref_partial_returns_to_reset() -> None:
     mgr = make_mgr(10)
     partial_id = new_partial_id()

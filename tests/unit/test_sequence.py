@@ -483,6 +483,62 @@ def test_open_block_needs_a_token_opening_a_block_with_caching_on() -> None:
         off.open_block(7)
 
 
+def test_cross_block_equals_open_block_without_the_signal() -> None:
+    """`cross_block` = `open_block` with the Promote's fields left in the sequence: the
+    promoted id is returned, the hashes appended are the Promote's, the new partial block
+    is open."""
+    crossed = seq_of(list(range(7)), seed=3, emit=False)
+    opened = seq_of(list(range(7)), seed=3, emit=False)
+    for seq in (crossed, opened):
+        seq.generate_token()  # 8 tokens: the partial block is full
+        seq.tokens.append(99)  # the token the bulk draw appended: it opens block 2
+    promoted = opened.partial_block
+    assert promoted is not None
+    promote = opened.open_block(0xABC)
+    assert promote is not None
+    assert crossed.cross_block(0xABC) == promoted.partial_id == promote.partial_id
+    index = len(crossed.seq_hashes) - 1
+    assert index == promote.lineage_position == 1
+    assert (crossed.seq_hashes[index], crossed.seq_hashes[index - 1]) == (
+        promote.seq_hash,
+        promote.parent_hash,
+    )
+    assert (crossed.local_hashes[index], crossed.plhs[index]) == (
+        promote.local_hash,
+        promote.plh,
+    )
+    assert promote.token_ids is None
+    assert (crossed.local_hashes, crossed.seq_hashes, crossed.plhs) == (
+        opened.local_hashes,
+        opened.seq_hashes,
+        opened.plhs,
+    )
+    assert crossed.partial_block == opened.partial_block == PartialBlock(0xABC)
+
+
+def test_cross_block_opens_without_promote_after_a_full_prompt() -> None:
+    seq = seq_of(list(range(8)), seed=3, emit=False)
+    seq.tokens.append(99)
+    assert seq.cross_block(0xABC) is None
+    assert seq.partial_block == PartialBlock(0xABC)
+    assert seq.num_full_blocks == 2
+
+
+def test_cross_block_refuses_what_open_block_refuses_and_token_ids() -> None:
+    seq = seq_of(list(range(6)), emit=False)
+    with pytest.raises(SignalError, match="cross_block"):
+        seq.cross_block(7)  # length 6: not a block's first token
+    off = seq_of(list(range(9)), caching=False, emit=False)
+    with pytest.raises(SignalError, match="cross_block"):
+        off.cross_block(7)
+    emitting = ActiveSequence(list(range(9)), 20, 4, True, True, rng=random.Random(1))
+    before = emitting.partial_block
+    with pytest.raises(SignalError, match="cross_block"):
+        emitting.cross_block(7)
+    assert emitting.partial_block == before
+    assert emitting.num_full_blocks == 2
+
+
 def test_random_words_equal_one_draw_per_word() -> None:
     bulk, single = random.Random(4), random.Random(4)
     assert list(random_words(bulk, 5)) == [single.getrandbits(32) for _ in range(5)]
