@@ -1029,17 +1029,7 @@ class KvManager:
                 entry = popped[i]
                 if entry is None:  # neither an int nor a partial block
                     raise SignalError(f"Deref: {block!r} is not a block")
-                # `_drop_handle`, inlined (the hot loop of every request's Deref)
-                handles = entry.handles - 1
-                entry.handles = handles
-                rec = entry.target
-                if rec is None:
-                    rec = entry
-                refs = rec.refs - 1
-                rec.refs = refs
-                if not refs:
-                    released.append(rec)
-                if handles:  # still held under this name
+                if _drop_handle(entry, released):  # still held under this name
                     active_full[block] = entry
         except (SignalError, TypeError):
             self._undo_popped(popped, i)  # the blocks before `i` were released

@@ -406,18 +406,8 @@ class LineageBackend:
                         tick += 1
                         parent_level = low[position - 1]
                         parent_frag = entry.lineage_parent_frag
-                        # the parent's placeholder (a pruned node reused, if any: `_new_node`,
-                        # inlined)
-                        if spare:
-                            placeholder = spare.pop()
-                            placeholder.level = parent_level
-                            placeholder.frag = parent_frag
-                            placeholder.plh = _NONE
-                            placeholder.tick = _NONE
-                            placeholder.parent = None
-                            placeholder.children = 1
-                        else:
-                            placeholder = _Node(parent_level, parent_frag, _NONE, _NONE, None, 1)
+                        # the parent's placeholder (a pruned node reused, if any)
+                        placeholder = self._new_node(parent_level, parent_frag, _NONE, _NONE, 1)
                         parent = parent_level.setdefault(parent_frag, placeholder)
                         fresh.parent = parent
                         if parent is placeholder:
@@ -506,7 +496,8 @@ class LineageBackend:
         heap: list[BoxedInt] = self._heap  # compiled: the ticks popped stay boxed
         leaves = self._leaves
         spare = self._spare
-        victims: list[Plh] = [0] * count  # filled by index (a store costs less than an append)
+        # filled by index (a store costs less than an append); at most every entry leaves
+        victims: list[Plh] = [0] * max(0, min(count, self._tick - self._departed))
         num_victims = 0
         front = self._front
         if front is not None:  # back into the heap: this loop only looks there

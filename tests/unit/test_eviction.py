@@ -399,6 +399,16 @@ def test_lineage_one_by_one_evictions_of_chains_match_evict_many() -> None:
     assert len(single) == len(bulk) == 0
 
 
+def test_lineage_evict_many_beyond_its_entries_returns_them_all() -> None:
+    """A count far above the entries (the victims list is sized by the entries, not by it)."""
+    plhs = chain([0x501, 0x502, 0x503], 0)
+    b = LineageBackend()
+    b.insert_many(plhs[::-1])
+    assert b.evict_many(1 << 40) == plhs[::-1]
+    assert len(b) == 0
+    assert b.evict_many(1 << 40) == []
+
+
 def test_lineage_check_invariants_detects_corruption() -> None:
     b = LineageBackend()
     a, child = chain([0xE1, 0xE2], 0)
