@@ -98,6 +98,20 @@ static int get_all(PyObject *const *args, Py_buffer *views, const item_spec *spe
 /* index_insert / index_remove: (table, keys, slots) */
 static const item_spec UPDATE_ARGS[3] = {
     {4, TABLE_FORMATS, 1, "table"}, {8, U64_FORMATS, 0, "keys"}, {8, I64_FORMATS, 0, "slots"}};
+/* Acquire the (table, keys, slots) of `name` (index_insert / index_remove) as v[0..3), keys
+   and slots of one length; on failure nothing stays acquired. */
+static int get_update_args(PyObject *const *args, Py_buffer *v, const char *name) {
+    if (get_all(args, v, UPDATE_ARGS, 3) < 0) {
+        return -1;
+    }
+    if (v[2].len / 8 != v[1].len / 8) {
+        PyErr_Format(PyExc_ValueError, "%s: keys and slots differ in length", name);
+        release_all(v, 3);
+        return -1;
+    }
+    return 0;
+}
+
 /* index_find: (table, seq_hash); index_find_any: (table, seq_hash, keys) */
 static const item_spec FIND_ARGS[3] = {
     {4, TABLE_FORMATS, 0, "table"}, {8, U64_FORMATS, 0, "seq_hash"}, {8, U64_FORMATS, 0, "keys"}};
@@ -117,7 +131,7 @@ static PyObject *index_insert(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     Py_buffer v[3];
-    if (get_all(args, v, UPDATE_ARGS, 3) < 0) {
+    if (get_update_args(args, v, "index_insert") < 0) {
         return NULL;
     }
     PyObject *result = NULL;
@@ -126,10 +140,6 @@ static PyObject *index_insert(PyObject *self, PyObject *const *args, Py_ssize_t 
     const int64_t *slots = (const int64_t *)v[2].buf;
     Py_ssize_t size = v[0].len / 4;
     Py_ssize_t count = v[1].len / 8;
-    if (v[2].len / 8 != count) {
-        PyErr_SetString(PyExc_ValueError, "index_insert: keys and slots differ in length");
-        goto done;
-    }
     if (size <= 0 || start < 0 || start > count) {
         PyErr_SetString(PyExc_ValueError, "index_insert: empty table or start out of range");
         goto done;
@@ -186,7 +196,7 @@ static PyObject *index_remove(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     Py_buffer v[3];
-    if (get_all(args, v, UPDATE_ARGS, 3) < 0) {
+    if (get_update_args(args, v, "index_remove") < 0) {
         return NULL;
     }
     PyObject *result = NULL;
@@ -195,10 +205,6 @@ static PyObject *index_remove(PyObject *self, PyObject *const *args, Py_ssize_t 
     const int64_t *slots = (const int64_t *)v[2].buf;
     Py_ssize_t size = v[0].len / 4;
     Py_ssize_t count = v[1].len / 8;
-    if (v[2].len / 8 != count) {
-        PyErr_SetString(PyExc_ValueError, "index_remove: keys and slots differ in length");
-        goto done;
-    }
     if (size <= 0) {
         PyErr_SetString(PyExc_ValueError, "index_remove: empty table");
         goto done;
