@@ -160,7 +160,6 @@ _SHARED_FRAME_BYTES: Final = 16 * 1024
 _SEGMENT_NAME_RE: Final = re.compile(rf"{SEGMENT_PREFIX}([A-Za-z0-9-]+)_g2")
 _NO_PARENT: Final = -1
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
-_SNDMORE: Final = int(zmq.SNDMORE)
 _PACKED_BAD_BITS: Final = np.uint64(((1 << 64) - 1) & ~(tp.PACKED_HAS_PARENT | MAX_POSITION))
 _PACKED_HAS_PARENT: Final = np.uint64(tp.PACKED_HAS_PARENT)
 _MAX_POSITION_U64: Final = np.uint64(MAX_POSITION)
@@ -1641,7 +1640,7 @@ class Coordinator:
         router = self._router
         assert router is not None
         try:
-            _send_frames(router, [conn.identity, *frames])
+            tp.send_frames(router, [conn.identity, *frames])
         except zmq.ZMQError as exc:  # pragma: no cover - HWM 0 and no ROUTER_MANDATORY
             logger.warning("coordinator: cannot send to rank %d: %s", conn.rank, exc)
 
@@ -2160,17 +2159,6 @@ def _periodic_gc() -> Iterator[None]:
         gc.unfreeze()
         if was_enabled:
             gc.enable()
-
-
-def _send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes | zmq.Frame]) -> None:
-    """`sock.send_multipart(frames)` (`zmq.Frame` parts without a copy: shared) with plain
-    int flags: pyzmq's own loop builds a flag enum per frame, which costs more than the
-    send of a small frame."""
-    send = sock.send
-    for part in frames[:-1]:
-        send(part, _SNDMORE, copy=not isinstance(part, zmq.Frame))
-    last = frames[-1]
-    send(last, 0, copy=not isinstance(last, zmq.Frame))
 
 
 def _pidfd_signalled(pidfd: int) -> bool:

@@ -336,14 +336,15 @@ def encode(
 _SNDMORE: Final = int(zmq.SNDMORE)
 
 
-def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
+def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes | zmq.Frame]) -> None:
     """`sock.send_multipart(frames)` without its per-frame flag arithmetic on enums (a
-    visible cost at a message per pass). Raises what `send` raises (before the first frame
-    went, a message is not sent at all)."""
+    visible cost at a message per pass); `zmq.Frame` parts go without a copy (one frame
+    shared by several sends). Raises what `send` raises (before the first frame went, a
+    message is not sent at all)."""
     send = sock.send
     last = len(frames) - 1
     for index, frame in enumerate(frames):
-        send(frame, _SNDMORE if index < last else 0)
+        send(frame, _SNDMORE if index < last else 0, copy=not isinstance(frame, zmq.Frame))
 
 
 _NOBLOCK: Final = int(zmq.NOBLOCK)

@@ -39,6 +39,22 @@ def supervisor(tmp_path: Path) -> Iterator[tuple[str, zmq.Socket[bytes]]]:
         ctx.term()
 
 
+@pytest.fixture
+def pair_sockets(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    """A connected PAIR of sockets over ipc: (sender, receiver), closed after the test."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    receiver = ctx.socket(zmq.PAIR)
+    sender = ctx.socket(zmq.PAIR)
+    try:
+        receiver.bind(f"ipc://{tmp_path}/pair")
+        sender.connect(f"ipc://{tmp_path}/pair")
+        yield sender, receiver
+    finally:
+        sender.close(linger=0)
+        receiver.close(linger=0)
+        ctx.term()
+
+
 def _rank_spec(endpoint: str, engine: EngineConfig) -> RankSpec:
     return RankSpec(
         rank=0,
@@ -255,23 +271,21 @@ def test_a_burst_accounts_plain_decode_passes_like_after_pass(tmp_path: Path) ->
         assert sorted(c[0] for r in records for c in r[8]) == [0, 1, 2, 3]
 
 
-def test_send_frames_sends_one_multipart_message(tmp_path: Path) -> None:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    receiver = ctx.socket(zmq.PAIR)
-    sender = ctx.socket(zmq.PAIR)
-    try:
-        receiver.bind(f"ipc://{tmp_path}/pair")
-        sender.connect(f"ipc://{tmp_path}/pair")
-        frames = tp.encode(tp.SUBMIT, {"requests": []}, (b"",))
-        tp.send_frames(sender, frames)
-        tp.send_frames(sender, [b"single"])
-        assert receiver.poll(5000)
-        assert receiver.recv_multipart() == frames
-        assert receiver.recv_multipart() == [b"single"]
-    finally:
-        sender.close(linger=0)
-        receiver.close(linger=0)
-        ctx.term()
+def test_send_frames_sends_one_multipart_message(
+    pair_sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
+) -> None:
+    sender, receiver = pair_sockets
+    frames = tp.encode(tp.SUBMIT, {"requests": []}, (b"",))
+    tp.send_frames(sender, frames)
+    tp.send_frames(sender, [b"single"])
+    shared = zmq.Frame(b"x" * 20_000, copy=True)  # sent twice without a copy
+    tp.send_frames(sender, [b"head", shared])
+    tp.send_frames(sender, [b"head", shared])
+    assert receiver.poll(5000)
+    assert receiver.recv_multipart() == frames
+    assert receiver.recv_multipart() == [b"single"]
+    assert receiver.recv_multipart() == [b"head", b"x" * 20_000]
+    assert receiver.recv_multipart() == [b"head", b"x" * 20_000]
 
 
 def test_a_rank_s_state_carries_its_device_hashes_in_one_frame() -> None:
@@ -345,28 +359,21 @@ def test_a_rank_s_state_lists_its_device_hashes_sorted(
         assert _unpacked_state(msg)["device"] == sorted(held)
 
 
-def test_recv_message_takes_one_whole_multipart_message(tmp_path: Path) -> None:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    receiver = ctx.socket(zmq.PAIR)
-    sender = ctx.socket(zmq.PAIR)
-    try:
-        receiver.bind(f"ipc://{tmp_path}/pair")
-        sender.connect(f"ipc://{tmp_path}/pair")
-        with pytest.raises(zmq.Again):
-            tp.recv_message(receiver)  # nothing there yet
-        big = bytes(range(256)) * 1024  # over pyzmq's copy threshold
-        sender.send_multipart([b"head", b"", big])
-        sender.send_multipart([b"single"])
-        assert receiver.poll(5000)
-        assert tp.recv_message(receiver) == [b"head", b"", big]
-        assert receiver.poll(5000)
-        assert tp.recv_message(receiver) == [b"single"]
-        with pytest.raises(zmq.Again):
-            tp.recv_message(receiver)
-    finally:
-        sender.close(linger=0)
-        receiver.close(linger=0)
-        ctx.term()
+def test_recv_message_takes_one_whole_multipart_message(
+    pair_sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
+) -> None:
+    sender, receiver = pair_sockets
+    with pytest.raises(zmq.Again):
+        tp.recv_message(receiver)  # nothing there yet
+    big = bytes(range(256)) * 1024  # over pyzmq's copy threshold
+    sender.send_multipart([b"head", b"", big])
+    sender.send_multipart([b"single"])
+    assert receiver.poll(5000)
+    assert tp.recv_message(receiver) == [b"head", b"", big]
+    assert receiver.poll(5000)
+    assert tp.recv_message(receiver) == [b"single"]
+    with pytest.raises(zmq.Again):
+        tp.recv_message(receiver)
 
 
 def test_a_burst_cut_short_keeps_the_coalescing_deadline(
