@@ -19,6 +19,7 @@
  *                   and partial ids
  *   extend_strided  `dest.extend(src[start::step])` of two token arrays
  *   pop_all         `d.pop(key)` of a list of keys (a Deref's names, a bulk store's victims)
+ *   get_all         `d[key]` of a list of keys (a Deref's names when most outlive it)
  *
  * The xxh3 itself is the xxhash package's: its extension module exports the C function
  * `XXH3_64bits_withSeed`, found here with dlopen(RTLD_NOLOAD)/dlsym on the already-imported
@@ -368,22 +369,30 @@ static PyObject *dict_pop(PyObject *dict, PyObject *key, int *missing) {
 #endif
 }
 
+/* The arguments of pop_all and get_all: exactly a dict and a list; -1 (TypeError) if not. */
+static int check_dict_and_list(const char *name, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s takes 2 arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    if (!PyDict_CheckExact(args[0]) || !PyList_Check(args[1])) {
+        PyErr_Format(PyExc_TypeError, "%s: needs a dict and a list", name);
+        return -1;
+    }
+    return 0;
+}
+
 /* pop_all(d, keys) -> the values `d.pop(key)` of the int keys of `keys`, in
    order, None in the slots of the other keys; or None when an int key is missing (a repeat
    included), after putting back what was popped (`d` then holds the same items, maybe in
    another order). */
 static PyObject *pop_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "pop_all takes 2 arguments (%zd given)", nargs);
+    if (check_dict_and_list("pop_all", args, nargs) < 0) {
         return NULL;
     }
     PyObject *dict = args[0];
     PyObject *keys = args[1];
-    if (!PyDict_CheckExact(dict) || !PyList_Check(keys)) {
-        PyErr_SetString(PyExc_TypeError, "pop_all: needs a dict and a list");
-        return NULL;
-    }
     Py_ssize_t count = PyList_GET_SIZE(keys);
     PyObject *out = PyList_New(count);
     if (out == NULL) {
@@ -420,6 +429,39 @@ static PyObject *pop_all(PyObject *module, PyObject *const *args, Py_ssize_t nar
             return NULL;
         }
         Py_RETURN_NONE;
+    }
+    return out;
+}
+
+/* get_all(d, keys) -> the values `d[key]` of the int keys of `keys`, in order, None in the
+   slots of the other keys; or None when an int key is missing. `d` is left as it is. */
+static PyObject *get_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (check_dict_and_list("get_all", args, nargs) < 0) {
+        return NULL;
+    }
+    PyObject *dict = args[0];
+    PyObject *keys = args[1];
+    Py_ssize_t count = PyList_GET_SIZE(keys);
+    PyObject *out = PyList_New(count);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        if (!PyLong_Check(key)) {
+            PyList_SET_ITEM(out, i, Py_NewRef(Py_None));
+            continue;
+        }
+        PyObject *value = PyDict_GetItemWithError(dict, key); /* borrowed */
+        if (value == NULL) {
+            Py_DECREF(out);
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        PyList_SET_ITEM(out, i, Py_NewRef(value));
     }
     return out;
 }
@@ -739,6 +781,9 @@ static PyMethodDef blockhash_methods[] = {
     {"pop_all", (PyCFunction)(void (*)(void))pop_all, METH_FASTCALL,
      "pop_all(d, keys) -> d.pop(key) of each int key, None for the other keys; None (and d "
      "unchanged but for order) when an int key is missing"},
+    {"get_all", (PyCFunction)(void (*)(void))get_all, METH_FASTCALL,
+     "get_all(d, keys) -> d[key] of each int key, None for the other keys; None when an int "
+     "key is missing (d unchanged)"},
     {"crossing_words", (PyCFunction)(void (*)(void))crossing_words, METH_FASTCALL,
      "crossing_words(rng, num_tokens, positions, offset) -> (token bytes, partial ids) of one "
      "bulk decode step's draw (see shmkv.sequence.extend_crossing_words)"},

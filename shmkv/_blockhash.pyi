@@ -39,5 +39,9 @@ def pop_all(d: dict[Any, Any], keys: list[Any], /) -> list[Any] | None:
     """`[d.pop(k) if isinstance(k, int) else None for k in keys]`; None (and `d` holding
     the same items, maybe in another order) when an int key is missing or repeats."""
 
+def get_all(d: dict[Any, Any], keys: list[Any], /) -> list[Any] | None:
+    """`[d[k] if isinstance(k, int) else None for k in keys]`; None when an int key is
+    missing (`d` unchanged)."""
+
 def extend_strided(dest: array[int], src: array[int], start: int, step: int, /) -> None:
     """`dest.extend(src[start::step])` for two arrays of 32-bit words (`array('I')`)."""

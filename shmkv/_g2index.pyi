@@ -16,3 +16,6 @@ def index_find_any(table: Any, seq_hash: Any, keys: Any, /) -> int:
 
 def plhs_mode0(seq_hashes: Any, parent_hashes: Any, positions: Any, /) -> list[int]:
     """`shmkv.g2._plhs_of_columns_py` (positions 0..254; u64 hashes, int64 positions)."""
+
+def packed_screen(items: Any, starts: list[int], ordered: Any, /) -> tuple[int, int]:
+    """`shmkv.g2._packed_screen_py`: (verdict, largest position)."""

@@ -97,12 +97,16 @@ flight and the pool covers it, `_land_packed` commits it straight from the group
 `packed_fast_path = False` stages them one by one (tests compare the two).
 
 Cost (scripts/bench_fleet.py, scripts/callgrind_coordinator.py): per group a fixed number of
-numpy calls (screening, whose READY test is one `G2Directory.any_ready` probe pass over the
-shared index, one `G2Directory.reserve_many_array`, the PLHs of the whole group:
-`g2.plhs_of_columns`, one `commit_screened` whose batches the Lineage links as chains:
-`G2Lineage.insert_chains`, one index insert and one index removal call: C in
-`shmkv._g2index` when the core runs compiled); per block the Lineage policy
-(`shmkv.g2_lineage`, compiled: one insert, one evict) and its PLH. The loop runs
+calls, each one pass over the group's arrays (C in `shmkv._g2index` when the core runs
+compiled, else numpy twins): the screening (validity, repeats and chains in one
+`g2.packed_screen`; the READY test, one `G2Directory.any_ready` probe pass over the shared
+index), one `G2Directory.reserve_runs` (its eviction frees slots with one `release_slots`),
+the PLHs of the whole group (`g2.plhs_of_columns`), one `commit_screened` (its slot checks one
+`check_reserved`, its field writes one `publish_slots`) whose batches the Lineage links as
+chains (`G2Lineage.insert_chains`), one index insert and one index removal call; the stores'
+event columns come straight from the packed items (`_EventQueue.stored_packed`), and each
+rank's G2_EVENTS header is the shared one with its "acks" spliced in. Per block the Lineage
+policy (`shmkv.g2_lineage`, compiled: one insert, one evict) and its PLH. The loop runs
 without automatic garbage collection (`_periodic_gc`: one `gc.collect()` per stats interval).
 `Coordinator.batched = False` keeps the per-item reference path (tests compare them).
 """
@@ -137,7 +141,7 @@ from shmkv import transport as tp
 from shmkv.bandwidth import BandwidthModel
 from shmkv.clock import MonotonicClock
 from shmkv.errors import ConfigError, InvariantError, ProtocolError
-from shmkv.g2 import G2Directory, plhs_of, plhs_of_columns
+from shmkv.g2 import G2Directory, packed_screen as _packed_screen, plhs_of, plhs_of_columns
 from shmkv.g2_lineage import G2Lineage
 from shmkv.hashing import MAX_POSITION
 from shmkv.ids import U64_MASK, DpRank, Plh, SeqHash
@@ -160,9 +164,11 @@ _SHARED_FRAME_BYTES: Final = 16 * 1024
 _SEGMENT_NAME_RE: Final = re.compile(rf"{SEGMENT_PREFIX}([A-Za-z0-9-]+)_g2")
 _NO_PARENT: Final = -1
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
-_PACKED_BAD_BITS: Final = np.uint64(((1 << 64) - 1) & ~(tp.PACKED_HAS_PARENT | MAX_POSITION))
 _PACKED_HAS_PARENT: Final = np.uint64(tp.PACKED_HAS_PARENT)
 _MAX_POSITION_U64: Final = np.uint64(MAX_POSITION)
+_G2_HAS_TOKENS_U64: Final = np.uint64(tp.G2_HAS_TOKENS)
+_STORED_KIND: Final = bytes([tp.G2_EVENT_STORED])
+assert tp.G2_HAS_PARENT == tp.PACKED_HAS_PARENT  # NOTE: `_EventQueue.stored_packed`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -524,39 +530,42 @@ class Coordinator:
                 "epoch": self.spec.epoch,
             },
         )
+        next_stats = time.monotonic() + self.spec.stats_interval_s
+        with _periodic_gc():
+            while not self._stop:
+                next_stats = self.loop_turn(next_stats)
+        return 0
+
+    def loop_turn(self, next_stats: float) -> float:
+        """One turn of `run`'s loop: wait (until a message, a death, the next transfer
+        deadline or `next_stats`, the monotonic time of the next RESULTS), serve, land, flush;
+        returns when the next RESULTS is due."""
         router, sup = self._router, self._sup
         assert router is not None
         assert sup is not None
-        next_stats = time.monotonic() + self.spec.stats_interval_s
-        with _periodic_gc():
-            self._serve(router, sup, next_stats)
-        return 0
-
-    def _serve(self, router: zmq.Socket[bytes], sup: zmq.Socket[bytes], next_stats: float) -> None:
-        """The loop of `run` (until STOP or `request_stop`)."""
-        while not self._stop:
-            ready = dict(self._poller.poll(self._poll_timeout_ms(next_stats)))
-            if self._wakeup_fd is not None and self._wakeup_fd in ready:
-                with contextlib.suppress(OSError):
-                    os.read(self._wakeup_fd, 512)
-            # INVARIANT: deaths before messages: a HELLO handled first could close a dead
-            # rank's pidfd and reuse its number for the new process.
-            for fd in [fd for fd in ready if isinstance(fd, int) and fd in self._by_pidfd]:
-                conn = self._by_pidfd[fd]
-                if _pidfd_signalled(conn.pidfd):
-                    self.on_rank_death(conn.rank)
-            if router in ready:
-                self.serve_router(MAX_MESSAGES_PER_TURN)
-            if sup in ready:
-                self._drain_supervisor()
-            self.advance()
-            self.flush()
-            if self._draining:
-                self._settle_for_drain()
-            if time.monotonic() >= next_stats:
-                self._send_sup(tp.RESULTS, self.stats_dict(include_pins=True))
-                gc.collect()
-                next_stats = time.monotonic() + self.spec.stats_interval_s
+        ready = dict(self._poller.poll(self._poll_timeout_ms(next_stats)))
+        if self._wakeup_fd is not None and self._wakeup_fd in ready:
+            with contextlib.suppress(OSError):
+                os.read(self._wakeup_fd, 512)
+        # INVARIANT: deaths before messages: a HELLO handled first could close a dead
+        # rank's pidfd and reuse its number for the new process.
+        for fd in [fd for fd in ready if isinstance(fd, int) and fd in self._by_pidfd]:
+            conn = self._by_pidfd[fd]
+            if _pidfd_signalled(conn.pidfd):
+                self.on_rank_death(conn.rank)
+        if router in ready:
+            self.serve_router(MAX_MESSAGES_PER_TURN)
+        if sup in ready:
+            self._drain_supervisor()
+        self.advance()
+        self.flush()
+        if self._draining:
+            self._settle_for_drain()
+        if time.monotonic() >= next_stats:
+            self._send_sup(tp.RESULTS, self.stats_dict(include_pins=True))
+            gc.collect()
+            next_stats = time.monotonic() + self.spec.stats_interval_s
+        return next_stats
 
     def _poll_timeout_ms(self, next_stats: float) -> int:
         wait_s = max(0.0, next_stats - time.monotonic())
@@ -694,40 +703,33 @@ class Coordinator:
         repeated), i.e. unless every message would be accepted whole."""
         counts = [int(msg.body["num_items"]) for _identity, _conn, msg in pending]
         total = sum(counts)
-        items = b"".join([msg.frames[0] for _identity, _conn, msg in pending])
-        words = np.frombuffer(items, dtype="<u8").reshape(total, 4)
-        meta = words[:, 3]
-        if (meta & _PACKED_BAD_BITS).any():
-            return None
-        has_parent = (meta & _PACKED_HAS_PARENT) != 0
-        parents_arr = words[:, 1]
-        if not has_parent.all() and parents_arr[~has_parent].any():
-            return None
-        positions_arr = (meta & _MAX_POSITION_U64).astype(np.int64)
+        flat = np.frombuffer(b"".join([msg.frames[0] for _identity, _conn, msg in pending]), "<u8")
+        words = flat.reshape(total, 4)
+        starts = list(itertools.accumulate(counts[:-1], initial=0))
         seqs = np.ascontiguousarray(words[:, 0])
-        columns = _Columns(seqs, parents_arr, has_parent, words[:, 2], positions_arr)
-        ordered = np.sort(seqs)
+        # NOTE: validity, repeats and chains in one pass (C when compiled)
+        verdict, max_position = _packed_screen(flat, starts, np.sort(seqs))
+        if verdict < 0 or self.directory.any_ready(seqs):
+            return None
         inflight = self._inflight
         _settle(claimed)
-        if (total > 1 and bool((ordered[1:] == ordered[:-1]).any())) or self.directory.any_ready(
-            seqs
-        ):
-            return None
         if inflight or claimed:
             seq_list: list[SeqHash] = seqs.tolist()
             if (inflight and not inflight.keys().isdisjoint(seq_list)) or (
                 claimed and not claimed.isdisjoint(seq_list)
             ):
                 return None
+        meta = words[:, 3]
+        has_parent = (meta & _PACKED_HAS_PARENT) != 0
+        positions_arr = (meta & _MAX_POSITION_U64).astype(np.int64)
+        columns = _Columns(seqs, words[:, 1], has_parent, words[:, 2], positions_arr)
         token_bytes = b"".join([msg.frames[1] for _identity, _conn, msg in pending])
         tokens = np.frombuffer(token_bytes, dtype="<u4").reshape(total, self._block_size)
         if not _LITTLE_ENDIAN:  # pragma: no cover - little-endian hosts in practice
             tokens = tokens.astype(np.uint32)
-        starts = list(itertools.accumulate(counts[:-1], initial=0))
         packed = _PackedGroup(
-            columns, total, tokens, token_bytes, starts, counts,
-            _chains_parent_first(columns, starts, ordered),
-        )  # fmt: skip
+            columns, total, tokens, token_bytes, starts, counts, verdict == 1, meta, max_position
+        )
         screened: list[_Offload] = []
         for (_identity, conn, msg), start, count in zip(pending, starts, counts, strict=True):
             # NOTE: candidates, columns and token rows are filled by `_materialized` if needed
@@ -931,11 +933,11 @@ class Coordinator:
             group = [self._materialized(entry) for entry in group]
         wanted = [entry.num_packed if fast else len(entry.cand.idxs) for entry in group]
         total = sum(wanted)
-        slot_arr = self._reserve_for(group, wanted, total, self._batching(total))
+        slot_arr, owners = self._reserve_for(group, wanted, total, self._batching(total))
         if fast and packed is not None:
             if len(slot_arr) == total:
                 self._queue_evictions()
-                self._land_packed(group, packed, slot_arr)
+                self._land_packed(group, packed, slot_arr, owners)
                 return
             group = [self._materialized(entry) for entry in group]
         slots: list[int] = slot_arr.tolist()
@@ -1004,37 +1006,45 @@ class Coordinator:
         )
 
     def _land_packed(
-        self, group: list[_Offload], packed: _PackedGroup, slot_arr: npt.NDArray[np.intp]
+        self,
+        group: list[_Offload],
+        packed: _PackedGroup,
+        slot_arr: npt.NDArray[np.intp],
+        owners: npt.NDArray[np.int64] | None,
     ) -> None:
         """`_land_group` of a group `_packed_fast_path` accepts, every block with a slot:
         one `commit_screened` of the whole group's columns (the same call, with the same
         arguments, that staging every OFFLOAD with `_stage_batch` builds), the stores queued,
-        then each OFFLOAD's ACK (done) for the next flush."""
+        then each OFFLOAD's ACK (done) for the next flush. `owners`: each block's rank (as
+        `_reserve_for` gave them), if known."""
         total = packed.total
         self.stats.accepted += total
         now = self.clock.now_ms()
         cols = packed.columns
-        plhs = plhs_of_columns(cols.seqs, cols.parents, cols.positions)
-        ranks = [entry.conn.rank for entry in group]
-        owners: DpRank | npt.NDArray[np.int64] = ranks[0]
-        if ranks.count(ranks[0]) != len(ranks):
-            owners = np.repeat(np.array(ranks, dtype=np.int64), packed.counts)
+        max_position = packed.max_position
+        plhs = plhs_of_columns(cols.seqs, cols.parents, cols.positions, max_position=max_position)
+        if owners is None:
+            owners = np.repeat(
+                np.array([entry.conn.rank for entry in group], dtype=np.int64), packed.counts
+            )
         committed = self.directory.commit_screened(
             slot_arr, cols.seqs, cols.parents, cols.has_parent, cols.locals, cols.positions,
-            packed.tokens, owners, plhs, chain_starts=packed.starts,
+            packed.tokens, owners, plhs, chain_starts=packed.starts, max_position=max_position,
         )  # fmt: skip
         if committed.count(True) == total:
             self.stats.offloaded += total
             if self._tokenless:
                 self._tokenless.difference_update(slot_arr.tolist())
-            self._out.stored(*cols, packed.token_bytes, True)
+            self._out.stored_packed(
+                cols.seqs, cols.parents, cols.locals, packed.meta, packed.token_bytes
+            )
         else:
             self._queue_stores(committed, slot_arr.tolist(), cols, packed.tokens)
         deadline = tp.encode_float(now)
         for entry, count in zip(group, packed.counts, strict=True):
             body = {
                 "batch": entry.batch,
-                "accepted": list(range(count)),
+                "accepted": _every_item(count),
                 "rejected": [],
                 "deadline_ms": deadline,
                 "done": True,
@@ -1095,24 +1105,24 @@ class Coordinator:
 
     def _reserve_for(
         self, group: list[_Offload], wanted: list[int], total: int, batching: bool
-    ) -> npt.NDArray[np.intp]:
-        """Slots for the group's candidates, in order (the first ones when the pool is short)."""
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64] | None]:
+        """Slots for the group's candidates, in order (the first ones when the pool is short),
+        and (batched) the rank of each candidate."""
         if total == 0:
-            return np.zeros(0, dtype=np.intp)
+            return np.zeros(0, dtype=np.intp), None
         directory = self.directory
         if batching:
-            ranks = np.array([entry.conn.rank for entry in group], dtype=np.int64)
-            return directory.reserve_many_array(np.repeat(ranks, wanted))
+            return directory.reserve_runs([entry.conn.rank for entry in group], wanted)
         if len(group) == 1:
             got = directory.reserve(total, group[0].conn.rank, vectorized=False)
-            return np.array(got, dtype=np.intp)
+            return np.array(got, dtype=np.intp), None
         slots: list[int] = []
         for entry, want in zip(group, wanted, strict=True):
             got = directory.reserve(want, entry.conn.rank, vectorized=False) if want else []
             slots += got
             if len(got) < want:
                 break  # the pool is short: later entries get nothing
-        return np.array(slots, dtype=np.intp)
+        return np.array(slots, dtype=np.intp), None
 
     def _land_or_queue(
         self,
@@ -1604,23 +1614,21 @@ class Coordinator:
         if not count:
             for conn in targets:
                 if conn.acks:
-                    body = {"num_events": 0, "num_stores": 0, "acks": conn.acks}
-                    conn.acks = []
-                    self._send_rank(conn, tp.G2_EVENTS, body)
+                    self._send_raw(conn, [_with_acks(_NO_EVENTS_HEADER, conn)])
             return
         for start in range(0, count, MAX_EVENTS_PER_MESSAGE):
             stop = min(count, start + MAX_EVENTS_PER_MESSAGE)
             body, payload = events.parts(start, stop)
-            message: list[bytes | zmq.Frame] = [*tp.encode(tp.G2_EVENTS, body), *payload]
+            header = tp.encode(tp.G2_EVENTS, body)[0]
+            message: list[bytes | zmq.Frame] = [header, *payload]
             if len(targets) > 1 and sum(map(len, payload)) >= _SHARED_FRAME_BYTES:
                 # NOTE: one copy into libzmq (copy=True: no zero-copy tracking thread),
                 # shared (refcounted) by every rank's send
-                message = [zmq.Frame(part, copy=True) for part in message]
+                message = [header, *(zmq.Frame(part, copy=True) for part in payload)]
             last = stop == count
             for conn in targets:
                 if last and conn.acks:
-                    body["acks"], conn.acks = conn.acks, []
-                    self._send_raw(conn, [*tp.encode(tp.G2_EVENTS, body), *message[1:]])
+                    self._send_raw(conn, [_with_acks(header, conn), *message[1:]])
                 else:
                     self._send_raw(conn, message)
             self.stats.event_messages += 1
@@ -1794,6 +1802,30 @@ class Coordinator:
         return out
 
 
+_NO_EVENTS_HEADER: Final = tp.encode(tp.G2_EVENTS, {"num_events": 0, "num_stores": 0})[0]
+_EVERY_ITEM: Final[dict[int, orjson.Fragment]] = {}
+_EVERY_ITEM_CACHED: Final = 64
+"""Item counts whose `_every_item` JSON is kept (the OFFLOADs of a fleet have few sizes)."""
+
+
+def _every_item(count: int) -> orjson.Fragment:
+    """`[0, 1, ..., count - 1]` (an ACK's "accepted" when it takes every item) as JSON that
+    `orjson.dumps` copies as is: the bytes the list would give, built once per count."""
+    fragment = _EVERY_ITEM.get(count)
+    if fragment is None:
+        fragment = orjson.Fragment(orjson.dumps(list(range(count))))
+        if len(_EVERY_ITEM) < _EVERY_ITEM_CACHED:
+            _EVERY_ITEM[count] = fragment
+    return fragment
+
+
+def _with_acks(header: bytes, conn: _Rank) -> bytes:
+    """A G2_EVENTS header (`tp.encode`'s bytes) with `"acks"`: `conn`'s queued ACKs, which
+    it takes (the bytes `tp.encode` gives the body with an "acks" entry added last)."""
+    acks, conn.acks = conn.acks, []
+    return b"".join((header[:-1], b',"acks":', orjson.dumps(acks), b"}"))
+
+
 def _token_bytes(rows: npt.NDArray[np.uint32]) -> bytes:
     """Token ids as little-endian u32 bytes (the wire form)."""
     return rows.astype("<u4", copy=False).tobytes()
@@ -1848,30 +1880,10 @@ class _PackedGroup(NamedTuple):
     counts: list[int]
     chains: bool
     """Whether every OFFLOAD is a chain stored parent first (what `_stage_batch` tests)."""
-
-
-def _chains_parent_first(
-    columns: _Columns, starts: list[int], ordered_seqs: npt.NDArray[np.uint64]
-) -> bool:
-    """`_is_chain` of every OFFLOAD of a group (items `starts[k]` to the next start), and no
-    first block's parent among the group's blocks (`ordered_seqs`: their sorted hashes), at
-    numpy speed; the second test is stricter than `_stage_batch`'s (the first block's parent
-    later in its own OFFLOAD), which only sends more groups down the exact slow path."""
-    seqs, parents, has_parent, positions = (
-        columns.seqs, columns.parents, columns.has_parent, columns.positions,
-    )  # fmt: skip
-    links = has_parent[1:] & (parents[1:] == seqs[:-1]) & (positions[1:] == positions[:-1] + 1)
-    if len(starts) > 1:
-        links[np.array(starts[1:], dtype=np.intp) - 1] = True  # NOTE: message boundaries
-    if not links.all():
-        return False
-    firsts = np.array(starts, dtype=np.intp)
-    first_parents = parents[firsts][has_parent[firsts]]
-    if not first_parents.size:
-        return True
-    at = np.searchsorted(ordered_seqs, first_parents)
-    at[at == ordered_seqs.size] = 0
-    return not bool((ordered_seqs[at] == first_parents).any())
+    meta: npt.NDArray[np.uint64]
+    """The items' packed meta words (position | `transport.PACKED_HAS_PARENT`): their G2
+    store metas but for `transport.G2_HAS_TOKENS`."""
+    max_position: int
 
 
 class _Claims(set[SeqHash]):
@@ -2015,18 +2027,43 @@ class _EventQueue:
         token_bytes: bytes,
         has_tokens: bool | npt.NDArray[np.bool_],
     ) -> None:
-        """Stores of blocks (in order); `parents` is ignored where `has_parent` is False."""
+        """Stores of blocks (in order); `parents` must be 0 where `has_parent` is False (as
+        every caller's columns are: `_Columns`)."""
         meta = positions.astype("<u8")
         meta |= has_parent.astype("<u8") << np.uint64(32)
         if has_tokens is True:
             meta |= np.uint64(tp.G2_HAS_TOKENS)
         elif has_tokens is not False:
             meta |= np.asarray(has_tokens, dtype="<u8") << np.uint64(33)
-        self._kinds += bytes([tp.G2_EVENT_STORED]) * len(seqs)
+        self._append_stores(seqs, parents, locals_, meta, token_bytes)
+
+    def stored_packed(
+        self,
+        seqs: npt.NDArray[np.uint64],
+        parents: npt.NDArray[np.uint64],
+        locals_: npt.NDArray[np.uint64],
+        packed_meta: npt.NDArray[np.uint64],
+        token_bytes: bytes,
+    ) -> None:
+        """`stored` of screened packed OFFLOAD items with their token ids: their packed meta
+        words (position | `transport.PACKED_HAS_PARENT`, parents 0 without it) are the stores'
+        metas but for `transport.G2_HAS_TOKENS`."""
+        self._append_stores(seqs, parents, locals_, packed_meta | _G2_HAS_TOKENS_U64, token_bytes)
+
+    def _append_stores(
+        self,
+        seqs: npt.NDArray[np.uint64],
+        parents: npt.NDArray[np.uint64],
+        locals_: npt.NDArray[np.uint64],
+        metas: npt.NDArray[np.uint64],
+        token_bytes: bytes,
+    ) -> None:
+        """Queue stores from their columns (metas complete) and their token rows' bytes."""
+        self._kinds += _STORED_KIND * len(seqs)
         self._seqs += seqs.astype("<u8", copy=False).tobytes()
-        self._parents += np.where(has_parent, parents, np.uint64(0)).astype("<u8").tobytes()
+        self._parents += parents.astype("<u8", copy=False).tobytes()
         self._locals += locals_.astype("<u8", copy=False).tobytes()
-        self._metas += meta.tobytes()
+        self._metas += metas.astype("<u8", copy=False).tobytes()
         self._tokens.append(token_bytes)
 
     def stored_one(

@@ -119,6 +119,7 @@ _MAX_VECTOR_ROWS: Final = 1024
 _SCALAR_UNPIN_MAX: Final = 24
 """`unpin_many` releases fewer pins than this one by one (cheaper than numpy's call cost)."""
 _REBUILD_EMPTY_FRACTION: Final = 4
+assert FLAG_HAS_PARENT == 1  # NOTE: `_publish` stores `has_parent` as the flags byte
 """Rebuild the index when fewer than T / 4 cells are empty."""
 
 _FENCE_LOCK = threading.Lock()
@@ -317,24 +318,98 @@ def _i64_column(values: npt.NDArray[np.intp]) -> npt.NDArray[np.int64]:
     return out
 
 
-def _distinct_prefix(values: npt.NDArray[np.intp], scratch: npt.NDArray[np.intp]) -> int:
-    """Length of a prefix of `values` without a repeated value: the whole array when its
-    values are distinct, else at least 1 and at most the longest such prefix.
+def _check_reserved_py(
+    state: npt.NDArray[np.int8],
+    owner: npt.NDArray[np.int16],
+    idx: npt.NDArray[np.intp],
+    owners: int | npt.NDArray[np.int64],
+    scratch: npt.NDArray[np.intp],
+) -> tuple[int, int]:
+    """The checks of a commit's slots (the twin of `shmkv._g2index.check_reserved`): (1, k)
+    if `idx[k]` is the first slot outside the pool, else (2, k) if slot `idx[k]` is the first
+    not RESERVED by its owner (`owners[k]`, or `owners` for all), else (3, k) if a slot
+    repeats (k: the first position whose slot occurred before), else (0, -1).
 
-    `scratch`: an array indexable by every value (its contents are overwritten). Each
-    position writes its number into its value's cell, last position first (numpy assigns in
-    order, so the first occurrence of a value writes last and wins); a position that reads
-    back another number repeats an earlier value (or, whatever the assignment order, shares
-    its value with another position: of two such positions at least one loses, so no value
-    repeats before the first loser). O(n), no sort.
+    The repeat test is O(n) without a sort: `scratch` (indexable by every slot; overwritten)
+    gets each position's number in its slot's cell, last position first (numpy assigns in
+    order, so a slot's first occurrence writes last and wins); a position that reads back
+    another number repeats an earlier slot.
     """
-    count = int(values.size)
-    if count < 2:
-        return count
-    rows = np.arange(count)
-    scratch[values[::-1]] = rows[::-1]
-    losers = np.flatnonzero(scratch[values] != rows)
-    return int(losers[0]) if losers.size else count
+    capacity = state.size
+    outside = (idx < 0) | (idx >= capacity)
+    if outside.any():
+        return 1, int(outside.argmax())
+    bad = (state[idx] != RESERVED) | (owner[idx] != owners)
+    if bad.any():
+        return 2, int(bad.argmax())
+    rows = np.arange(idx.size)
+    scratch[idx[::-1]] = rows[::-1]
+    losers = np.flatnonzero(scratch[idx] != rows)
+    return (3, int(losers[0])) if losers.size else (0, -1)
+
+
+def _publish_slots_py(
+    fields: tuple[npt.NDArray[Any], ...],
+    idx: npt.NDArray[np.intp],
+    seqs: npt.NDArray[np.uint64],
+    parents: npt.NDArray[np.uint64],
+    has_parent: npt.NDArray[np.bool_],
+    locals_: npt.NDArray[np.uint64],
+    positions: npt.NDArray[np.int64],
+    tokens: npt.NDArray[np.uint32] | None,
+) -> None:
+    """Write the fields of slots `idx`, then turn them READY (the twin of
+    `shmkv._g2index.publish_slots`). `fields`: the segment's seq_hash, parent_hash, flags,
+    local_hash, position, tokens (flat) and state columns; `tokens` n x block_size, or None
+    (zeros).
+
+    Raises:
+        ValueError: a slot outside the pool, or columns of different lengths (nothing is
+            written then).
+    """
+    seq_hash, parent_hash, flags, local_hash, position, tokens_flat, state = fields
+    capacity, count = state.size, idx.size
+    block_size = tokens_flat.size // capacity if capacity else 0
+    lengths = {len(seqs), len(parents), len(has_parent), len(locals_), len(positions), count}
+    if lengths != {count} or (tokens is not None and tokens.size != count * block_size):
+        raise ValueError("publish_slots: columns of different lengths")
+    if count and (int(idx.min()) < 0 or int(idx.max()) >= capacity):
+        raise ValueError("publish_slots: a slot outside the pool")
+    seq_hash[idx] = seqs
+    parent_hash[idx] = parents
+    flags[idx] = has_parent  # NOTE: True is 1, FLAG_HAS_PARENT (the only flag)
+    local_hash[idx] = locals_
+    position[idx] = positions
+    rows = tokens_flat.reshape(capacity, block_size)
+    rows[idx] = 0 if tokens is None else tokens.reshape(count, block_size)
+    # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
+    state[idx] = _READY_I8
+
+
+def _release_slots_py(
+    gen: npt.NDArray[np.int64],
+    owner: npt.NDArray[np.int16],
+    state: npt.NDArray[np.int8],
+    idx: npt.NDArray[np.intp],
+) -> None:
+    """Free evicted slots `idx` (distinct): gen + 1 and no owner, then state FREE (the twin
+    of `shmkv._g2index.release_slots`).
+
+    Raises:
+        ValueError: a slot outside the pool (nothing is written then).
+    """
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= state.size):
+        raise ValueError("release_slots: a slot outside the pool")
+    gen[idx] += 1  # INVARIANT: gen before state (module docstring)
+    owner[idx] = NO_OWNER
+    state[idx] = FREE
+
+
+_reserved_problem: Final = (
+    _check_reserved_py if _INDEX_ACCEL is None else _INDEX_ACCEL.check_reserved
+)
+_publish_slots: Final = _publish_slots_py if _INDEX_ACCEL is None else _INDEX_ACCEL.publish_slots
+_release_slots: Final = _release_slots_py if _INDEX_ACCEL is None else _INDEX_ACCEL.release_slots
 
 
 def _intp_array(values: list[int]) -> npt.NDArray[np.intp]:
@@ -381,6 +456,8 @@ def plhs_of_columns(
     seq_hashes: npt.NDArray[np.uint64],
     parent_hashes: npt.NDArray[np.uint64],
     positions: npt.NDArray[np.integer],
+    *,
+    max_position: int | None = None,
 ) -> list[Plh]:
     """`plhs_of` of columns (`parent_hashes` 0 where a block has no parent: the same PLH).
 
@@ -389,10 +466,17 @@ def plhs_of_columns(
     then joined per block with one shift and one or: about a third of the per-block big-int
     work of `plhs_of`. While the core runs compiled, C builds each PLH straight from the
     columns (`shmkv._g2index.plhs_mode0`, whose twin is `_plhs_of_columns_py`).
+
+    `max_position`: the largest position, when the caller knows it and that none is negative
+    (saves two passes over a small array).
     """
     if positions.size == 0:
         return []
-    if int(positions.min()) < 0 or int(positions.max()) >= _FAST_PLH_END:
+    if max_position is None:
+        if int(positions.min()) < 0:
+            return plhs_of(seq_hashes.tolist(), parent_hashes.tolist(), positions.tolist())
+        max_position = int(positions.max())
+    if max_position >= _FAST_PLH_END:
         return plhs_of(seq_hashes.tolist(), parent_hashes.tolist(), positions.tolist())
     if (
         _INDEX_ACCEL is not None
@@ -403,6 +487,83 @@ def plhs_of_columns(
         plhs: list[Plh] = _INDEX_ACCEL.plhs_mode0(seq_hashes, parent_hashes, positions)
         return plhs
     return _plhs_of_columns_py(seq_hashes, parent_hashes, positions)
+
+
+_PACKED_HAS_PARENT_U64: Final = np.uint64(1 << 32)
+"""`shmkv.transport.PACKED_HAS_PARENT` (the wire format's flag; transport is layer 3)."""
+_MAX_POSITION_U64: Final = np.uint64(MAX_POSITION)
+_PACKED_BAD_BITS_U64: Final = np.uint64(U64_MASK & ~((1 << 32) | MAX_POSITION))
+
+
+def packed_screen(
+    items: npt.NDArray[np.uint64], starts: list[int], ordered: npt.NDArray[np.uint64]
+) -> tuple[int, int]:
+    """Screen packed OFFLOAD items (`items`: their words, four u64 per item: seq, parent,
+    local, meta) of messages starting at `starts` (0, then ascending, each below the item
+    count), `ordered` being their sequence hashes sorted. Returns (verdict, max_position):
+
+    * verdict -1: an item is malformed (meta bits beyond position | PACKED_HAS_PARENT, or a
+      parent hash without the flag); else -2: a sequence hash repeats; else 1 when every
+      message is a chain stored parent first (each item after its first the child of the one
+      before it, at the next position) and no message's first parent is among `ordered`;
+      else 0;
+    * max_position: the largest position (0 when the verdict is negative).
+
+    C (`shmkv._g2index.packed_screen`) while the core runs compiled, else its twin
+    `_packed_screen_py`.
+
+    Raises:
+        ValueError: no items, a word count not a multiple of 4, or `starts` malformed.
+        TypeError: `starts` is not a list, or arrays of the wrong type.
+    """
+    if _INDEX_ACCEL is not None:
+        verdict: tuple[int, int] = _INDEX_ACCEL.packed_screen(items, starts, ordered)
+        return verdict
+    return _packed_screen_py(items, starts, ordered)
+
+
+def _packed_screen_py(
+    items: npt.NDArray[np.uint64], starts: list[int], ordered: npt.NDArray[np.uint64]
+) -> tuple[int, int]:
+    """`packed_screen` with numpy (the twin of `shmkv._g2index.packed_screen`)."""
+    for name, column in (("items", items), ("ordered", ordered)):
+        if getattr(column, "dtype", None) != np.uint64 or getattr(column, "ndim", 0) != 1:
+            raise TypeError(f"packed_screen: {name}: expected a contiguous array of u64 items")
+    count = items.size // 4
+    if count == 0 or items.size % 4:
+        raise ValueError("packed_screen: items must be 4 words each, at least one")
+    if not isinstance(starts, list):
+        raise TypeError("packed_screen: starts must be a list of ints")
+    if not starts or any(
+        (j == 0 and at != 0) or (j > 0 and at <= starts[j - 1]) or at >= count
+        for j, at in enumerate(starts)
+    ):
+        raise ValueError("packed_screen: starts must be 0, then ascending, below the count")
+    words = items.reshape(count, 4)
+    meta = words[:, 3]
+    if (meta & _PACKED_BAD_BITS_U64).any():
+        return -1, 0
+    has_parent = (meta & _PACKED_HAS_PARENT_U64) != 0
+    seqs, parents = words[:, 0], words[:, 1]
+    if not has_parent.all() and parents[~has_parent].any():
+        return -1, 0
+    if ordered.size > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+        return -2, 0
+    positions = (meta & _MAX_POSITION_U64).astype(np.int64)
+    max_position = int(positions.max())
+    links = has_parent[1:] & (parents[1:] == seqs[:-1]) & (positions[1:] == positions[:-1] + 1)
+    if len(starts) > 1:
+        links[np.array(starts[1:], dtype=np.intp) - 1] = True  # NOTE: message boundaries
+    if not links.all():
+        return 0, max_position
+    firsts = np.array(starts, dtype=np.intp)
+    first_parents = parents[firsts][has_parent[firsts]]
+    if first_parents.size and ordered.size:
+        at = np.searchsorted(ordered, first_parents)
+        at[at == ordered.size] = 0
+        if bool((ordered[at] == first_parents).any()):
+            return 0, max_position
+    return 1, max_position
 
 
 def _plhs_of_columns_py(
@@ -1340,7 +1501,14 @@ class G2Directory(_IndexReader):
         # Free stack: pops from the end, so a fresh pool hands out slots 0, 1, 2, ...
         self._free_stack = np.arange(self._capacity - 1, -1, -1, dtype=np.int32)
         self._slot_scratch = np.zeros(self._capacity, dtype=np.intp)
-        """Work array of `_distinct_prefix` (slot numbers)."""
+        """Work array of `_reserved_problem` (slot numbers)."""
+        if not segment.tokens.flags.c_contiguous:  # pragma: no cover - the layout makes it so
+            raise ConfigError("the segment's token rows must be contiguous")
+        self._fields_np = (
+            segment.seq_hash, segment.parent_hash, segment.flags, segment.local_hash,
+            segment.position, segment.tokens.reshape(-1), segment.state,
+        )  # fmt: skip
+        """The columns `_publish_slots` writes (tokens flat: a view, the rows being contiguous)."""
         self._num_free = self._capacity
         self._num_reserved = 0
         self._lineage: G2Lineage | None = policy if isinstance(policy, G2Lineage) else None
@@ -1482,6 +1650,34 @@ class G2Directory(_IndexReader):
             self._num_reserved += int(idx.size)
         return idx
 
+    def reserve_runs(
+        self, ranks: Sequence[DpRank], counts: Sequence[int]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64]]:
+        """`reserve_many_array` of `counts[k]` slots for `ranks[k]`, run after run (the ranks
+        checked one per run, not one per block); returns the slots and the owner of each
+        requested slot (as many as asked: the first `len(slots)` got one).
+
+        Raises:
+            ConfigError: a rank outside the segment's ranks, a negative count or mismatched
+                lengths (nothing changes then).
+        """
+        self._check_open()
+        if len(ranks) != len(counts):
+            raise ConfigError(f"reserve_runs: {len(ranks)} ranks for {len(counts)} counts")
+        for rank, count in zip(ranks, counts, strict=True):
+            self._check_rank(rank)
+            if count < 0:
+                raise ConfigError(f"cannot reserve {count} blocks")
+        owners = np.repeat(np.array(ranks, dtype=np.int64), counts)
+        if owners.size == 0:
+            return np.zeros(0, dtype=np.intp), owners
+        idx = self._take_slots(int(owners.size), True)
+        if idx.size:
+            self._state_np[idx] = RESERVED
+            self._owner_np[idx] = owners if idx.size == owners.size else owners[: idx.size]
+            self._num_reserved += int(idx.size)
+        return idx, owners
+
     def _take_slots(self, num_blocks: int, vectorized: bool) -> npt.NDArray[np.intp]:
         """Up to `num_blocks` slots: FREE ones first, then evicted ones (not marked yet)."""
         take = min(num_blocks, self._num_free)
@@ -1589,22 +1785,24 @@ class G2Directory(_IndexReader):
         full_fence()
         pinned = self._pinned_mask(idx)
         keys = self._seq_hash_np[idx]
-        num_pinned = int(np.count_nonzero(pinned))
-        if num_pinned:
+        num_pinned = 0 if pinned is None else int(np.count_nonzero(pinned))
+        if pinned is not None and num_pinned:
             state[idx[pinned]] = _READY_I8
             self._num_evict_backoffs += num_pinned
             free = ~pinned
             idx, keys = idx[free], keys[free]
         self._index_remove_arrays(keys, _i64_column(idx))
-        self._gen_np[idx] += 1  # INVARIANT: gen before state (module docstring)
-        self._owner_np[idx] = NO_OWNER
-        state[idx] = FREE
+        _release_slots(self._gen_np, self._owner_np, state, idx)
         self._num_evictions += int(idx.size)
-        return (pinned.tolist() if num_pinned else None), idx, keys
+        return (pinned.tolist() if pinned is not None and num_pinned else None), idx, keys
 
-    def _pinned_mask(self, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
-        """Whether any rank's row pins each slot of `idx` (read after the fence)."""
-        mask: npt.NDArray[np.bool_] = np.any(self._pins_np[:, idx], axis=0)
+    def _pinned_mask(self, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | None:
+        """Whether any rank's row pins each slot of `idx` (read after the fence); None when
+        none is pinned (the usual case: one flat test instead of a reduction per column)."""
+        rows = self._pins_np[:, idx]
+        if not rows.any():
+            return None
+        mask: npt.NDArray[np.bool_] = np.any(rows, axis=0)
         return mask
 
     def _try_evict(self, slot: BlockId) -> bool:
@@ -1628,7 +1826,7 @@ class G2Directory(_IndexReader):
         """Negative control only (`--inject-bug ignore-pins`): from now on eviction treats
         every slot as unpinned, on both paths, so the ranks' oracles must report violations."""
         self._is_pinned = lambda slot: False  # type: ignore[method-assign]
-        self._pinned_mask = lambda idx: np.zeros(idx.size, dtype=bool)  # type: ignore[method-assign]
+        self._pinned_mask = lambda idx: None  # type: ignore[method-assign]
 
     def _is_pinned(self, slot: BlockId) -> bool:
         """Whether any rank's row pins `slot` (read after the fence)."""
@@ -1786,6 +1984,7 @@ class G2Directory(_IndexReader):
         seq_list: list[SeqHash] | None = None,
         *,
         chain_starts: list[int] | None = None,
+        max_position: int | None = None,
     ) -> list[bool]:
         """`commit_many` of columns the caller built and screened already: arrays of one
         length (`parent_hashes` 0 where `has_parent` is False, positions in range), `plhs`
@@ -1798,6 +1997,7 @@ class G2Directory(_IndexReader):
         the first 0), each a chain stored parent first (every block's parent hash is the
         sequence hash of the block before it, its position the next one). The caller vouches
         for it; a policy with `insert_chains` (`G2Lineage`) then skips decoding the links.
+        `max_position` (optional): the largest of `positions`, if the caller has it.
 
         Raises:
             InvariantError, ConfigError: as `commit_many` (nothing changes then).
@@ -1816,7 +2016,7 @@ class G2Directory(_IndexReader):
         tokens = self._token_rows(token_ids, count)
         return self._commit_arrays(
             idx, seq_hashes, parent_hashes, has_parent, local_hashes, positions, tokens,
-            plhs, seq_list, screened=True, chain_starts=chain_starts,
+            plhs, seq_list, screened=True, chain_starts=chain_starts, max_position=max_position,
         )  # fmt: skip
 
     def _commit_arrays(
@@ -1833,6 +2033,7 @@ class G2Directory(_IndexReader):
         *,
         screened: bool,
         chain_starts: list[int] | None = None,
+        max_position: int | None = None,
     ) -> list[bool]:
         """The body of `commit_many` / `commit_screened` (checked columns).
 
@@ -1849,7 +2050,9 @@ class G2Directory(_IndexReader):
         if lineage is not None and screened and chain_starts is not None:
             found: list[int] = []
             try:
-                first_mode = int(pos_arr.max()) < _FAST_PLH_END  # NOTE: screened: none < 0
+                if max_position is None:
+                    max_position = int(pos_arr.max())
+                first_mode = max_position < _FAST_PLH_END  # NOTE: screened: none < 0
                 lineage.insert_chains(plh_list, chain_starts, slot_list, found, first_mode)
             except BaseException as exc:  # NOTE: finish the blocks before the refused one
                 failure = exc
@@ -1906,27 +2109,30 @@ class G2Directory(_IndexReader):
         owner_rank: DpRank | Sequence[DpRank] | npt.NDArray[np.int64],
     ) -> npt.NDArray[np.intp]:
         try:
-            idx = np.asarray(slots, dtype=np.intp)
+            idx = np.ascontiguousarray(slots, dtype=np.intp)
         except (OverflowError, TypeError, ValueError) as exc:
             raise InvariantError(f"commit_many: slots are not slot numbers: {exc}") from exc
         if idx.ndim != 1:
             raise InvariantError("commit_many: slots must be one-dimensional")
-        outside = (idx < 0) | (idx >= self._capacity)
-        if outside.any():
-            slot = int(idx[outside.argmax()])
-            raise InvariantError(f"slot {slot} outside 0..{self._capacity - 1}")
         if isinstance(owner_rank, int | np.integer):
             owners: int | npt.NDArray[np.int64] = int(owner_rank)
         else:
-            owners = np.asarray(owner_rank, dtype=np.int64)
+            owners = np.ascontiguousarray(owner_rank, dtype=np.int64)
             if owners.shape != idx.shape:
+                outside = (idx < 0) | (idx >= self._capacity)
+                if outside.any():
+                    slot = int(idx[outside.argmax()])
+                    raise InvariantError(f"slot {slot} outside 0..{self._capacity - 1}")
                 raise ConfigError(f"commit_many: {owners.size} owner ranks for {idx.size} slots")
-        bad = (self._state_np[idx] != RESERVED) | (self._owner_np[idx] != owners)
-        if bad.any():
-            at = int(bad.argmax())
+        problem, at = _reserved_problem(
+            self._state_np, self._owner_np, idx, owners, self._slot_scratch
+        )
+        if problem == 1:
+            raise InvariantError(f"slot {int(idx[at])} outside 0..{self._capacity - 1}")
+        if problem == 2:
             owner = owners if isinstance(owners, int) else int(owners[at])
             self._check_reserved(int(idx[at]), owner)  # raises with the details
-        if _distinct_prefix(idx, self._slot_scratch) != idx.size:
+        if problem == 3:
             raise InvariantError("commit_many: a slot appears twice in one batch")
         return idx
 
@@ -2040,16 +2246,12 @@ class G2Directory(_IndexReader):
         tokens: npt.NDArray[np.uint32] | None,
     ) -> None:
         """Write the fields of reserved slots already in the policy (and filed under their
-        slots there), turn them READY, index."""
-        seg = self._segment
-        self._seq_hash_np[idx] = seq_arr
-        seg.parent_hash[idx] = np.where(has_parent, parent_arr, np.uint64(0))
-        seg.flags[idx] = has_parent.astype(np.uint8) * np.uint8(FLAG_HAS_PARENT)
-        seg.local_hash[idx] = local_arr
-        seg.position[idx] = pos_arr
-        seg.tokens[idx] = 0 if tokens is None else tokens
-        # INVARIANT: every field is written before state turns READY (stores keep order on TSO).
-        self._state_np[idx] = _READY_I8
+        slots there), turn them READY, index. `parent_arr` is 0 where `has_parent` is False
+        (as every caller builds it: `_hash_columns`, or `commit_screened`'s contract)."""
+        _publish_slots(
+            self._fields_np, idx, seq_arr, parent_arr, has_parent, local_arr, pos_arr,
+            None if tokens is None else np.ascontiguousarray(tokens).reshape(-1),
+        )  # fmt: skip
         self._index_insert_arrays(_u64_column(seq_arr), _i64_column(idx))
         self._num_reserved -= int(idx.size)
         self._num_commits += int(idx.size)
@@ -2362,6 +2564,7 @@ __all__ = [
     "G2RankView",
     "PinnedRun",
     "full_fence",
+    "packed_screen",
     "plhs_of",
     "plhs_of_columns",
 ]

@@ -83,6 +83,9 @@ ACCEL_EXTEND_STRIDED: Final[Any] = None if _ACCEL is None else _ACCEL.extend_str
 ACCEL_POP_ALL: Final[Any] = None if _ACCEL is None else _ACCEL.pop_all
 """`pop_all(d, keys)`: `[d.pop(k) if type(k) is int else None for k in keys]`, or None (and
 `d` as it was, but for its order) when an int key is missing or repeats."""
+ACCEL_GET_ALL: Final[Any] = None if _ACCEL is None else _ACCEL.get_all
+"""`get_all(d, keys)`: `[d[k] if type(k) is int else None for k in keys]`, or None when an
+int key is missing."""
 
 
 class BlockHashes(NamedTuple):

@@ -43,7 +43,7 @@ from shmkv.eviction.lineage import (
     LineageBackend,
     LineageEntry,
 )
-from shmkv.hashing import ACCEL_MODE0_FRAGS, ACCEL_POP_ALL
+from shmkv.hashing import ACCEL_GET_ALL, ACCEL_MODE0_FRAGS, ACCEL_POP_ALL
 from shmkv.ids import BlockId, LocalHash, PartialId, Plh, SeqHash
 from shmkv.offload import (
     BlockMeta,
@@ -68,6 +68,7 @@ _NO_SLOT: Final = -1
 # The C helpers of shmkv/_blockhash.c while the core runs compiled (else None: Python loops).
 _MODE0_FRAGS: Final[Any] = ACCEL_MODE0_FRAGS
 _POP_ALL: Final[Any] = ACCEL_POP_ALL
+_GET_ALL: Final[Any] = ACCEL_GET_ALL
 
 
 class _Block(LineageEntry):
@@ -659,7 +660,9 @@ class KvManager:
         if len(reset) + len(backend) < count:
             return None
         # Lists of BoxedInt: compiled, the hashes pass through as the boxed ints they are.
-        hashes: list[BoxedInt] = blocks[start : start + count]
+        hashes: list[BoxedInt] = (
+            blocks if not start and count == len(blocks) else blocks[start : start + count]
+        )
         # The signal's own lists when the rest is all of them (read only here): no copies.
         all_plhs = signal.plhs
         plhs: list[BoxedInt] = (
@@ -696,11 +699,14 @@ class KvManager:
         # Optimistic: register as we go; a block held, registered or repeated undoes it all.
         new = [_NO_BLOCK] * count  # filled by index: a store costs less than an append
         parent = prev
+        # The spare records are taken from the end, as `pop()` would, and cut off in one go.
+        num_spare = len(spare)
         for i in range(count):
             seq_hash = hashes[i]
             plh = plhs[i]
-            if spare:  # `_new_rec`, inlined (the hot loop of a request's prompt)
-                rec = spare.pop()
+            if num_spare:  # `_new_rec`, inlined (the hot loop of a request's prompt)
+                num_spare -= 1
+                rec = spare[num_spare]
                 rec.slot = _NO_SLOT
                 rec.seq = seq_hash
                 rec.parent = parent
@@ -721,14 +727,17 @@ class KvManager:
                 parent_frag = frag
                 position += 1
             if active_full.setdefault(seq_hash, rec) is not rec:
+                del spare[num_spare:]
                 self._unstore(new[:i])
                 return None
             if registered.setdefault(plh, rec) is not rec:
                 del active_full[seq_hash]
+                del spare[num_spare:]
                 self._unstore(new[:i])
                 return None
             new[i] = rec
             parent = seq_hash
+        del spare[num_spare:]
         # Slots go straight into the new records, free ones first, in order.
         num_reset = min(count, len(reset))
         filled = 0
@@ -981,11 +990,18 @@ class KvManager:
     def _deref(self, blocks: list[RawBlock]) -> None:
         pop_all: Any = _POP_ALL
         if pop_all is not None:
-            # Every full block's entry taken out of `active_full` in one C call, when each of
-            # their names is held (once in this Deref): `_deref_popped` goes on from there.
-            popped: list[_Block | None] | None = pop_all(self._active_full, blocks)
-            if popped is not None:
-                self._deref_popped(blocks, popped)
+            # Every full block's entry in one C call, when each of their names is held: taken
+            # out of `active_full` (once in this Deref), or only looked up when a shared prefix
+            # keeps most of the names (`_prefers_lookups`). `_deref_found` goes on from there.
+            get_all: Any = _GET_ALL
+            looked_up = self._prefers_lookups(blocks)
+            found: list[_Block | None] | None = (
+                get_all(self._active_full, blocks)
+                if looked_up
+                else pop_all(self._active_full, blocks)
+            )
+            if found is not None:
+                self._deref_found(blocks, found, looked_up)
                 return
         active_full = self._active_full
         released: list[LineageEntry] = []  # blocks going inactive, in Deref order
@@ -1011,40 +1027,64 @@ class KvManager:
             self._raise_deref_error(blocks)
         self._finish_deref(partials, len(taken), released)
 
-    def _deref_popped(self, blocks: list[RawBlock], popped: list[_Block | None]) -> None:
-        """`_deref` once `pop_all` took the entry of each full block of `blocks` out of
-        `_active_full` (`popped`: one per block, None for a partial one): the names still
-        held after this Deref go back in."""
+    def _prefers_lookups(self, blocks: list[RawBlock]) -> bool:
+        """Whether `_deref` should look the names of `blocks` up rather than take them all
+        out and put back those still held: the block 30% of the way into the request (Derefs
+        go tail first) is a name other handles hold too, so (prompt prefixes are shared from
+        the first block on) about 30% of the names or more outlive this Deref, past which the
+        lookups cost less (callgrind). Either way ends in the same state and errors."""
+        if not blocks or self._num_full_refs == len(self._active_full):
+            return False  # (as many handles as names: no name has two)
+        probe: BoxedInt = blocks[len(blocks) * 7 // 10]
+        if type(probe) is not int:
+            return False
+        entry = self._active_full.get(probe)
+        return entry is not None and entry.handles > 1
+
+    def _deref_found(
+        self, blocks: list[RawBlock], found: list[_Block | None], looked_up: bool
+    ) -> None:
+        """`_deref` once the entry of each full block of `blocks` is at hand (`found`: one per
+        block, None for a partial one): taken out of `_active_full` by `pop_all` (the names
+        still held after this Deref go back in), or only looked up (`looked_up`: the names
+        left without handles go out)."""
         active_full = self._active_full
         released: list[LineageEntry] = []
         partials: list[PartialBlock] = []
         block: BoxedInt  # see `_deref`
         i = 0
+        repeated = False
         try:
             for i in range(len(blocks)):
                 block = blocks[i]  # compiled: TypeError for a stray object (then undone)
                 if type(block) is PartialBlock:
                     partials.append(block)
                     continue
-                entry = popped[i]
+                entry = found[i]
                 if entry is None:  # neither an int nor a partial block
                     raise SignalError(f"Deref: {block!r} is not a block")
+                if looked_up and not entry.handles:  # a name that went earlier in this Deref
+                    repeated = True
+                    break
                 if _drop_handle(entry, released):  # still held under this name
-                    active_full[block] = entry
+                    if not looked_up:
+                        active_full[block] = entry
+                elif looked_up:
+                    del active_full[block]
         except (SignalError, TypeError):
-            self._undo_popped(popped, i)  # the blocks before `i` were released
+            self._undo_found(found, i)  # the blocks before `i` were released
             raise
-        if partials and not self._partials_held(partials):
-            self._undo_popped(popped, len(popped))
+        if repeated or (partials and not self._partials_held(partials)):
+            self._undo_found(found, i if repeated else len(found))
             self._raise_deref_error(blocks)
         self._finish_deref(partials, len(blocks) - len(partials), released)
 
-    def _undo_popped(self, popped: list[_Block | None], num_released: int) -> None:
-        """Undo a `_deref_popped` that released the handles of the entries before index
-        `num_released` of `popped`: every entry is back in `_active_full`, as it was."""
+    def _undo_found(self, found: list[_Block | None], num_released: int) -> None:
+        """Undo a `_deref_found` that released the handles of the entries before index
+        `num_released` of `found`: every entry is back in `_active_full`, as it was."""
         active_full = self._active_full
-        for i in range(len(popped)):
-            entry = popped[i]
+        for i in range(len(found)):
+            entry = found[i]
             if entry is None:
                 continue
             if i < num_released:

@@ -86,9 +86,9 @@ def _count_fast_landings(coordinator: Coordinator) -> list[int]:
     landed: list[int] = []
     land_packed = coordinator._land_packed
 
-    def spy(group: Any, packed: Any, slot_arr: Any) -> None:
+    def spy(group: Any, packed: Any, slot_arr: Any, owners: Any) -> None:
         landed.append(len(group))
-        land_packed(group, packed, slot_arr)
+        land_packed(group, packed, slot_arr, owners)
 
     coordinator._land_packed = spy  # type: ignore[method-assign]
     return landed

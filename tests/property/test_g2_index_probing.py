@@ -11,9 +11,7 @@ next cell is empty), written out here independently of the code under test.
 
 from __future__ import annotations
 
-import importlib
 import uuid
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -25,18 +23,12 @@ from shmkv.errors import InvariantError
 from shmkv.g2 import G2Directory
 from shmkv.g2_lineage import G2Lineage
 from shmkv.shm import G2Segment
+from tests.g2index_module import g2index_module
 
 EMPTY, TOMB = -1, -2
 
 
-def _c_module() -> ModuleType | None:
-    try:
-        return importlib.import_module("shmkv._g2index")
-    except ImportError:
-        return None
-
-
-_C = _c_module()
+_C = g2index_module()
 IMPLS: list[tuple[str, Any, Any]] = [("python", g2._index_insert_py, g2._index_remove_py)]
 if _C is not None:
     IMPLS.append(("c", _C.index_insert, _C.index_remove))

@@ -138,7 +138,7 @@ def test_one_block_bad_input_raises_a_typed_error(
         hash_one(*args)
 
 
-# ── the other helpers: hash_one_at, mode0_frags, crossing_words, pop_all ─────────────────
+# ── the other helpers: hash_one_at, mode0_frags, crossing_words, pop_all, get_all ────────
 
 
 @given(
@@ -337,6 +337,33 @@ def test_pop_all_bad_input_raises_a_typed_error() -> None:
         pop_all([], [1])
     with pytest.raises(TypeError, match="takes 2 arguments"):
         pop_all({})
+
+
+def test_get_all_looks_the_int_keys_up_in_order() -> None:
+    get_all = _accelerator("get_all")
+    marker = object()
+    d: dict[Any, Any] = {1: "a", 1 << 64: "b", 1 << 127: "c", 7: "d"}
+    before = dict(d)
+    assert get_all(d, [1 << 127, marker, 1, 7, 1]) == ["c", None, "a", "d", "a"]
+    assert d == before
+    assert get_all(d, []) == []
+
+
+def test_get_all_is_none_on_a_missing_key() -> None:
+    get_all = _accelerator("get_all")
+    d = {1: "a", 2: "b"}
+    assert get_all(d, [1, 3, 2]) is None
+    assert d == {1: "a", 2: "b"}
+
+
+def test_get_all_bad_input_raises_a_typed_error() -> None:
+    get_all = _accelerator("get_all")
+    with pytest.raises(TypeError, match="needs a dict and a list"):
+        get_all({}, (1,))
+    with pytest.raises(TypeError, match="needs a dict and a list"):
+        get_all([], [1])
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        get_all({})
 
 
 @pytest.mark.parametrize(

@@ -169,3 +169,36 @@ def test_a_finite_speedup_acks_at_once_and_sends_offload_done_after_the_events(
         (other,) = capture.take(1)
         assert other.type == tp.G2_EVENTS
         assert "acks" not in other.body
+
+
+@pytest.mark.parametrize("num_events", [0, 3])
+def test_a_spliced_g2_events_header_is_the_bytes_encode_gives(num_events: int) -> None:
+    """The header with a rank's "acks" is built from the shared one by splicing (no dict per
+    rank): byte for byte `transport.encode` of the body with "acks" added last, the ACKs that
+    accept every item included (their list comes from a cached JSON fragment)."""
+    acks = [
+        {
+            "batch": 7,
+            "accepted": coordinator_module._every_item(3),
+            "rejected": [],
+            "deadline_ms": 12.5,
+            "done": True,
+        },
+        {"batch": 8, "accepted": [0, 2], "rejected": [1], "deadline_ms": "inf", "done": True},
+    ]
+    plain = [{**acks[0], "accepted": [0, 1, 2]}, acks[1]]
+    body: dict[str, Any] = {"num_events": num_events, "num_stores": min(num_events, 1)}
+    header = tp.encode(tp.G2_EVENTS, body)[0]
+
+    class _Conn:
+        def __init__(self) -> None:
+            self.acks: list[dict[str, Any]] = list(acks)
+
+    conn: Any = _Conn()
+    spliced = coordinator_module._with_acks(header, conn)
+    assert spliced == tp.encode(tp.G2_EVENTS, {**body, "acks": plain})[0]
+    assert conn.acks == []
+    assert tp.decode([spliced]).body["acks"] == plain
+    other: Any = _Conn()
+    expected = tp.encode(tp.G2_EVENTS, {"num_events": 0, "num_stores": 0, "acks": plain})[0]
+    assert coordinator_module._with_acks(coordinator_module._NO_EVENTS_HEADER, other) == expected

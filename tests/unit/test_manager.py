@@ -753,6 +753,53 @@ def test_deref_with_partial_blocks_anywhere_and_repeats() -> None:
     mgr.check_invariants()
 
 
+def _two_holders_of_a_prefix() -> tuple[KvManager, ActiveSequence, ActiveSequence]:
+    """Two requests sharing their first two blocks (of three each), both allocated."""
+    mgr = make_mgr(16, 4)
+    first = ActiveSequence(list(range(12)), 4, 4)
+    second = ActiveSequence([*range(8), 200, 201, 202, 203], 4, 4)
+    for seq in (first, second):
+        signal = seq.take_creation_signal()
+        assert signal is not None
+        assert mgr.process(signal) == 3
+    assert mgr.refcount(first.seq_hashes[0]) == 2
+    return mgr, first, second
+
+
+def test_deref_of_a_shared_prefix_keeps_the_names_still_held() -> None:
+    """A Deref whose first block is shared (compiled: its names only looked up, not popped
+    and put back) releases exactly what the general loop releases."""
+    mgr, first, second = _two_holders_of_a_prefix()
+    for signal in first.free_signal():
+        mgr.process(signal)
+    shared, own = first.seq_hashes[:2], first.seq_hashes[2]
+    assert [mgr.refcount(h) for h in shared] == [1, 1]
+    assert not mgr.is_active(own)
+    assert mgr.is_inactive(first.plhs[2])
+    assert (mgr.num_active_block_refs(), mgr.num_inactive_blocks()) == (3, 1)
+    mgr.check_invariants()
+    for signal in second.free_signal():
+        mgr.process(signal)
+    assert (mgr.num_active_block_refs(), mgr.num_inactive_blocks()) == (0, 4)
+    mgr.check_invariants()
+
+
+@pytest.mark.parametrize("repeat", [0, 1, 2])
+def test_deref_of_a_shared_prefix_naming_a_block_twice_changes_nothing(repeat: int) -> None:
+    """Named twice with one handle, a block of a Deref whose first block is shared raises
+    the general loop's error, and nothing changes."""
+    mgr, first, _second = _two_holders_of_a_prefix()
+    blocks = [FullBlock(h) for h in reversed(first.seq_hashes)]
+    blocks.insert(repeat, FullBlock(first.seq_hashes[2]))
+    before = (mgr.num_active_blocks(), mgr.num_active_block_refs(), mgr.num_inactive_blocks())
+    with pytest.raises(SignalError, match=f"full block {first.seq_hashes[2]:#x} is not held"):
+        mgr.process(Deref(blocks))
+    after = (mgr.num_active_blocks(), mgr.num_active_block_refs(), mgr.num_inactive_blocks())
+    assert after == before
+    assert [mgr.refcount(h) for h in first.seq_hashes] == [2, 2, 1]
+    mgr.check_invariants()
+
+
 def test_lone_partial_use_with_stray_fields_is_still_rejected() -> None:
     """`process`'s lone-partial shortcut only takes what `_check_use` accepts."""
     mgr = make_mgr(4)
