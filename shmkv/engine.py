@@ -1,7 +1,8 @@
 """Layer 3: the rank worker process of the live fleet.
 
 One process per DP rank. It owns a `RankScheduler` (private G1 pool), optionally a shared-G2
-client, an `EventPublisher`, and a DEALER to the supervisor:
+client, an `EventPublisher`, and its end of a direct channel to the supervisor
+(`shmkv.channel`: a socket pair the supervisor made, inherited as `fd://N`):
 
     supervisor --SUBMIT--> rank --step(now)--> scheduler --events--> publisher (XPUB)
     supervisor <--RESULTS-- rank  (admissions, tokens, completions per pass, batched)
@@ -38,10 +39,11 @@ import orjson
 import zmq
 
 from shmkv import transport as tp
+from shmkv.channel import Channel
 from shmkv.clock import MonotonicClock
 from shmkv.codec import make_codec
 from shmkv.config import EngineConfig
-from shmkv.errors import ProtocolError
+from shmkv.errors import BrokenWorkerError, ClosedError, ProtocolError
 from shmkv.events import EventBatch
 from shmkv.g2_client import SharedG2Client
 from shmkv.offload import OffloadEngine
@@ -55,7 +57,7 @@ RESULTS_MAX_PASSES = 1024
 """Pending pass records that force a RESULTS message (else one goes every
 `RESULTS_MAX_DELAY_S`, and soon after a completion or rejection: `RESULTS_COALESCE_S`)."""
 RESULTS_MAX_DELAY_S = 0.02
-RESULTS_COALESCE_S = 0.001
+RESULTS_COALESCE_S = 0.002
 """A clock that never waits: a burst goes on for up to this long after a completion or
 rejection while the rank has more to run, so that the completions of the next few passes
 travel in the same RESULTS (and come back as one SUBMIT per rank). A rank with nothing else
@@ -68,7 +70,12 @@ The deadline outlives the burst (`RankEngine._report_by_s`): a burst cut short b
 (in a fleet, mostly the SUBMITs the other ranks' completions release) used to send what it
 had at once; the completions now wait for the deadline while the rank has work, and the
 bursts in between add theirs (W1, 2 ranks: ~120 RESULTS and ~180 SUBMITs per run before,
-~100 and ~160 with this; 1 rank: ~60 of each before, ~45 with this)."""
+~100 and ~160 with this; 1 rank: ~60 of each before, ~45 with this).
+
+2 ms since the supervisor talks to each rank over a direct channel (`shmkv.channel`):
+`bench_fleet_scaling.py --ranks 1 2 --repeats 7`, about 26 quiet invocations each, alternated
+in the same minutes: 0.5 ms gave a median ratio of 1.57 (paired 1.54; ~118 RESULTS and ~200
+SUBMITs per run), 1 ms 1.66 (1.67; ~104 and ~180), 2 ms 1.73 (1.69; ~98 and ~165)."""
 IDLE_POLL_MS = 200
 BURST_S = 0.002
 """A clock that never waits runs passes in bursts of up to this long between socket polls."""
@@ -82,6 +89,10 @@ RANK_GC_THRESHOLD = 20_000
 (Python's default: 700). See `_tune_gc`."""
 
 _ZMQ_POLLIN: Final = int(zmq.POLLIN)
+_ZMQ_POLLOUT: Final = int(zmq.POLLOUT)
+_ZMQ_POLLERR: Final = int(zmq.POLLERR)
+_CHANNEL_CLOSE_FLUSH_S: Final = 1.0
+"""At exit, how long a rank waits for its last messages to reach the supervisor."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +117,7 @@ class RankSpec:
     fleet_id: str
     engine: dict[str, Any]
     supervisor_endpoint: str
+    """`fd://N`: the rank's end of its channel to the supervisor (`shmkv.channel`)."""
     start_monotonic_s: float
     epoch: int = 0
     coordinator_endpoint: str | None = None
@@ -260,11 +272,8 @@ class RankEngine:
         self.spec = spec
         self.config = EngineConfig.from_mapping(spec.engine)
         self.clock = MonotonicClock(spec.start_monotonic_s, self.config.speedup_ratio)
+        self._chan = Channel.from_endpoint(spec.supervisor_endpoint)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._sup = self._ctx.socket(zmq.DEALER)
-        self._sup.setsockopt(zmq.LINGER, 2000)
-        self._sup.setsockopt(zmq.IDENTITY, f"rank{spec.rank}".encode())
-        self._sup.connect(spec.supervisor_endpoint)
         self._offload: OffloadEngine | None = None
         self._g2_socket: zmq.Socket[bytes] | None = None
         self.publisher: EventPublisher | None = None
@@ -386,13 +395,25 @@ class RankEngine:
         if self._seq_store is not None:
             self._seq_store.close()
             self._seq_store = None
-        self._sup.close(linger=1000)
+        if not self._chan.closed:
+            self._chan.flush_blocking(_CHANNEL_CLOSE_FLUSH_S)
+            self._chan.close()
         self._ctx.term()
 
     def _send(
         self, msg_type: str, body: dict[str, Any] | None = None, frames: tuple[bytes, ...] = ()
     ) -> None:
-        tp.send_frames(self._sup, tp.encode(msg_type, body, frames))
+        """Send one message to the supervisor (never blocks). A supervisor that is gone
+        stops the rank."""
+        try:
+            self._chan.send(tp.encode(msg_type, body, frames))
+        except (BrokenWorkerError, ClosedError) as exc:
+            self._supervisor_gone(exc)
+
+    def _supervisor_gone(self, exc: Exception) -> None:
+        if not self._stopping:
+            logger.warning("rank %d: the supervisor is gone (%s): stopping", self.spec.rank, exc)
+        self._stopping = True
 
     def _publish(self, events: list[Any]) -> None:
         pub = self.publisher
@@ -448,27 +469,33 @@ class RankEngine:
                 "next_event_seq": pub.next_seq if pub else 0,
             },
         )
-        sup = self._sup
-        g2_socket = self._g2_socket
-        # zmq.zmq_poll directly: a Poller's Python layer costs more than the poll itself
-        poll_items = [(sup, _ZMQ_POLLIN)]
-        if g2_socket is not None:
-            poll_items.append((g2_socket, _ZMQ_POLLIN))
+        chan = self._chan
+        chan_fd = chan.fileno()
+        g2_items: list[tuple[Any, int]] = []
+        if self._g2_socket is not None:
+            g2_items.append((self._g2_socket, _ZMQ_POLLIN))
+        # zmq.zmq_poll directly (it takes raw descriptors too): a Poller's Python layer costs
+        # more than the poll itself. POLLOUT only while bytes wait to go to the supervisor.
+        read_items: list[tuple[Any, int]] = [(chan_fd, _ZMQ_POLLIN), *g2_items]
+        write_items: list[tuple[Any, int]] = [(chan_fd, _ZMQ_POLLIN | _ZMQ_POLLOUT), *g2_items]
         zmq_poll = zmq.zmq_poll
         monotonic = time.monotonic
         scheduler = self.scheduler
         while not self._stopping:
             sup_ready = g2_ready = False
             timeout_ms = self._poll_timeout_ms()
+            poll_items = write_items if chan.wants_write else read_items
             if self._serving and not scheduler.num_requests and timeout_ms:
                 waited_from_s = monotonic()
                 ready = zmq_poll(poll_items, timeout_ms)
                 self.idle_s += monotonic() - waited_from_s
             else:
                 ready = zmq_poll(poll_items, timeout_ms)
-            for sock, _events in ready:
-                if sock is sup:
-                    sup_ready = True
+            for item, events in ready:
+                if item == chan_fd:
+                    if events & _ZMQ_POLLOUT:
+                        self._flush_channel()
+                    sup_ready = bool(events & (_ZMQ_POLLIN | _ZMQ_POLLERR))
                 else:
                     g2_ready = True
             if sup_ready:
@@ -518,7 +545,7 @@ class RankEngine:
         burst_step = self._burst_step
         monotonic = time.monotonic
         zmq_poll = zmq.zmq_poll
-        sup_items = [(self._sup, _ZMQ_POLLIN)]
+        sup_items = [(self._chan.fileno(), _ZMQ_POLLIN)]
         start_s = self.clock.start_monotonic_s
         inline = not self._check_every
         wall_s = monotonic()
@@ -739,15 +766,25 @@ class RankEngine:
 
     # ── supervisor messages ───────────────────────────────────────────────────────────────
 
+    def _flush_channel(self) -> None:
+        try:
+            self._chan.flush()
+        except (BrokenWorkerError, ClosedError) as exc:
+            self._supervisor_gone(exc)
+
     def _drain_supervisor(self) -> None:
-        sock = self._sup
-        items = [(sock, _ZMQ_POLLIN)]
-        # readiness first: ending on zmq.Again costs an exception per loop turn
-        while zmq.zmq_poll(items, 0):
-            try:
-                frames = tp.recv_message(sock)
-            except zmq.Again:
-                return
+        """Handle every message the supervisor has sent so far. Its end closed (it died) or
+        a broken stream stops the rank."""
+        try:
+            messages = self._chan.receive()
+        except (BrokenWorkerError, ClosedError) as exc:
+            self._supervisor_gone(exc)
+            return
+        except ProtocolError as exc:  # the stream cannot be trusted after it
+            self._num_bad_messages += 1
+            self._supervisor_gone(exc)
+            return
+        for frames in messages:
             try:
                 self._handle(tp.decode(frames))
             except ProtocolError as exc:

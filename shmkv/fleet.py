@@ -1,8 +1,11 @@
 """Layer 3: `shmkv fleet`, the supervisor of a live multi-process fleet.
 
     supervisor (this process): names the fleet, binds a ROUTER for control, spawns
-      ├── coordinator  (when G2 is on: creates and owns the shared G2 segment)
-      └── rank 0..N-1  (RankEngine processes: private G1, shared G2 client, KV publisher)
+      ├── coordinator  (when G2 is on: creates and owns the shared G2 segment; talks to
+      │                 the ROUTER)
+      └── rank 0..N-1  (RankEngine processes: private G1, shared G2 client, KV publisher;
+                        each talks to the supervisor over its own direct channel, a socket
+                        pair made per process: `shmkv.channel`, no ZMQ I/O thread)
     then drives the workload on the shared monotonic clock, feeds the report from the ranks'
     RESULTS, restarts a rank that dies, and at the end drains, collects state and stops
     everything: no process, socket or segment outlives it.
@@ -38,6 +41,7 @@ from typing import Any, Final
 import zmq
 
 from shmkv import transport as tp
+from shmkv.channel import Channel, child_endpoint
 from shmkv.clock import MonotonicClock
 from shmkv.config import EngineConfig
 from shmkv.driver import SessionDriver, WorkloadDriver
@@ -62,6 +66,10 @@ LOOP_POLL_MS = 20
 PROCESS_CHECK_S = 0.02
 """How often the supervisor's loop looks for dead processes (waitpid per process)."""
 _ZMQ_POLLIN: Final = int(zmq.POLLIN)
+_ZMQ_POLLOUT: Final = int(zmq.POLLOUT)
+_ZMQ_POLLERR: Final = int(zmq.POLLERR)
+STOP_FLUSH_S: Final = 1.0
+"""At shutdown, how long the supervisor waits for a STOP to leave a rank's channel."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +108,9 @@ class _Proc:
     ready: bool = False
     pid: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    channel: Channel | None = None
+    """A rank's channel (the supervisor's end; owned by the fleet); None: the coordinator,
+    which talks to the ROUTER."""
 
 
 @dataclass(slots=True)
@@ -187,8 +198,12 @@ class Fleet:
         self._started = False
         self.stalled = False
         self._router_index: Any = None
+        self._channel_procs: dict[int, _Proc] = {}
+        """The processes with an open channel, by its descriptor (what poll returns)."""
+        self._channels_version = 0
+        """Bumped whenever `_channel_procs` changes (the poll items are made again)."""
         self._poll_items_cache: (
-            tuple[zmq.Socket[bytes] | None, list[tuple[zmq.Socket[bytes], int]]] | None
+            tuple[zmq.Socket[bytes] | None, int, list[tuple[Any, int]]] | None
         ) = None
         self.num_messages_received = 0
         """Control messages handled since the fleet started (every process, every kind)."""
@@ -253,11 +268,29 @@ class Fleet:
         engine_fields = {name: getattr(self.engine, name) for name in EngineConfig.field_names()}
         if not self.uses_g2:
             engine_fields["num_g2_blocks"] = 0
+        channel, child_sock = Channel.pair()
+        try:
+            popen = self._popen_rank(rank, epoch, engine_fields, child_sock.fileno())
+        except BaseException:
+            channel.close()
+            raise
+        finally:
+            child_sock.close()  # the child holds its own copy now
+        identity = f"rank{rank}".encode()
+        self._procs[identity] = _Proc(
+            "rank", rank, popen, epoch=epoch, pid=popen.pid, channel=channel
+        )
+        self._channel_procs[channel.fileno()] = self._procs[identity]
+        self._channels_version += 1
+
+    def _popen_rank(
+        self, rank: int, epoch: int, engine_fields: dict[str, Any], channel_fd: int
+    ) -> subprocess.Popen[bytes]:
         spec = RankSpec(
             rank=rank,
             fleet_id=self.options.fleet_id,
             engine=engine_fields,
-            supervisor_endpoint=self._endpoint,
+            supervisor_endpoint=child_endpoint(channel_fd),
             start_monotonic_s=self._start_monotonic_s,
             epoch=epoch,
             coordinator_endpoint=self._coord_endpoint if self.uses_g2 else None,
@@ -271,8 +304,20 @@ class Fleet:
             },
         )
         cmd = _worker_command("rank_worker.py", "shmkv.engine", spec.to_json())
-        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        self._procs[f"rank{rank}".encode()] = _Proc("rank", rank, popen, epoch=epoch, pid=popen.pid)
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(channel_fd,))
+
+    def _forget(self, identity: bytes) -> None:
+        """Drop a process from the fleet's books (it is dead or stopped): close its channel."""
+        proc = self._procs.pop(identity)
+        self._close_channel(proc)
+
+    def _close_channel(self, proc: _Proc) -> None:
+        channel = proc.channel
+        if channel is None or channel.closed:
+            return
+        self._channel_procs.pop(channel.fileno(), None)
+        self._channels_version += 1
+        channel.close()
 
     def _wait_ready(self, which: Callable[[_Proc], bool]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -304,16 +349,29 @@ class Fleet:
     # ── messages ──────────────────────────────────────────────────────────────────────────
 
     def _poll_messages(self, timeout_ms: int) -> int:
-        """Block up to `timeout_ms` for messages (the router, and the serve driver's socket),
-        then handle every message already there; returns how many."""
+        """Block up to `timeout_ms` for messages (the ranks' channels, the router, and the
+        serve driver's socket), then handle every message already there; returns how many."""
         handled = 0
         router = self._router
         extra = getattr(getattr(self, "_driver", None), "socket", None)
-        # zmq.zmq_poll directly: a Poller's Python layer costs more than the poll itself.
-        # (The extra socket is read by the caller's loop; it only has to wake this wait.)
+        # zmq.zmq_poll directly (it takes raw descriptors too): a Poller's Python layer costs
+        # more than the poll itself. (The extra socket is read by the caller's loop; it only
+        # has to wake this wait.)
         items = self._poll_items(extra)
-        if not zmq.zmq_poll(items, timeout_ms):
+        ready = zmq.zmq_poll(items, timeout_ms)
+        if not ready:
             return 0
+        router_ready = False
+        channel_procs = self._channel_procs
+        for item, events in ready:
+            if item is router:
+                router_ready = True
+            elif type(item) is int:
+                proc = channel_procs.get(item)
+                if proc is not None:
+                    handled += self._serve_channel(proc, events)
+        if not router_ready:
+            return handled
         router_only = items[:1]
         while zmq.zmq_poll(router_only, 0):
             try:
@@ -329,14 +387,48 @@ class Fleet:
             self.num_messages_received += 1
         return handled
 
+    def _serve_channel(self, proc: _Proc, events: int) -> int:
+        """A rank's channel is ready: send what waits, handle every message there; returns
+        how many. A peer that closed its end (it died) loses its channel: the process check
+        restarts it."""
+        channel = proc.channel
+        assert channel is not None
+        try:
+            if events & _ZMQ_POLLOUT:
+                channel.flush()
+            if not events & (_ZMQ_POLLIN | _ZMQ_POLLERR):
+                return 0
+            messages = channel.receive()
+        except BrokenWorkerError:
+            self._close_channel(proc)
+            return 0
+        except ProtocolError as exc:  # the stream cannot be trusted after it
+            logger.warning("supervisor: rank %d's channel is broken: %s", proc.rank, exc)
+            self._close_channel(proc)
+            return 0
+        for frames in messages:
+            try:
+                self._on_message(proc, tp.decode(frames))
+            except ProtocolError as exc:
+                logger.warning(
+                    "supervisor: dropped a malformed message from rank %d: %s", proc.rank, exc
+                )
+        self.num_messages_received += len(messages)
+        return len(messages)
+
     def _handle(self, identity: bytes, msg: tp.Message) -> None:
+        """A message on the ROUTER: only the coordinator talks there (a rank has its channel)."""
         proc = self._procs.get(identity)
-        if proc is None:
-            return  # a process from an earlier generation
+        if proc is None or proc.channel is not None:
+            return  # a process from an earlier generation, or a stranger
+        self._on_message(proc, msg)
+
+    def _on_message(self, proc: _Proc, msg: tp.Message) -> None:
         if msg.type == tp.READY:
             if msg.body.get("version") != tp.PROTOCOL_VERSION:
+                name = proc.role + (str(proc.rank) if proc.role == "rank" else "")
                 raise BrokenWorkerError(
-                    f"{identity.decode()} speaks protocol {msg.body.get('version')!r}, "
+                    f"{name} speaks protocol {msg.body.get('version')!r}, "
                     f"supervisor {tp.PROTOCOL_VERSION}: reinstall shmkv"
                 )
             if msg.body.get("epoch", proc.epoch) != proc.epoch:
@@ -366,30 +458,43 @@ class Fleet:
         body: dict[str, Any] | None = None,
         frames: tuple[bytes, ...] = (),
     ) -> bool:
+        channel = proc.channel
         try:
-            tp.send_frames(
-                self._router,
-                [
-                    proc.role.encode() + (str(proc.rank).encode() if proc.role == "rank" else b""),
-                    *tp.encode(msg_type, body, frames),
-                ],
-            )
+            if channel is None:  # the coordinator
+                tp.send_frames(self._router, [b"coordinator", *tp.encode(msg_type, body, frames)])
+            elif channel.closed:
+                return False  # the peer is gone; the process check will notice
+            else:
+                channel.send(tp.encode(msg_type, body, frames))
         except zmq.ZMQError:
             return False  # the peer is gone; the process check will notice
+        except BrokenWorkerError:
+            self._close_channel(proc)
+            return False
         self.num_messages_sent += 1
         return True
 
     # ── the run ───────────────────────────────────────────────────────────────────────────
 
-    def _poll_items(self, extra: zmq.Socket[bytes] | None) -> list[tuple[zmq.Socket[bytes], int]]:
-        """The `zmq.zmq_poll` items of the router (first) and `extra`, made once per set."""
+    def _poll_items(self, extra: zmq.Socket[bytes] | None) -> list[tuple[Any, int]]:
+        """The `zmq.zmq_poll` items of the router (first), `extra` and every open channel
+        (POLLOUT too while bytes wait in it), made once per set."""
+        writing = False
+        for proc in self._channel_procs.values():
+            if proc.channel is not None and proc.channel.wants_write:
+                writing = True
+                break
+        version = self._channels_version
         cached = self._poll_items_cache
-        if cached is not None and cached[0] is extra:
-            return cached[1]
-        items = [(self._router, _ZMQ_POLLIN)]
+        if not writing and cached is not None and cached[0] is extra and cached[1] == version:
+            return cached[2]
+        items: list[tuple[Any, int]] = [(self._router, _ZMQ_POLLIN)]
         if extra is not None:
             items.append((extra, _ZMQ_POLLIN))
-        self._poll_items_cache = (extra, items)
+        for fd, proc in self._channel_procs.items():
+            out = proc.channel is not None and proc.channel.wants_write
+            items.append((fd, _ZMQ_POLLIN | _ZMQ_POLLOUT if out else _ZMQ_POLLIN))
+        self._poll_items_cache = None if writing else (extra, version, items)
         return items
 
     def ping_ranks(self, timeout_s: float = 3.0) -> list[dict[str, Any]]:
@@ -583,7 +688,13 @@ class Fleet:
                 status[rank].waiting += 1
         on_arrival = self.collector.on_arrival
         arrival_ms = now_ms
-        for rank, items in by_rank.items():
+        ranks = list(by_rank)
+        if len(ranks) > 1:
+            # the rank holding the fewest requests first: it may sit idle, waiting for these
+            # (closed loop: the completions that released them may have emptied it)
+            ranks.sort(key=lambda r: len(status[r].outstanding))
+        for rank in ranks:
+            items = by_rank[rank]
             proc = self._procs[f"rank{rank}".encode()]
             outstanding = status[rank].outstanding
             requests: list[list[int | float]] = []
@@ -727,7 +838,8 @@ class Fleet:
         for proc in ranks:
             proc.popen.wait()
             self._fail_outstanding(proc.rank)
-        self._procs.clear()
+        for identity in list(self._procs):
+            self._forget(identity)
         self._unlink_segment()
         self._spawn_coordinator()
         self._wait_ready(lambda p: p.role == "coordinator")
@@ -754,7 +866,7 @@ class Fleet:
         status.g2_onboard_base = status.g2_onboard_blocks
         status.restarts += 1
         self.num_rank_restarts += 1
-        del self._procs[identity]
+        self._forget(identity)
         status.next_event_seq = max(
             status.next_event_seq, read_seq_file(str(self._tmpdir / f"rank{proc.rank}.seq"))
         )
@@ -831,6 +943,9 @@ class Fleet:
         for proc in self._procs.values():
             if proc.popen.poll() is None:
                 self._send(proc, tp.STOP)
+        for proc in self._procs.values():
+            if proc.channel is not None and proc.channel.wants_write:
+                proc.channel.flush_blocking(STOP_FLUSH_S)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for proc in self._procs.values():
             remaining = max(0.1, deadline - time.monotonic())
@@ -853,6 +968,8 @@ class Fleet:
             if self._router_index is not None:
                 self._router_index.close()
                 self._router_index = None
+            for proc in self._procs.values():
+                self._close_channel(proc)
             self._unlink_segment()
             self._router.close(linger=0)
             self._ctx.term()

@@ -1,6 +1,7 @@
 """Layer 2: control messages between the fleet's processes, and socket helpers.
 
-Wire form of every control message (DEALER <-> ROUTER, never pickle):
+Wire form of every control message (over ZMQ DEALER <-> ROUTER, or a rank's direct channel
+to the supervisor, `shmkv.channel`, which carries the same frames; never pickle):
 
     frame 0   orjson header {"v": PROTOCOL_VERSION, "t": <type>, ...body}
     frame 1.. optional raw payload frames (e.g. token ids as little-endian u32, the items

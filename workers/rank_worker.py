@@ -1,4 +1,8 @@
-"""Entry point of a rank process: `python workers/rank_worker.py '<RankSpec JSON>'`."""
+"""Entry point of a rank process: `python workers/rank_worker.py '<RankSpec JSON>'`.
+
+The supervisor (`shmkv.fleet`) starts it with its end of a channel inherited as the
+descriptor the spec's `supervisor_endpoint` (`fd://N`) names; it is not meant to be started
+by hand."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 
+import psutil
 import pytest
 
 from shmkv.config import EngineConfig
@@ -120,6 +121,44 @@ def test_rank_killed_mid_run_is_restarted_and_its_stream_continues(fleet_id: str
                 "a restarted publisher never rewinds its seq"
             )
             assert consumer.stats()["orphan_stores"] == 0
+
+
+def _unix_sockets(pid: int) -> int:
+    return len(psutil.Process(pid).net_connections(kind="unix"))
+
+
+def test_a_restarted_rank_gets_a_fresh_channel_and_no_descriptor_leaks(fleet_id: str) -> None:
+    """Each rank talks to the supervisor over its own socket pair (no other process holds an
+    end: a rank's death is an EOF at once); a restarted rank gets a new pair, the old one is
+    closed, and nothing is left open after the fleet."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    options = options_for(fleet_id, "json", events=None)
+    sessions = synthetic_sessions(input_tokens=64, output_tokens=16, request_count=60)
+    killed: list[int] = []
+    holder: dict[str, Fleet] = {}
+
+    def on_progress(_count: int) -> None:
+        fleet = holder["fleet"]
+        if not killed:
+            killed.append(fleet.rank_pid(0))
+            os.kill(killed[0], signal.SIGKILL)
+
+    with Fleet(options) as fleet:
+        holder["fleet"] = fleet
+        fleet.start()
+        # a rank's only unix socket is its end of its channel (none of the other rank's)
+        assert [_unix_sockets(fleet.rank_pid(r)) for r in (0, 1)] == [1, 1]
+        outcome = fleet.run(sessions, on_progress=on_progress)
+        assert outcome.num_rank_restarts == 1
+        assert outcome.collector.num_completed + outcome.num_failed == 60
+        assert fleet.rank_pid(0) != killed[0]
+        assert _unix_sockets(fleet.rank_pid(0)) == 1
+        assert len(fleet._channel_procs) == 2, "the dead rank's channel was closed"
+        for fd, proc in fleet._channel_procs.items():
+            assert proc.channel is not None
+            assert proc.channel.fileno() == fd
+    assert not fleet._channel_procs
+    assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
 def test_no_restart_stops_with_a_clear_error(fleet_id: str) -> None:

@@ -4,39 +4,30 @@ RESULTS that carry plain decode passes compactly (issue 5, fleet scaling)."""
 from __future__ import annotations
 
 import math
+import select
 import time
 from array import array
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import psutil
 import pytest
 import zmq
 
 from shmkv import transport as tp
+from shmkv.channel import Channel, child_endpoint
 from shmkv.config import EngineConfig
 from shmkv.engine import IDLE_POLL_MS, RankEngine, RankSpec, _submitted
 from shmkv.errors import ProtocolError
-from shmkv.fleet import Fleet, FleetOptions, _unpacked_state
+from shmkv.fleet import Fleet, FleetOptions, _Proc, _unpacked_state
+from shmkv.report import MetricsCollector
 from shmkv.scheduler import PassResult
 from shmkv.workload import synthetic_sessions
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def supervisor(tmp_path: Path) -> Iterator[tuple[str, zmq.Socket[bytes]]]:
-    """A ROUTER where a rank's supervisor would be: (its endpoint, the socket)."""
-    endpoint = f"ipc://{tmp_path}/sup"
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(endpoint)
-    try:
-        yield endpoint, router
-    finally:
-        router.close(linger=0)
-        ctx.term()
 
 
 @pytest.fixture
@@ -55,6 +46,28 @@ def pair_sockets(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket
         ctx.term()
 
 
+def _recv_all(channel: Channel, count: int, timeout_s: float = 5.0) -> list[tp.Message]:
+    """The next `count` messages a rank sent to its supervisor's end of the channel."""
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    deadline = time.monotonic() + timeout_s
+    got: list[tp.Message] = []
+    while True:
+        got.extend(tp.decode(frames) for frames in channel.receive())
+        if len(got) >= count:
+            break
+        left_ms = (deadline - time.monotonic()) * 1000.0
+        assert left_ms > 0, f"{len(got)} of {count} messages from the rank"
+        poller.poll(left_ms)
+    assert len(got) == count
+    return got
+
+
+def _recv(channel: Channel) -> tp.Message:
+    """The next message a rank sent to its supervisor's end of the channel."""
+    return _recv_all(channel, 1)[0]
+
+
 def _rank_spec(endpoint: str, engine: EngineConfig) -> RankSpec:
     return RankSpec(
         rank=0,
@@ -65,12 +78,30 @@ def _rank_spec(endpoint: str, engine: EngineConfig) -> RankSpec:
     )
 
 
-def _inf_rank(endpoint: str) -> RankEngine:
-    """A rank with a 64-block G1 whose clock never waits (speedup inf), reporting to
-    `endpoint`."""
-    return RankEngine(
-        _rank_spec(endpoint, EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf))
-    )
+@contextmanager
+def _rank_and_supervisor(engine: EngineConfig) -> Iterator[tuple[RankEngine, Channel]]:
+    """A rank in this process and the supervisor's end of its channel (both closed after)."""
+    supervisor, child = Channel.pair()
+    # the rank owns the child's descriptor from now on (as a rank process does)
+    with supervisor, RankEngine(_rank_spec(child_endpoint(child.detach()), engine)) as rank:
+        yield rank, supervisor
+
+
+_INF_ENGINE = EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf)
+
+
+@contextmanager
+def _inf_rank_and_supervisor() -> Iterator[tuple[RankEngine, Channel]]:
+    """A rank with a 64-block G1 whose clock never waits (speedup inf), and the supervisor's
+    end of its channel."""
+    with _rank_and_supervisor(_INF_ENGINE) as pair:
+        yield pair
+
+
+@contextmanager
+def _inf_rank() -> Iterator[RankEngine]:
+    with _rank_and_supervisor(_INF_ENGINE) as (rank, _supervisor):
+        yield rank
 
 
 def _urgent(rank: RankEngine) -> bool:
@@ -84,10 +115,10 @@ def _pass(**fields: object) -> PassResult:
     return PassResult(**base)  # type: ignore[arg-type]
 
 
-def test_a_never_sleeping_rank_blocks_until_a_future_pass(tmp_path: Path) -> None:
+def test_a_never_sleeping_rank_blocks_until_a_future_pass() -> None:
     """At speedup inf simulated time is wall time: a pass due in 500 ms is waited for in
     poll (it used to be polled for with a zero timeout, spinning a core)."""
-    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
+    with _inf_rank() as rank:
         assert rank._poll_timeout_ms() == IDLE_POLL_MS  # no work: wait for a message
         rank.scheduler.submit(1, array("I", range(32)), 4, 0.0)
         rank._next_pass_ms = rank.clock.now_ms() + 500.0
@@ -96,11 +127,8 @@ def test_a_never_sleeping_rank_blocks_until_a_future_pass(tmp_path: Path) -> Non
         assert rank._poll_timeout_ms() == 0  # due now: run it
 
 
-def test_plain_decode_passes_travel_compactly_and_completions_go_at_once(
-    supervisor: tuple[str, zmq.Socket[bytes]],
-) -> None:
-    endpoint, router = supervisor
-    with _inf_rank(endpoint) as rank:
+def test_plain_decode_passes_travel_compactly_and_completions_go_at_once() -> None:
+    with _inf_rank_and_supervisor() as (rank, supervisor):
         rank._after_pass(_pass(num_decode_tokens=7, prev_end_ms=12.0), 10.0)
         rank._after_pass(_pass(first_tokens=[3]), 10.0)  # a record, no hurry
         rank._after_pass(_pass(), 10.0)  # nothing to account: no record at all
@@ -113,9 +141,7 @@ def test_plain_decode_passes_travel_compactly_and_completions_go_at_once(
         rank._maybe_flush_results(force=_urgent(rank))
         assert rank._num_pending == 0
         assert not _urgent(rank)
-        assert router.poll(5000)
-        frames = router.recv_multipart()
-        msg = tp.decode(frames[1:])
+        msg = _recv(supervisor)
         assert msg.type == tp.RESULTS
         assert msg.body["decode"] == [0.5, 7]
         assert [record[4] for record in msg.body["passes"]] == [[3], []]
@@ -152,10 +178,10 @@ def _serving(rank: RankEngine) -> bool:
     return rank._serving
 
 
-def test_a_rank_counts_its_idle_time_only_while_serving(tmp_path: Path) -> None:
+def test_a_rank_counts_its_idle_time_only_while_serving() -> None:
     """`idle_s` (in STATE) covers the span from the first SUBMIT to DRAIN: the wait for
     requests before the run and after it is not starvation."""
-    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
+    with _inf_rank() as rank:
         assert not _serving(rank), "before the first SUBMIT: not serving yet"
         rank._handle(_submit_message([[1, 0.0, 2, 3]], (array("I", [1, 2, 3]).tobytes(),)))
         assert _serving(rank)
@@ -237,21 +263,21 @@ def test_a_malformed_submit_is_rejected_whole(
         _submitted(_submit_message(requests, frames))
 
 
-def test_a_malformed_submit_submits_nothing(tmp_path: Path) -> None:
+def test_a_malformed_submit_submits_nothing() -> None:
     """Validated as a whole: a bad second request leaves the first one out too."""
-    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
+    with _inf_rank() as rank:
         msg = _submit_message([[1, 0.0, 4, 2], [2, 0.0, 4, 5]], (array("I", [1, 2]).tobytes(),))
         with pytest.raises(ProtocolError):
             rank._handle(msg)
         assert not rank.scheduler.has_work()
 
 
-def test_a_burst_accounts_plain_decode_passes_like_after_pass(tmp_path: Path) -> None:
+def test_a_burst_accounts_plain_decode_passes_like_after_pass() -> None:
     """The burst's inline accounting of plain decode passes: ITL pairs (one per pass, or one
     per zero-time stretch), every non-first token counted once, the rest in full pass
     records."""
     engine = EngineConfig(num_gpu_blocks=256, block_size=16, speedup_ratio=math.inf)
-    with RankEngine(_rank_spec(f"ipc://{tmp_path}/sup", engine)) as rank:
+    with _rank_and_supervisor(engine) as (rank, _supervisor):
         for request_id in range(4):
             rank.scheduler.submit(request_id, array("I", range(40 + request_id)), 20, 0.0)
         while rank.scheduler.has_work():
@@ -312,11 +338,11 @@ def _submit_staggered(rank: RankEngine) -> None:
         rank.scheduler.submit(request_id, array("I", range(32)), request_id + 1, 0.0)
 
 
-def test_a_burst_reports_the_completions_of_the_next_passes_together(tmp_path: Path) -> None:
+def test_a_burst_reports_the_completions_of_the_next_passes_together() -> None:
     """A completion no longer ends the burst at once: the rank runs on (for up to
     RESULTS_COALESCE_S) while it has work, so completions of consecutive passes travel in
     one RESULTS and come back as one SUBMIT."""
-    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
+    with _inf_rank() as rank:
         rank._burst_s = rank._coalesce_s = 3600.0  # no clock decides in this test
         _submit_staggered(rank)
         rank._run_burst(rank.clock.now_ms())
@@ -325,10 +351,8 @@ def test_a_burst_reports_the_completions_of_the_next_passes_together(tmp_path: P
         assert _completion_passes(rank) == [[0], [1], [2], [3]]
 
 
-def test_without_a_coalescing_window_a_burst_ends_at_the_first_completion(
-    tmp_path: Path,
-) -> None:
-    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
+def test_without_a_coalescing_window_a_burst_ends_at_the_first_completion() -> None:
+    with _inf_rank() as rank:
         rank._burst_s = 3600.0
         rank._coalesce_s = 0.0
         _submit_staggered(rank)
@@ -338,12 +362,9 @@ def test_without_a_coalescing_window_a_burst_ends_at_the_first_completion(
         assert rank.scheduler.has_work()
 
 
-def test_a_rank_s_state_lists_its_device_hashes_sorted(
-    supervisor: tuple[str, zmq.Socket[bytes]],
-) -> None:
+def test_a_rank_s_state_lists_its_device_hashes_sorted() -> None:
     """STATE's device frame: every hash G1 holds, in ascending order (sorted as u64)."""
-    endpoint, router = supervisor
-    with _inf_rank(endpoint) as rank:
+    with _inf_rank_and_supervisor() as (rank, supervisor):
         for request_id in range(3):
             tokens = array("I", range(request_id * 1000, request_id * 1000 + 80))
             rank.scheduler.submit(request_id, tokens, 4, 0.0)
@@ -352,8 +373,7 @@ def test_a_rank_s_state_lists_its_device_hashes_sorted(
         held = rank.scheduler.manager.registered_seq_hashes()
         assert len(held) >= 15
         rank._report_state()
-        assert router.poll(5000)
-        msg = tp.decode(router.recv_multipart()[1:])
+        msg = _recv(supervisor)
         assert msg.type == tp.STATE
         assert msg.body["device_packed"] is True
         assert _unpacked_state(msg)["device"] == sorted(held)
@@ -376,15 +396,12 @@ def test_recv_message_takes_one_whole_multipart_message(
         tp.recv_message(receiver)
 
 
-def test_a_burst_cut_short_keeps_the_coalescing_deadline(
-    supervisor: tuple[str, zmq.Socket[bytes]],
-) -> None:
+def test_a_burst_cut_short_keeps_the_coalescing_deadline() -> None:
     """A burst that ends before RESULTS_COALESCE_S is up (a SUBMIT came: the other rank's
     completions release requests to this one) no longer sends the completions at once: they
     wait for the deadline the burst set while the rank has work, and the next burst may add
     more to the same RESULTS. A rank with nothing left to run reports at once."""
-    endpoint, router = supervisor
-    with _inf_rank(endpoint) as rank:
+    with _inf_rank_and_supervisor() as (rank, supervisor):
         rank._burst_s = 3600.0
         rank._coalesce_s = 0.0  # the first completion ends the burst and sets the deadline
         _submit_staggered(rank)
@@ -399,12 +416,109 @@ def test_a_burst_cut_short_keeps_the_coalescing_deadline(
         rank._maybe_flush_results(force=True)
         assert rank._report_by_s == 0.0
         assert rank._report_due(rank.scheduler), "no deadline set: as before"
-        assert router.poll(5000)
+        assert _recv(supervisor).type == tp.RESULTS
 
 
-def test_a_rank_with_nothing_left_reports_its_completions_at_once(tmp_path: Path) -> None:
-    with _inf_rank(f"ipc://{tmp_path}/sup") as rank:
+def test_a_rank_with_nothing_left_reports_its_completions_at_once() -> None:
+    with _inf_rank() as rank:
         rank._urgent = True
         rank._report_by_s = time.monotonic() + 3600.0
         assert not rank.scheduler.has_work()
         assert rank._report_due(rank.scheduler)
+
+
+def test_a_rank_stops_when_its_supervisor_is_gone() -> None:
+    """The supervisor's end of the channel closed (it died): the rank's next look at the
+    channel stops it, and what it still has to send is dropped without an error."""
+    with _inf_rank_and_supervisor() as (rank, supervisor):
+        supervisor.send(tp.encode(tp.PING))
+        supervisor.close()
+        rank._drain_supervisor()  # the PING first: its PONG fails to go, which stops the rank
+        assert rank.stop_requested()
+        assert rank._num_bad_messages == 0
+        rank._send(tp.RESULTS, {"rank": 0})  # no error
+        assert rank.run() == 0, "returns at once"
+
+
+def test_a_rank_answers_over_its_channel_and_stops_on_stop() -> None:
+    with _inf_rank_and_supervisor() as (rank, supervisor):
+        supervisor.send(tp.encode(tp.PING))
+        supervisor.send(tp.encode(tp.STOP))
+        assert rank.run() == 0
+        ready, pong = _recv_all(supervisor, 2)
+        assert ready.type == tp.READY
+        assert ready.body["rank"] == 0
+        assert pong.type == tp.PONG
+        assert pong.body["rank"] == 0
+
+
+def test_a_dispatch_submits_to_the_rank_holding_the_fewest_requests_first(
+    fleet_id: str,
+) -> None:
+    """Closed loop: the completions that released these requests may have emptied a rank,
+    which then waits for its SUBMIT; the busy one looks for its own between passes."""
+    options = FleetOptions(
+        engine=EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf),
+        data_parallel_size=2,
+        fleet_id=fleet_id,
+    )
+    specs = synthetic_sessions(input_tokens=16, output_tokens=2, request_count=6)
+    requests = [session.turns[0] for session in specs]
+    with Fleet(options) as fleet:
+        fleet.collector = MetricsCollector()
+        fleet._rr = 0
+        order: list[int] = []
+
+        def send(proc: _Proc, msg_type: str, *_args: object) -> bool:
+            order.append(proc.rank)
+            return True
+
+        fleet._send = send  # type: ignore[method-assign, assignment]
+        for rank in (0, 1):
+            fleet._procs[f"rank{rank}".encode()] = _Proc("rank", rank, cast("Any", None))
+        fleet.status[0].outstanding = {r.request_id: r for r in requests[4:]}
+        try:
+            fleet._dispatch([(0.0, r) for r in requests[:2]], 0.0)  # rank 0, then rank 1
+            assert order == [1, 0], "rank 1 holds nothing: it goes first"
+            fleet.status[0].outstanding.clear()  # now rank 0 holds nothing
+            order.clear()
+            fleet._dispatch([(0.0, r) for r in requests[2:4]], 0.0)
+            assert order == [0, 1]
+        finally:
+            fleet._procs.clear()
+
+
+def test_the_supervisor_flushes_a_message_bigger_than_the_socket_buffer(fleet_id: str) -> None:
+    """A SUBMIT the socket does not take at once waits in the channel; the supervisor's poll
+    asks for POLLOUT on that channel (only while bytes wait) and sends the rest as the rank
+    reads. Neither side blocks."""
+    options = FleetOptions(
+        engine=EngineConfig(num_gpu_blocks=64, block_size=16, speedup_ratio=math.inf),
+        data_parallel_size=1,
+        fleet_id=fleet_id,
+    )
+    with Fleet(options) as fleet:
+        supervisor_end, child_sock = Channel.pair()
+        proc = _Proc("rank", 0, cast("Any", None), channel=supervisor_end)
+        fleet._procs[b"rank0"] = proc
+        fleet._channel_procs[supervisor_end.fileno()] = proc
+        fleet._channels_version += 1
+        try:
+            with Channel(child_sock) as rank_end:
+                tokens = bytes(range(256)) * (32 * 1024)  # 8 MiB
+                assert fleet._send(proc, tp.SUBMIT, {"requests": []}, (tokens,))
+                assert supervisor_end.wants_write, "more than the socket takes at once"
+                fd = supervisor_end.fileno()
+                assert (fd, zmq.POLLIN | zmq.POLLOUT) in fleet._poll_items(None)
+                got: list[list[bytes]] = []
+                deadline = time.monotonic() + 10.0
+                while not got and time.monotonic() < deadline:
+                    got.extend(rank_end.receive())  # the rank reads: room for more
+                    fleet._poll_messages(50)  # POLLOUT: the supervisor sends more
+                assert len(got) == 1
+                assert tp.decode(got[0]).frames == (tokens,)
+                assert supervisor_end.pending_bytes == 0
+                assert (fd, zmq.POLLIN) in fleet._poll_items(None)
+        finally:
+            fleet._close_channel(proc)
+            fleet._procs.clear()

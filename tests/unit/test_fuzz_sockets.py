@@ -4,8 +4,10 @@ publisher's replay requests. Garbage is counted and dropped; nothing crashes or 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,9 +17,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from shmkv import transport as tp
+from shmkv.channel import Channel, encode_message
 from shmkv.codec import make_codec
 from shmkv.coordinator import Coordinator, CoordinatorSpec
-from shmkv.errors import ProtocolError
+from shmkv.errors import BrokenWorkerError, ProtocolError
 from shmkv.events import BlockRemoved, EventBatch, StorageTier
 from shmkv.publisher import EventPublisher, PublisherConfig
 from shmkv.shm import segment_name
@@ -129,3 +132,53 @@ def test_replay_socket_ignores_garbage_and_keeps_serving(
         assert seqs[-1] == b"\xff" * 8
     finally:
         dealer.close(linger=0)
+
+
+def _stream_channel() -> tuple[socket.socket, Channel]:
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return raw, Channel(other)
+
+
+def _receive_all(raw: socket.socket, channel: Channel, chunks: list[bytes]) -> list[list[bytes]]:
+    """Write `chunks` one by one (each read before the next is written), then EOF."""
+    got: list[list[bytes]] = []
+    for chunk in chunks:
+        raw.sendall(chunk)
+        got.extend(channel.receive())
+    raw.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(BrokenWorkerError):
+        while True:
+            got.extend(channel.receive())
+    return got
+
+
+@settings(max_examples=150)
+@given(
+    messages=st.lists(st.lists(st.binary(max_size=300), min_size=1, max_size=4), max_size=8),
+    cuts=st.lists(st.integers(0, 4000), max_size=12),
+)
+def test_channel_reassembles_any_stream_however_it_is_cut(
+    messages: list[list[bytes]], cuts: list[int]
+) -> None:
+    """Framing across partial reads: the same messages come out wherever the stream breaks."""
+    wire = b"".join(encode_message(frames) for frames in messages)
+    bounds = sorted({0, len(wire), *(c for c in cuts if c < len(wire))})
+    chunks = [wire[a:b] for a, b in itertools.pairwise(bounds)]
+    raw, channel = _stream_channel()
+    with raw, channel:
+        assert _receive_all(raw, channel, chunks) == messages
+
+
+@settings(max_examples=200)
+@given(garbage=st.binary(max_size=200), cut=st.integers(0, 200))
+def test_channel_survives_any_garbage_with_typed_errors_only(garbage: bytes, cut: int) -> None:
+    """A broken stream raises ProtocolError (and the channel closes) or, cut short, a broken
+    peer; whatever messages it parses are well formed."""
+    raw, channel = _stream_channel()
+    with raw, channel:
+        try:
+            got = _receive_all(raw, channel, [garbage[:cut], garbage[cut:]])
+        except ProtocolError:
+            assert channel.closed
+        else:
+            assert all(frames for frames in got)

@@ -43,6 +43,7 @@ LAYER_OF_MODULE: dict[str, int] = {
     "codec": 2,
     "publisher": 2,
     "transport": 2,
+    "channel": 2,
     "consumer": 2,
     "metrics": 2,
     "procutil": 2,
