@@ -122,9 +122,19 @@ static int get_all(PyObject *const *args, Py_buffer *views, const item_spec *spe
 /* index_insert / index_remove: (table, keys, slots) */
 static const item_spec UPDATE_ARGS[3] = {
     {4, TABLE_FORMATS, 1, "table"}, {8, U64_FORMATS, 0, "keys"}, {8, I64_FORMATS, 0, "slots"}};
-/* Acquire the (table, keys, slots) of `name` (index_insert / index_remove) as v[0..3), keys
-   and slots of one length; on failure nothing stays acquired. */
-static int get_update_args(PyObject *const *args, Py_buffer *v, const char *name) {
+/* The (table, keys, slots) of index_insert / index_remove, typed. */
+typedef struct {
+    int32_t *cells;
+    const uint64_t *keys;
+    const int64_t *slots;
+    Py_ssize_t size;  /* cells */
+    Py_ssize_t count; /* keys, and slots */
+} update_args;
+
+/* Acquire the (table, keys, slots) of `name` (index_insert / index_remove) as v[0..3) and
+   their typed view `u`, keys and slots of one length; on failure nothing stays acquired. */
+static int get_update_args(PyObject *const *args, Py_buffer *v, update_args *u,
+                           const char *name) {
     if (get_all(args, v, UPDATE_ARGS, 3) < 0) {
         return -1;
     }
@@ -133,6 +143,11 @@ static int get_update_args(PyObject *const *args, Py_buffer *v, const char *name
         release_all(v, 3);
         return -1;
     }
+    u->cells = (int32_t *)v[0].buf;
+    u->keys = (const uint64_t *)v[1].buf;
+    u->slots = (const int64_t *)v[2].buf;
+    u->size = v[0].len / 4;
+    u->count = v[1].len / 8;
     return 0;
 }
 
@@ -155,15 +170,16 @@ static PyObject *index_insert(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     Py_buffer v[3];
-    if (get_update_args(args, v, "index_insert") < 0) {
+    update_args u;
+    if (get_update_args(args, v, &u, "index_insert") < 0) {
         return NULL;
     }
     PyObject *result = NULL;
-    int32_t *cells = (int32_t *)v[0].buf;
-    const uint64_t *keys = (const uint64_t *)v[1].buf;
-    const int64_t *slots = (const int64_t *)v[2].buf;
-    Py_ssize_t size = v[0].len / 4;
-    Py_ssize_t count = v[1].len / 8;
+    int32_t *cells = u.cells;
+    const uint64_t *keys = u.keys;
+    const int64_t *slots = u.slots;
+    Py_ssize_t size = u.size;
+    Py_ssize_t count = u.count;
     if (size <= 0 || start < 0 || start > count) {
         PyErr_SetString(PyExc_ValueError, "index_insert: empty table or start out of range");
         goto done;
@@ -220,15 +236,16 @@ static PyObject *index_remove(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     Py_buffer v[3];
-    if (get_update_args(args, v, "index_remove") < 0) {
+    update_args u;
+    if (get_update_args(args, v, &u, "index_remove") < 0) {
         return NULL;
     }
     PyObject *result = NULL;
-    int32_t *cells = (int32_t *)v[0].buf;
-    const uint64_t *keys = (const uint64_t *)v[1].buf;
-    const int64_t *slots = (const int64_t *)v[2].buf;
-    Py_ssize_t size = v[0].len / 4;
-    Py_ssize_t count = v[1].len / 8;
+    int32_t *cells = u.cells;
+    const uint64_t *keys = u.keys;
+    const int64_t *slots = u.slots;
+    Py_ssize_t size = u.size;
+    Py_ssize_t count = u.count;
     if (size <= 0) {
         PyErr_SetString(PyExc_ValueError, "index_remove: empty table");
         goto done;

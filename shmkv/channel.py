@@ -181,12 +181,7 @@ class Channel:
             self.num_sent += 1
             self.flush()
             return
-        try:
-            sent = sock.send(data, _SEND_FLAGS)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise self._peer_gone(exc) from exc
+        sent = self._send_now(sock, data)  # nothing waits: no copy into the buffer first
         self.num_sent += 1
         if sent < len(data):
             self._out += memoryview(data)[sent:]
@@ -202,14 +197,21 @@ class Channel:
         out = self._out
         if not out:
             return True
+        del out[: self._send_now(sock, out)]
+        return not out
+
+    def _send_now(self, sock: socket.socket, data: bytes | bytearray) -> int:
+        """Send what the socket takes of `data` now; how many bytes (0: it is full).
+
+        Raises:
+            BrokenWorkerError: the peer is gone.
+        """
         try:
-            sent = sock.send(out, _SEND_FLAGS)
+            return sock.send(data, _SEND_FLAGS)
         except BlockingIOError:
-            return False
+            return 0
         except OSError as exc:
             raise self._peer_gone(exc) from exc
-        del out[:sent]
-        return not out
 
     def flush_blocking(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for what waits to be sent (shutdown); True when sent.

@@ -1823,7 +1823,7 @@ def _with_acks(header: bytes, conn: _Rank) -> bytes:
     """A G2_EVENTS header (`tp.encode`'s bytes) with `"acks"`: `conn`'s queued ACKs, which
     it takes (the bytes `tp.encode` gives the body with an "acks" entry added last)."""
     acks, conn.acks = conn.acks, []
-    return b"".join((header[:-1], b',"acks":', orjson.dumps(acks), b"}"))
+    return tp.with_header_entry(header, "acks", acks)
 
 
 def _token_bytes(rows: npt.NDArray[np.uint32]) -> bytes:

@@ -1643,7 +1643,11 @@ class G2Directory(_IndexReader):
         owners = np.asarray(owner_ranks, dtype=np.int64)
         if owners.ndim != 1 or int(owners.min()) < 0 or int(owners.max()) >= self._num_ranks:
             raise ConfigError(f"ranks must be in 0..{self._num_ranks - 1}")
-        idx = self._take_slots(len(owners), True)
+        return self._reserve_owned(owners)
+
+    def _reserve_owned(self, owners: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
+        """Reserve up to one slot per entry of `owners` (checked ranks), in order, for them."""
+        idx = self._take_slots(int(owners.size), True)
         if idx.size:
             self._state_np[idx] = RESERVED
             self._owner_np[idx] = owners[: idx.size]
@@ -1671,12 +1675,7 @@ class G2Directory(_IndexReader):
         owners = np.repeat(np.array(ranks, dtype=np.int64), counts)
         if owners.size == 0:
             return np.zeros(0, dtype=np.intp), owners
-        idx = self._take_slots(int(owners.size), True)
-        if idx.size:
-            self._state_np[idx] = RESERVED
-            self._owner_np[idx] = owners if idx.size == owners.size else owners[: idx.size]
-            self._num_reserved += int(idx.size)
-        return idx, owners
+        return self._reserve_owned(owners), owners
 
     def _take_slots(self, num_blocks: int, vectorized: bool) -> npt.NDArray[np.intp]:
         """Up to `num_blocks` slots: FREE ones first, then evicted ones (not marked yet)."""
@@ -1785,8 +1784,8 @@ class G2Directory(_IndexReader):
         full_fence()
         pinned = self._pinned_mask(idx)
         keys = self._seq_hash_np[idx]
-        num_pinned = 0 if pinned is None else int(np.count_nonzero(pinned))
-        if pinned is not None and num_pinned:
+        if pinned is not None:  # (None: no slot of idx is pinned)
+            num_pinned = int(np.count_nonzero(pinned))
             state[idx[pinned]] = _READY_I8
             self._num_evict_backoffs += num_pinned
             free = ~pinned
@@ -1794,7 +1793,7 @@ class G2Directory(_IndexReader):
         self._index_remove_arrays(keys, _i64_column(idx))
         _release_slots(self._gen_np, self._owner_np, state, idx)
         self._num_evictions += int(idx.size)
-        return (pinned.tolist() if pinned is not None and num_pinned else None), idx, keys
+        return (None if pinned is None else pinned.tolist()), idx, keys
 
     def _pinned_mask(self, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_] | None:
         """Whether any rank's row pins each slot of `idx` (read after the fence); None when
